@@ -1,0 +1,64 @@
+"""What every data source gives the LM: a vocabulary size and batches of input_ids/labels.
+
+Subclasses fill in `vocab_size`, `setup` (building `train_set` and `eval_sets`) and, if they read or write
+files, `prepare_data`. Evaluation sets are named (`eval_names`) so metrics read `val/error@ood_dense`.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(tokens: torch.Tensor, scored: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A sequence of T+1 tokens -> input_ids (T) and next-token labels (T).
+
+    scored (T+1 bool) marks the tokens that count as targets; the others get IGNORE_INDEX.
+    """
+    labels = tokens[1:].clone()
+    if scored is not None:
+        labels[~scored[1:]] = IGNORE_INDEX
+    return {"input_ids": tokens[:-1], "labels": labels}
+
+
+class LMDataModule(L.LightningDataModule):
+    def __init__(self, seq_len: int = 128, batch_size: int = 32, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"data.seq_len and data.batch_size must be >= 1, got {seq_len} and {batch_size}")
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.eval_sets: dict[str, Dataset] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def eval_names(self) -> list[str]:
+        return list(self.eval_sets)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(d, shuffle=False) for d in self.eval_sets.values()]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()

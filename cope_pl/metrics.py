@@ -1,0 +1,58 @@
+"""Token-weighted evaluation metrics that reduce correctly across DDP ranks.
+
+Loss and perplexity come from summed NLL and summed token counts (never averaged ratios); error is
+counted per scored token and per sequence (a sequence is wrong if any scored token is wrong).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import SumMetric
+
+SUMS = ("nll", "tokens", "token_errors", "sequences", "sequence_errors")
+
+
+def metric_key(stage: str, metric: str, set_name: str = "") -> str:
+    """'val/loss' for the main set, 'val/loss@ood_dense' for a named one."""
+    return f"{stage}/{metric}@{set_name}" if set_name else f"{stage}/{metric}"
+
+
+def batch_sums(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> dict[str, Tensor]:
+    """Per-batch sums from logits (B, T, V) and labels (B, T); labels == ignore_index are not scored."""
+    scored = labels != ignore_index  # (B, T)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index, reduction="sum")
+    wrong = (logits.argmax(-1) != labels) & scored  # (B, T)
+    has_scored = scored.any(-1)  # (B,)
+    return {
+        "nll": nll.detach(),
+        "tokens": scored.sum(),
+        "token_errors": wrong.sum(),
+        "sequences": has_scored.sum(),
+        "sequence_errors": (wrong.any(-1) & has_scored).sum(),
+    }
+
+
+class EvalSums:
+    """Running sums for one evaluation set; `compute` gives loss, ppl, error and seq_error."""
+
+    def __init__(self, device: torch.device):
+        self.sums = {name: SumMetric().to(device) for name in SUMS}
+
+    def update(self, sums: dict[str, Tensor]) -> None:
+        for name, value in sums.items():
+            self.sums[name].update(value.float())
+
+    def compute(self) -> dict[str, float]:
+        total = {name: float(metric.compute()) for name, metric in self.sums.items()}  # synced across ranks
+        tokens = max(total["tokens"], 1.0)
+        loss = total["nll"] / tokens
+        return {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 80.0)),
+            "error": total["token_errors"] / tokens,
+            "seq_error": total["sequence_errors"] / max(total["sequences"], 1.0),
+        }

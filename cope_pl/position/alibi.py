@@ -1,0 +1,38 @@
+"""ALiBi (Press et al. 2022): a fixed per-head linear penalty -m_h * (i - j) on the logits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from cope_pl.position.base import ModelDims, PositionEncoding, distance_matrix
+from cope_pl.position.registry import register
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """The paper's geometric slopes 2^(-8h/n); for n not a power of two, interleave the next power's."""
+
+    def power_of_two(n: int) -> list[float]:
+        return [2 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = power_of_two(closest)
+    if closest < n_heads:
+        slopes += power_of_two(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes)
+
+
+@register("alibi")
+class ALiBi(PositionEncoding):
+    name = "alibi"
+    adds_logit_term = True
+
+    def __init__(self, dims: ModelDims):
+        super().__init__(dims)
+        self.register_buffer("slopes", alibi_slopes(dims.n_heads), persistent=False)  # (H,)
+
+    def logit_term(self, layer: int, x: Tensor, q: Tensor, k: Tensor, logits: Tensor) -> Tensor:
+        dist = distance_matrix(q.size(-2), k.size(-2), q.device).to(q.dtype)  # (T, S)
+        return -self.slopes.to(q.dtype).view(-1, 1, 1) * dist  # (H, T, S), broadcasts over B

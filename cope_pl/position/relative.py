@@ -1,0 +1,57 @@
+"""Learned relative position embeddings: q_i . r[i - j] added to the logit, one table per layer.
+
+`relative` has one embedding per distance up to max_distance; `relative_capped` lets every distance
+>= p_max - 1 share the last embedding, so it extends to any length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cope_pl.position.base import ModelDims, PositionEncoding, distance_matrix, gather_positions
+from cope_pl.position.registry import register
+
+
+@register("relative")
+class RelativePositionEncoding(PositionEncoding):
+    name = "relative"
+    adds_logit_term = True
+
+    def __init__(self, dims: ModelDims, *, max_distance: int | None = None):
+        super().__init__(dims)
+        self.num_embeddings = dims.max_seq_len if max_distance is None else max_distance
+        if self.num_embeddings < 1:
+            raise ValueError(f"model.position_options.max_distance must be >= 1, got {self.num_embeddings}")
+        # (L, D, P): per layer, one embedding per distance, shared by the heads.
+        self.tables = nn.Parameter(torch.randn(dims.n_layers, dims.d_head, self.num_embeddings) * 0.02)
+
+    def check_length(self, seq_len: int) -> None:
+        if seq_len > self.num_embeddings:
+            raise ValueError(
+                f"relative position table covers {self.num_embeddings} distances "
+                f"(model.position_options.max_distance) but the sequence has {seq_len} tokens; "
+                "raise max_distance or use relative_capped"
+            )
+
+    def distance_index(self, t: int, s: int, device: torch.device) -> Tensor:
+        self.check_length(s)
+        return distance_matrix(t, s, device).clamp(min=0)  # masked keys (j > i) read distance 0
+
+    def logit_term(self, layer: int, x: Tensor, q: Tensor, k: Tensor, logits: Tensor) -> Tensor:
+        z = q @ self.tables[layer].to(q.dtype)  # (B, H, T, P): q_i . r[p] for every distance p
+        return gather_positions(z, self.distance_index(q.size(-2), k.size(-2), q.device))
+
+
+@register("relative_capped")
+class CappedRelativePositionEncoding(RelativePositionEncoding):
+    name = "relative_capped"
+
+    def __init__(self, dims: ModelDims, *, p_max: int = 64):
+        super().__init__(dims, max_distance=p_max)
+
+    def check_length(self, seq_len: int) -> None:
+        pass  # distances beyond the table reuse its last embedding
+
+    def distance_index(self, t: int, s: int, device: torch.device) -> Tensor:
+        return distance_matrix(t, s, device).clamp(min=0, max=self.num_embeddings - 1)

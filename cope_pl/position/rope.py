@@ -1,0 +1,35 @@
+"""Rotary position embedding (Su et al. 2021), rotate-half layout, applied to q and k."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cope_pl.position.base import ModelDims, PositionEncoding
+from cope_pl.position.registry import register
+
+
+def rotate(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotate channel pairs (c, c + D/2) of x (..., N, D) by angle positions[n] * inv_freq[c]."""
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (N, D/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)  # (..., N, D/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+@register("rope")
+class RotaryPositionEncoding(PositionEncoding):
+    name = "rope"
+
+    def __init__(self, dims: ModelDims, *, base: float = 10000.0):
+        super().__init__(dims)
+        d = dims.d_head
+        if d % 2:
+            raise ValueError(f"rope needs an even head dimension, got d_model/n_heads = {d}")
+        inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)  # (D/2,)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def transform_qk(self, layer: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        t, s = q.size(-2), k.size(-2)
+        key_pos = torch.arange(s, device=k.device)
+        return rotate(q, key_pos[s - t :], self.inv_freq), rotate(k, key_pos, self.inv_freq)
