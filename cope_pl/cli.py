@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from cope_pl.callbacks import TokenThroughputMonitor
 from cope_pl.data import LMDataModule
 from cope_pl.lm import LanguageModel
+from cope_pl.results import ResultsWriter
 
 DEFAULT_RUN_NAME = "auto"  # replaced by "<data>-<position>" so TensorBoard runs are told apart
 
@@ -44,6 +45,7 @@ def trainer_defaults() -> dict:
             ModelCheckpoint(save_last=True),
             LearningRateMonitor(logging_interval="step"),
             TokenThroughputMonitor(),
+            ResultsWriter(),
         ],
     }
 

@@ -1,5 +1,6 @@
 """The LightningModule, its metrics, and the cope-pl CLI end to end on the built-in copy task."""
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -123,6 +124,9 @@ def test_cli_saves_config_logs_and_last_checkpoint(tmp_path):
     assert "position: cope" in (run / "config.yaml").read_text()
     assert list(run.glob("events.out.tfevents.*"))
     assert (run / "checkpoints" / "last.ckpt").is_file()
+    results = json.loads((run / "results.json").read_text())
+    assert results["model"]["position"] == "cope" and results["data"]["class"] == "CopyDataModule"
+    assert results["global_step"] == 4 and 0 <= results["metrics"]["val/error"] <= 1
 
 
 def test_cli_links_vocabulary_from_data(tmp_path):

@@ -27,6 +27,7 @@ def shift_labels(tokens: torch.Tensor, scored: torch.Tensor | None = None) -> di
 class LMDataModule(L.LightningDataModule):
     def __init__(self, seq_len: int = 128, batch_size: int = 32, num_workers: int = 0, seed: int = 0):
         super().__init__()
+        self.save_hyperparameters()  # also records the subclass's arguments, for results.json
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"data.seq_len and data.batch_size must be >= 1, got {seq_len} and {batch_size}")
         self.seq_len = seq_len

@@ -1,0 +1,103 @@
+"""One machine-readable result row per run: `results.json` beside the run's TensorBoard logs.
+
+Written at the end of fit, validate and test (each stage adds its metrics), atomically, so reports can
+read many runs with pandas without parsing event files. Also prints the final evaluation metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+RESULTS_FILE = "results.json"
+EVAL_PREFIXES = ("val/", "test/")
+
+
+def run_dir(trainer: L.Trainer) -> Path | None:
+    """Where this run's logs live (None when logging is off)."""
+    return Path(trainer.log_dir) if trainer.logger is not None and trainer.log_dir else None
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it and re-run the stage") from err
+
+
+def public(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Drop LightningCLI's bookkeeping entries (_class_path, _instantiator)."""
+    return {k: v for k, v in hparams.items() if not k.startswith("_")}
+
+
+def eval_metrics(trainer: L.Trainer) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in sorted(trainer.callback_metrics.items())
+        if k.startswith(EVAL_PREFIXES) and v.numel() == 1
+    }
+
+
+def format_summary(metrics: dict[str, float]) -> str:
+    """A small table: one row per evaluation metric name, one column per evaluation set."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        name, _, set_name = key.partition("@")
+        rows.setdefault(name, {})[set_name or "-"] = value
+    sets = sorted({s for r in rows.values() for s in r})
+    lines = ["  ".join(["metric".ljust(16)] + [s.rjust(12) for s in sets])]
+    for name, values in rows.items():
+        cells = [f"{values[s]:12.4f}" if s in values else " " * 12 for s in sets]
+        lines.append("  ".join([name.ljust(16)] + cells))
+    return "\n".join(lines)
+
+
+class ResultsWriter(L.Callback):
+    """Writes `results.json` (hyperparameters, data settings, final eval metrics) into the run directory."""
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        metrics = eval_metrics(trainer)
+        if not metrics:
+            return
+        print(f"\nFinal {stage} metrics (step {trainer.global_step}):\n{format_summary(metrics)}")
+        directory = run_dir(trainer)
+        if directory is None:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / RESULTS_FILE
+        result = read_results(path) if path.exists() else {}
+        datamodule = trainer.datamodule
+        data_hparams = dict(getattr(datamodule, "hparams", {}))
+        result.update(
+            run_dir=str(directory),
+            model=public(dict(pl_module.hparams)),
+            data={"class": type(datamodule).__name__, **public(data_hparams)},
+            global_step=trainer.global_step,
+        )
+        result.setdefault("metrics", {}).update(metrics)
+        write_json_atomic(path, result)
+        print(f"Results written to {path}")
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module, "validation")
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.training and trainer.state.fn == "validate":
+            self._write(trainer, pl_module, "validation")
+
+    @rank_zero_only
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module, "test")
