@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class TokenThroughputMonitor(ThroughputMonitor):
@@ -21,3 +23,17 @@ class TokenThroughputMonitor(ThroughputMonitor):
             length_fn=lambda batch: batch["input_ids"].numel(),
             **kwargs,
         )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        data = trainer.datamodule
+        if data is None or not hasattr(data, "seq_len"):
+            return
+        per_step = data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        tokens = per_step * data.seq_len
+        rank_zero_info(
+            f"Global batch: {per_step} sequences x {data.seq_len} tokens = {tokens} tokens per optimizer step "
+            f"({trainer.world_size} processes x {data.batch_size} x {trainer.accumulate_grad_batches} accumulation)"
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics({"train/global_batch_tokens": tokens}, step=trainer.global_step)

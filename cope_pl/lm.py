@@ -15,6 +15,11 @@ from cope_pl.model import TransformerLM
 
 Batch = dict[str, Tensor]  # input_ids (B, T) and labels (B, T), labels[t] is the token after input_ids[t]
 
+# Hyperparameters that decide the weights' shapes and meaning: a checkpoint must agree on all of them.
+ARCHITECTURE = ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_seq_len", "norm", "position")
+# Position options that choose an implementation, not the function computed: free to change on resume.
+IMPLEMENTATION_OPTIONS = ("impl", "compile")
+
 
 class LanguageModel(L.LightningModule):
     """Transformer LM with a configurable position encoding, AdamW, linear warmup + cosine decay.
@@ -84,6 +89,27 @@ class LanguageModel(L.LightningModule):
         )
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one line, a checkpoint of another model instead of a long state_dict mismatch."""
+        saved = checkpoint.get("hyper_parameters", {})
+
+        def options(hp: dict[str, Any]) -> dict[str, Any]:
+            opts = hp.get("position_options") or {}
+            return {k: v for k, v in opts.items() if k not in IMPLEMENTATION_OPTIONS}
+
+        diffs = [
+            f"{key}={saved[key]!r} (this run: {self.hparams[key]!r})"
+            for key in ARCHITECTURE
+            if key in saved and saved[key] != self.hparams[key]
+        ]
+        if "position_options" in saved and options(saved) != options(self.hparams):
+            diffs.append(f"position_options={options(saved)} (this run: {options(self.hparams)})")
+        if diffs:
+            raise ValueError(
+                f"the checkpoint is of a different model: {', '.join(diffs)}; "
+                "use the config.yaml saved beside it, or drop --ckpt_path to start a new run"
+            )
 
     # Evaluation: every val/test set of the data module gets its own named metrics.
     def _set_name(self, dataloader_idx: int) -> str:

@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cope_pl.data.sampling import ResumableBatchSampler, pad_for_ranks
+
 IGNORE_INDEX = -100
 
 
@@ -45,21 +47,42 @@ class LMDataModule(L.LightningDataModule):
     def eval_names(self) -> list[str]:
         return list(self.eval_sets)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _world(self) -> tuple[int, int]:
+        """(world size, global rank) of the attached trainer; (1, 0) outside a trainer."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _batches_done_this_epoch(self) -> int:
+        """Training batches the restored checkpoint already ran in its current epoch (0 unless resuming)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            drop_last=shuffle,
+            # Its own generator: creating an iterator never draws from the global RNG that dropout uses,
+            # so a resumed run's dropout masks match an uninterrupted run's.
+            generator=torch.Generator().manual_seed(self.seed),
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        world_size, rank = self._world()
+        sampler = ResumableBatchSampler(
+            self.train_set, self.batch_size, seed=self.seed, num_replicas=world_size, rank=rank
+        )
+        # A checkpoint taken at the end of an epoch restarts at the next epoch's first batch.
+        sampler.start_batch = self._batches_done_this_epoch() % sampler.batches_per_rank
+        return self._loader(self.train_set, sampler=sampler)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(d, shuffle=False) for d in self.eval_sets.values()]
+        world_size, _ = self._world()
+        return [self._loader(pad_for_ranks(d, world_size, IGNORE_INDEX)) for d in self.eval_sets.values()]
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()

@@ -1,0 +1,109 @@
+"""What a killed run needs to continue exactly where it stopped.
+
+Lightning's checkpoint already holds weights, optimizer, LR schedule and loop counters; the data position
+comes from `ResumableBatchSampler` (cope_pl/data/sampling.py). This module adds the rest:
+  - `RngState`: the torch RNG state (dropout) at the checkpoint, put back before the first resumed step;
+  - `CheckedCheckpointIO`: checkpoints written to a temporary file and renamed (a kill while saving leaves
+    the previous file intact), and a clear error for a corrupt or truncated checkpoint or a full disk;
+  - `resolve_resume`: `--ckpt_path last` continues in the run directory it came from instead of a new
+    `version_N`, so the logs and `last.ckpt` stay in one place.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+class RngState(L.Callback):
+    """Saves the torch RNG states with each checkpoint and restores them at the first resumed step."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
+        # Restored here, not at load time: Lightning draws random numbers while it sets up the loops.
+        if self._pending is None:
+            return
+        torch.set_rng_state(self._pending["cpu"])
+        if "cuda" in self._pending and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self._pending["cuda"])
+        self._pending = None
+
+
+class CheckedCheckpointIO(TorchCheckpointIO):
+    """Torch checkpoint files, written atomically, read with errors that say what to do."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            hint = "free some space" if err.errno == errno.ENOSPC else "check the directory's permissions"
+            message = f"could not write checkpoint {path} ({err.strerror}); {hint}; the previous checkpoint is intact"
+            raise OSError(err.errno, message) from err
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist; check --ckpt_path")
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            raise ValueError(
+                f"checkpoint {path} is corrupt or truncated ({str(err).splitlines()[0]}); "
+                "delete it and resume from another checkpoint in the same directory"
+            ) from err
+
+    def remove_checkpoint(self, path: Any) -> None:
+        Path(path).unlink(missing_ok=True)
+
+
+def _version_of(path: Path) -> int | None:
+    match = re.fullmatch(r"version_(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def resolve_resume(ckpt_path: str | None, run_root: Path) -> tuple[str | None, int | None]:
+    """(checkpoint file, logger version) for a `--ckpt_path` value.
+
+    run_root is `<save_dir>/<name>`. "last" picks the newest `version_N/checkpoints/last.ckpt` under it and
+    continues in that version; a path inside `version_N/checkpoints/` continues in version N; anything else
+    is passed through with a new version. With "last" and no checkpoint yet, training starts from scratch
+    (so the same command can be resubmitted, e.g. by a SLURM requeue).
+    """
+    if not ckpt_path:
+        return ckpt_path, None
+    if ckpt_path == "last":
+        found = sorted(run_root.glob(f"version_*/checkpoints/{LAST_CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            print(f"No {LAST_CHECKPOINT} under {run_root}: starting from scratch.")
+            return None, None
+        return str(found[-1]), _version_of(found[-1].parent.parent)
+    path = Path(ckpt_path)
+    if path.parent.name == "checkpoints" and path.parent.parent.parent.resolve() == run_root.resolve():
+        return ckpt_path, _version_of(path.parent.parent)
+    return ckpt_path, None

@@ -1,0 +1,111 @@
+"""A run killed with SIGKILL and resumed with `--ckpt_path last` continues exactly as if never stopped.
+
+Each test starts `cope-pl fit` in a subprocess (a real kill, a real restart), reads the per-step losses
+from the TensorBoard event files and compares them step by step with an uninterrupted run.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+# 64 training items in batches of 16: an epoch is 4 steps, so 12 steps cross two epoch boundaries.
+# Dropout is on, so the RNG state matters too.
+BASE = [
+    *("--config", str(CONFIGS / "trainer/smoke.yaml")),
+    *("--config", str(CONFIGS / "data/copy.yaml")),
+    *("--config", str(CONFIGS / "model/tiny.yaml")),
+    "--data.init_args.seq_len=16",
+    "--data.init_args.batch_size=16",
+    "--data.init_args.train_size=64",
+    "--model.dropout=0.1",
+    "--model.warmup_steps=3",
+    "--trainer.max_steps=12",
+    "--trainer.limit_val_batches=0",
+    "--checkpoint.every_n_train_steps=4",
+]
+
+
+def fit(save_dir: Path, *extra: str, callback: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "cope_pl.cli", "fit", *BASE, f"--trainer.logger.init_args.save_dir={save_dir}"]
+    if callback:
+        args.append("--trainer.callbacks+=" + callback)
+    done = subprocess.run([*args, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check and done.returncode != 0:
+        raise AssertionError(f"cope-pl fit failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """train/loss per step over every event file of a run; a later file (the resumed process) wins."""
+    values: dict[int, float] = {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if "train/loss" in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars("train/loss")})
+    return values
+
+
+def kill_at(step: int) -> str:
+    return json.dumps({"class_path": "tests.fault_injection.KillAtStep", "init_args": {"step": step}})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+    runs = tmp_path_factory.mktemp("uninterrupted")
+    fit(runs)
+    return losses(runs / "copy-rope" / "version_0")
+
+
+@pytest.mark.parametrize("kill_step", [6, 9], ids=["resume-at-epoch-end", "resume-mid-epoch"])
+def test_sigkilled_run_resumes_on_the_same_loss_trajectory(tmp_path, uninterrupted, kill_step):
+    killed = fit(tmp_path, callback=kill_at(kill_step), check=False)
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "copy-rope" / "version_0"
+    assert max(losses(run)) < 11  # it really stopped early
+
+    fit(tmp_path, "--ckpt_path=last")
+    assert not (tmp_path / "copy-rope" / "version_1").exists()  # resumed in place, not a new run
+    resumed = losses(run)
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(12))
+    for step, loss in uninterrupted.items():
+        assert resumed[step] == pytest.approx(loss, abs=1e-5), f"step {step}"
+
+
+def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tmp_path, uninterrupted):
+    during_save = json.dumps({"class_path": "tests.fault_injection.KillDuringSave", "init_args": {"step": 5}})
+    killed = fit(tmp_path, callback=during_save, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = tmp_path / "copy-rope" / "version_0" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["epoch=0-step=4.ckpt", "last.ckpt"]
+
+    fit(tmp_path, "--ckpt_path=last")
+    assert losses(tmp_path / "copy-rope" / "version_0")[11] == pytest.approx(uninterrupted[11], abs=1e-5)
+
+
+def test_truncated_checkpoint_is_refused_in_one_line(tmp_path):
+    fit(tmp_path, "--trainer.max_steps=4")
+    last = tmp_path / "copy-rope" / "version_0" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    done = subprocess.run(
+        [sys.executable, "-m", "cope_pl.cli", "fit", *BASE, f"--trainer.logger.init_args.save_dir={tmp_path}"]
+        + ["--ckpt_path=last"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"cope-pl: error: checkpoint {last} is corrupt or truncated")
+    assert "Traceback" not in done.stderr
