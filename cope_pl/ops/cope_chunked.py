@@ -143,8 +143,16 @@ class ChunkedCoPEAttention(torch.autograd.Function):
             rows = slice(i0, i0 + n)
             rev = [_reversed_keys(x, end) for x in (k, v, gate_k)]
             dqb, dk_rev, dv_rev, dgk_rev, dpe, dr = bwd(
-                q[..., rows, :], rev[0], rev[1], rev[2], pos_emb, rel_emb, first_row,
-                grad_out[..., rows, :], lse[..., rows, :], delta[..., rows, :],
+                q[..., rows, :],
+                rev[0],
+                rev[1],
+                rev[2],
+                pos_emb,
+                rel_emb,
+                first_row,
+                grad_out[..., rows, :],
+                lse[..., rows, :],
+                delta[..., rows, :],
             )
             dq[..., rows, :] = dqb
             dk[..., :end, :] += dk_rev.flip(-2)
