@@ -39,8 +39,9 @@ def check_cope_impl(impl: str) -> str:
 def resolve_cope_impl(impl: str, device: torch.device, relative: bool = False) -> str:
     """The implementation that actually runs for `impl` on `device` (the fused kernel has no relative table)."""
     if impl == "auto":
-        # Measured by `make bench` on CPU: chunked is exact and faster than the reference from T=256 on.
-        # Wire the fused kernel here once it is measured faster on CUDA: "triton" if triton_op() and cuda.
+        # chunked: exact, and its memory grows with T, not T^2 (README, Performance). Its speed against the
+        # reference depends on the machine (faster on one quiet thread, slower on 2 loaded ones); re-measure with
+        # `make bench`. Wire the fused kernel here once measured faster on CUDA: "triton" if triton_op() and cuda.
         impl = "chunked"
     if impl == "triton" and (relative or device.type != "cuda"):
         impl = "chunked"
