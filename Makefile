@@ -1,6 +1,7 @@
 # cope_pl — every target works on a fresh clone: the first one run creates .venv and installs.
 #   make train                      offline CPU default job
 #   make train CONFIG="a.yaml b.yaml" ARGS="--trainer.max_steps=100"
+#   make bench [BENCH_ARGS="--lengths 256 512 --repeats 3"]   timing/memory tables -> reports/bench/
 #   make test | lint | install | clean
 
 PYTHON ?= python3
@@ -11,8 +12,10 @@ STAMP := $(VENV)/.installed
 # The default job: later files override earlier ones.
 CONFIG ?= configs/trainer/cpu.yaml configs/data/copy.yaml configs/model/tiny.yaml configs/position/cope.yaml
 ARGS ?=
+# Full sweep by default (CPU: T=256..4096, tens of minutes on 2 cores); e.g. BENCH_ARGS="--lengths 256 1024".
+BENCH_ARGS ?=
 
-.PHONY: install train test lint clean
+.PHONY: install train test lint clean bench
 
 install: $(STAMP)
 
@@ -34,6 +37,9 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python -m cope_pl.bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cope_pl tests data_prep

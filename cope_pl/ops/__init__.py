@@ -1,5 +1,16 @@
 """Pure tensor operations, free of modules and configuration."""
 
 from cope_pl.ops.cope import causal_mask, cope_attention, cope_position_logits
+from cope_pl.ops.cope_chunked import cope_attention_chunked
+from cope_pl.ops.dispatch import COPE_IMPLS, check_cope_impl, resolve_cope_impl, run_cope_attention
 
-__all__ = ["causal_mask", "cope_attention", "cope_position_logits"]
+__all__ = [
+    "COPE_IMPLS",
+    "causal_mask",
+    "check_cope_impl",
+    "cope_attention",
+    "cope_attention_chunked",
+    "cope_position_logits",
+    "resolve_cope_impl",
+    "run_cope_attention",
+]

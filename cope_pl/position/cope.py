@@ -4,6 +4,10 @@ Each head gates every earlier key with sigmoid(q_i . k_j / sqrt(D)); a key's pos
 is the sum of the gates between them, and q_i . e[p_ij] (interpolated) is added to the logit. One
 position table per layer, shared by its heads (paper, Appendix B). `cope_sepkeys` gates with a separate
 key projection instead of the attention keys.
+
+`impl` chooses the op (cope_pl/ops/dispatch.py): `reference` adds `logit_term` to the logits in the
+explicit-softmax path of `PositionEncoding.attend`; `chunked` (and `auto`) call the memory-efficient exact op
+directly. Dropout on the attention probabilities always takes the reference path.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from cope_pl.ops import causal_mask, cope_position_logits
+from cope_pl.ops import causal_mask, check_cope_impl, cope_position_logits, resolve_cope_impl, run_cope_attention
 from cope_pl.position.base import ModelDims, PositionEncoding
 from cope_pl.position.registry import register
 
@@ -23,11 +27,15 @@ class ContextualPositionEncoding(PositionEncoding):
     name = "cope"
     adds_logit_term = True
 
-    def __init__(self, dims: ModelDims, *, npos_max: int = 64, sep_keys: bool = False):
+    def __init__(
+        self, dims: ModelDims, *, npos_max: int = 64, sep_keys: bool = False, impl: str = "auto", compile: bool = False
+    ):
         super().__init__(dims)
         if npos_max < 1:
             raise ValueError(f"model.position_options.npos_max must be >= 1, got {npos_max}")
         self.npos_max = npos_max
+        self.impl = check_cope_impl(impl)
+        self.compile_blocks = compile  # torch.compile the chunked op's block functions
         # (L, D, P), zero-initialised as in the paper's code.
         self.pos_emb = nn.Parameter(torch.zeros(dims.n_layers, dims.d_head, npos_max))
         self.gate_proj = None
@@ -36,11 +44,17 @@ class ContextualPositionEncoding(PositionEncoding):
                 nn.Linear(dims.d_model, dims.d_model, bias=False) for _ in range(dims.n_layers)
             )
 
-    def gate_logits(self, layer: int, x: Tensor, q: Tensor, logits: Tensor) -> Tensor:
+    def gate_keys(self, layer: int, x: Tensor) -> Tensor | None:
+        """Sep-keys: (B, H, S, D) keys for the gates from the layer input; None when gates use the attention keys."""
         if self.gate_proj is None:
-            return logits  # the layer's own scaled, masked attention logits
+            return None
         b, t, _ = x.shape
-        gate_k = self.gate_proj[layer](x).view(b, t, self.dims.n_heads, -1).transpose(1, 2)  # (B, H, S, D)
+        return self.gate_proj[layer](x).view(b, t, self.dims.n_heads, -1).transpose(1, 2)
+
+    def gate_logits(self, layer: int, x: Tensor, q: Tensor, logits: Tensor) -> Tensor:
+        gate_k = self.gate_keys(layer, x)
+        if gate_k is None:
+            return logits  # the layer's own scaled, masked attention logits
         gate = q @ gate_k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, H, T, S)
         return gate.masked_fill(~causal_mask(q.size(-2), gate_k.size(-2), q.device), float("-inf"))
 
@@ -48,7 +62,25 @@ class ContextualPositionEncoding(PositionEncoding):
         gates = self.gate_logits(layer, x, q, logits)
         return cope_position_logits(q, gates, self.pos_emb[layer].to(q.dtype))
 
+    def runs_fused(self, device: torch.device, dropout_p: float, relative: bool = False) -> bool:
+        """True when attention calls the CoPE op directly instead of adding `logit_term` to explicit logits."""
+        return dropout_p == 0 and resolve_cope_impl(self.impl, device, relative) != "reference"
+
+    def fused_attend(self, layer: int, x: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor | None = None):
+        """Causal CoPE attention on already transformed q, k (B, H, T, D); rel_emb (D, R) adds q_i . r[i - j]."""
+        impl = resolve_cope_impl(self.impl, q.device, relative=rel_emb is not None)
+        gate_k = self.gate_keys(layer, x)
+        pos_emb = self.pos_emb[layer].to(q.dtype)
+        return run_cope_attention(impl, q, k, v, pos_emb, gate_k, rel_emb, compiled=self.compile_blocks)
+
+    def attend(self, layer: int, x: Tensor, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+        if not self.runs_fused(q.device, dropout_p):
+            return super().attend(layer, x, q, k, v, dropout_p)
+        return self.fused_attend(layer, x, q, k, v)
+
 
 @register("cope_sepkeys")
-def cope_sepkeys(dims: ModelDims, *, npos_max: int = 64) -> ContextualPositionEncoding:
-    return ContextualPositionEncoding(dims, npos_max=npos_max, sep_keys=True)
+def cope_sepkeys(
+    dims: ModelDims, *, npos_max: int = 64, impl: str = "auto", compile: bool = False
+) -> ContextualPositionEncoding:
+    return ContextualPositionEncoding(dims, npos_max=npos_max, sep_keys=True, impl=impl, compile=compile)

@@ -38,6 +38,11 @@ class RelativePositionEncoding(PositionEncoding):
         self.check_length(s)
         return distance_matrix(t, s, device).clamp(min=0)  # masked keys (j > i) read distance 0
 
+    def relative_table(self, layer: int, s: int) -> Tensor:
+        """(D, R) table whose logit term is q_i . r[clamp(i - j, 0, R - 1)]: what a fused attention op adds."""
+        self.check_length(s)
+        return self.tables[layer]
+
     def logit_term(self, layer: int, x: Tensor, q: Tensor, k: Tensor, logits: Tensor) -> Tensor:
         z = q @ self.tables[layer].to(q.dtype)  # (B, H, T, P): q_i . r[p] for every distance p
         return gather_positions(z, self.distance_index(q.size(-2), k.size(-2), q.device))

@@ -1,0 +1,154 @@
+"""`python -m cope_pl.bench`: time and memory of CoPE attention implementations and of full training steps.
+
+Writes reports/bench/attention.{csv,md} and reports/bench/train_step.{csv,md}. Ratios (to SDPA for the op, to
+RoPE for the training step) are computed within this run, from timings interleaved in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from cope_pl.bench.cases import ATTENTION_IMPLS
+from cope_pl.bench.measure import make_case, peak_memory, time_steps
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cpu = not torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="python -m cope_pl.bench", description=__doc__)
+    p.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=[256, 512, 1024, 2048, 4096] if cpu else [1024, 2048, 4096, 8192, 16384],
+        help="context lengths T for the attention op",
+    )
+    p.add_argument("--impls", nargs="+", default=["sdpa", "reference", "chunked"], choices=ATTENTION_IMPLS)
+    p.add_argument(
+        "--reference-max-len",
+        type=int,
+        default=2048 if cpu else 8192,
+        help="skip the reference op above this T (it holds several (B, H, T, T) tensors)",
+    )
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--npos-max", type=int, default=64)
+    p.add_argument("--train-lengths", type=int, nargs="*", default=[1024], help="T for the training step")
+    p.add_argument("--train-batch", type=int, default=2)
+    p.add_argument("--train-layers", type=int, default=4)
+    p.add_argument("--train-d-model", type=int, default=256)
+    p.add_argument("--train-impls", nargs="+", default=["chunked", "reference"], help="CoPE impls in the step")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--out", type=Path, default=Path("reports/bench"))
+    return p.parse_args(argv)
+
+
+def header(args: argparse.Namespace, device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+    return (
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}; device {device.type} ({name}); torch "
+        f"{torch.__version__}; {torch.get_num_threads()} threads{load}. Times are medians of {args.repeats} "
+        f"interleaved repeats after {args.warmup} warm-up; the machine may be shared, so compare ratios "
+        "within this run. Peak memory: "
+        + (
+            "CUDA max_memory_allocated above the inputs."
+            if device.type == "cuda"
+            else "peak RSS above the inputs, one fresh process per case."
+        )
+    )
+
+
+def attention_table(args: argparse.Namespace, device: torch.device) -> pd.DataFrame:
+    rows = []
+    for t in args.lengths:
+        impls = [i for i in args.impls if i != "reference" or t <= args.reference_max_len]
+        cases = {
+            i: dict(kind="attention", impl=i, T=t, B=args.batch, H=args.heads, D=args.head_dim, P=args.npos_max)
+            for i in impls
+        }
+        times = time_steps({i: make_case(c, device) for i, c in cases.items()}, device, args.warmup, args.repeats)
+        for impl, case in cases.items():
+            # Compiling again in a child process costs minutes; the compiled op allocates like the eager one.
+            skip_memory = args.no_memory or impl == "chunked_compiled"
+            memory = float("nan") if skip_memory else peak_memory(case, device)
+            rows.append(dict(T=t, impl=impl, fwd_bwd_ms=1000 * times[impl], peak_mib=memory))
+            print(f"attention T={t} {impl}: {1000 * times[impl]:.1f} ms, {memory:.1f} MiB", flush=True)
+    df = pd.DataFrame(rows)
+    sdpa = df[df.impl == "sdpa"].set_index("T")
+    if len(sdpa):
+        df["time_vs_sdpa"] = df.fwd_bwd_ms / df["T"].map(sdpa.fwd_bwd_ms)
+        df["memory_vs_sdpa"] = df.peak_mib / df["T"].map(sdpa.peak_mib)
+    return df
+
+
+def train_table(args: argparse.Namespace, device: torch.device) -> pd.DataFrame:
+    rows = []
+    for t in args.train_lengths:
+        base = dict(
+            kind="train",
+            T=t,
+            B=args.train_batch,
+            layers=args.train_layers,
+            d_model=args.train_d_model,
+            heads=args.heads,
+        )
+        cases = {"rope": dict(base, position="rope", impl="")}
+        cases.update({f"cope/{i}": dict(base, position="cope", impl=i) for i in args.train_impls})
+        times = time_steps({n: make_case(c, device) for n, c in cases.items()}, device, args.warmup, args.repeats)
+        for name, case in cases.items():
+            memory = float("nan") if args.no_memory else peak_memory(case, device)
+            tokens_per_s = args.train_batch * t / times[name]
+            rows.append(
+                dict(
+                    T=t,
+                    position=name,
+                    step_ms=1000 * times[name],
+                    tokens_per_s=tokens_per_s,
+                    peak_mib=memory,
+                    tokens_per_s_vs_rope=times["rope"] / times[name],
+                )
+            )
+            print(f"train T={t} {name}: {tokens_per_s:.0f} tokens/s, {memory:.1f} MiB", flush=True)
+    return pd.DataFrame(rows)
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """A Markdown table (pandas' own needs the optional tabulate package)."""
+    cells = [[f"{x:.4g}" if isinstance(x, float) else str(x) for x in row] for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def write(df: pd.DataFrame, path: Path, title: str, note: str) -> None:
+    df.to_csv(path.with_suffix(".csv"), index=False)
+    path.with_suffix(".md").write_text(f"# {title}\n\n{note}\n\n{markdown(df)}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    note = header(args, device)
+    op = f"B={args.batch}, H={args.heads}, D={args.head_dim}, npos_max={args.npos_max}; forward + backward"
+    write(attention_table(args, device), args.out / "attention", "CoPE attention op", f"{note}\n\n{op}.")
+    if args.train_lengths:
+        model = (
+            f"{args.train_layers} layers, d_model {args.train_d_model}, {args.heads} heads, batch "
+            f"{args.train_batch}; forward, backward and AdamW step"
+        )
+        write(train_table(args, device), args.out / "train_step", "Training step", f"{note}\n\n{model}.")
+    print(f"wrote {args.out}/attention.md" + (f" and {args.out}/train_step.md" if args.train_lengths else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""What is measured: one callable per case, doing a forward and backward (and optimizer step) on made-up data.
+
+A case is a plain dict (so it can be handed to a child process as JSON):
+  attention: {"kind": "attention", "impl": sdpa|reference|chunked|chunked_compiled, "T", "B", "H", "D", "P"}
+  train:     {"kind": "train", "position": rope|cope, "impl": ..., "T", "B", "layers", "d_model", "heads"}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cope_pl.ops import cope_attention, cope_attention_chunked
+
+ATTENTION_IMPLS = ("sdpa", "reference", "chunked", "chunked_compiled")
+
+
+def attention_case(case: dict[str, Any], device: torch.device) -> Callable[[], None]:
+    b, h, t, d, p = case["B"], case["H"], case["T"], case["D"], case["P"]
+    q, k, v = (torch.randn(b, h, t, d, device=device, requires_grad=True) for _ in range(3))  # (B, H, T, D)
+    pos_emb = (torch.randn(d, p, device=device) / d**0.5).requires_grad_()  # (D, P)
+    impl = case["impl"]
+    if impl == "sdpa":
+        op = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    elif impl == "reference":
+        op = lambda: cope_attention(q, k, v, pos_emb)  # noqa: E731
+    elif impl in ("chunked", "chunked_compiled"):
+        compiled = impl == "chunked_compiled"
+        op = lambda: cope_attention_chunked(q, k, v, pos_emb, compiled=compiled)  # noqa: E731
+    else:
+        raise ValueError(f"bench: unknown attention implementation {impl!r}; choose one of {list(ATTENTION_IMPLS)}")
+
+    def step() -> None:
+        for x in (q, k, v, pos_emb):
+            x.grad = None
+        op().sum().backward()
+
+    return step
+
+
+def train_case(case: dict[str, Any], device: torch.device) -> Callable[[], None]:
+    from cope_pl.model import TransformerLM
+
+    options = {} if case["position"] == "rope" else {"impl": case["impl"], "compile": case.get("compile", False)}
+    model = TransformerLM(
+        vocab_size=256,
+        n_layers=case["layers"],
+        d_model=case["d_model"],
+        n_heads=case["heads"],
+        max_seq_len=case["T"],
+        position=case["position"],
+        position_options=options,
+    ).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 256, (case["B"], case["T"] + 1), device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(ids[:, :-1])  # (B, T, V)
+        F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        optimizer.step()
+
+    return step
+
+
+def make_case(case: dict[str, Any], device: torch.device) -> Callable[[], None]:
+    return attention_case(case, device) if case["kind"] == "attention" else train_case(case, device)

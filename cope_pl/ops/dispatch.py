@@ -1,0 +1,68 @@
+"""Which CoPE attention implementation runs: the one place where implementations are named and chosen.
+
+`reference` is the paper's listing (cope.py), `chunked` the memory-efficient exact op (cope_chunked.py),
+`triton` a fused GPU kernel (cope_triton.py, when present). `auto` picks the fastest exact one for the device.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from cope_pl.ops.cope import cope_attention
+from cope_pl.ops.cope_chunked import cope_attention_chunked
+
+COPE_IMPLS = ("auto", "reference", "chunked", "triton")
+
+
+def triton_op():
+    """The fused kernel's `cope_attention(q, k, v, pos_emb, gate_k=None)`, or None where it cannot run."""
+    try:
+        return importlib.import_module("cope_pl.ops.cope_triton").cope_attention
+    except ImportError:
+        return None
+
+
+def check_cope_impl(impl: str) -> str:
+    if impl not in COPE_IMPLS:
+        raise ValueError(f"model.position_options.impl must be one of {list(COPE_IMPLS)}, got {impl!r}")
+    if impl == "triton" and triton_op() is None:
+        raise ValueError(
+            "model.position_options.impl='triton' needs cope_pl/ops/cope_triton.py and the triton package; "
+            "use impl=auto or chunked"
+        )
+    return impl
+
+
+def resolve_cope_impl(impl: str, device: torch.device, relative: bool = False) -> str:
+    """The implementation that actually runs for `impl` on `device` (the fused kernel has no relative table)."""
+    if impl == "auto":
+        # chunked: exact, and its memory grows with T, not T^2 (README, Performance). Its speed against the
+        # reference depends on the machine (faster on one quiet thread, slower on 2 loaded ones); re-measure with
+        # `make bench`. Wire the fused kernel here once measured faster on CUDA: "triton" if triton_op() and cuda.
+        impl = "chunked"
+    if impl == "triton" and (relative or device.type != "cuda"):
+        impl = "chunked"
+    return impl
+
+
+def run_cope_attention(
+    impl: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos_emb: Tensor,
+    gate_k: Tensor | None = None,
+    rel_emb: Tensor | None = None,
+    compiled: bool = False,
+) -> Tensor:
+    """Causal CoPE attention (B, H, T, D) with the named implementation (after `resolve_cope_impl`)."""
+    if impl == "triton":
+        return triton_op()(q, k, v, pos_emb, gate_k=gate_k)
+    if impl == "chunked":
+        return cope_attention_chunked(q, k, v, pos_emb, gate_k=gate_k, rel_emb=rel_emb, compiled=compiled)
+    if rel_emb is not None:
+        raise ValueError("the reference CoPE op takes no relative table; add the relative logit term separately")
+    return cope_attention(q, k, v, pos_emb, gate_k=gate_k)

@@ -1,0 +1,29 @@
+"""The benchmark CLI runs end to end on tiny sizes and writes its tables (no timing is asserted)."""
+
+import pandas as pd
+import torch
+
+from cope_pl.bench.__main__ import main
+from cope_pl.bench.measure import peak_memory_here
+
+
+def test_bench_cli_writes_csv_and_markdown(tmp_path):
+    main(
+        ["--lengths", "16", "24", "--impls", "sdpa", "reference", "chunked", "--repeats", "1", "--warmup", "0",
+         "--train-lengths", "16", "--train-layers", "1", "--train-d-model", "16", "--train-batch", "1",
+         "--no-memory", "--out", str(tmp_path)]
+    )  # fmt: skip
+    attention = pd.read_csv(tmp_path / "attention.csv")
+    assert set(attention.impl) == {"sdpa", "reference", "chunked"} and set(attention["T"]) == {16, 24}
+    assert (attention[attention.impl == "sdpa"].time_vs_sdpa == 1).all()
+    train = pd.read_csv(tmp_path / "train_step.csv")
+    assert list(train.position) == ["rope", "cope/chunked", "cope/reference"] and (train.tokens_per_s > 0).all()
+    for name in ("attention.md", "train_step.md"):
+        text = (tmp_path / name).read_text()
+        assert f"torch {torch.__version__}" in text and "| T |" in text
+
+
+def test_peak_memory_sees_the_reference_ops_quadratic_tensors():
+    case = dict(kind="attention", impl="reference", T=512, B=1, H=4, D=16, P=16)
+    # Several (1, 4, 512, 512) float tensors (4 MiB each) and int64 indices (8 MiB each) are alive at once.
+    assert peak_memory_here(case, torch.device("cpu")) > 16

@@ -1,0 +1,165 @@
+"""The chunked CoPE op and the model's `impl` option against the reference op (the specification)."""
+
+import math
+
+import pytest
+import torch
+
+from cope_pl.ops import causal_mask, cope_attention, cope_attention_chunked, resolve_cope_impl
+from cope_pl.ops import cope_chunked as chunked_module
+from tests.conftest import tiny_model
+
+
+def make_inputs(b, h, t, s, d, npos, dtype, sep_keys=False, rel=0):
+    q = torch.randn(b, h, t, d, dtype=dtype)
+    k, v = torch.randn(b, h, s, d, dtype=dtype), torch.randn(b, h, s, d, dtype=dtype)
+    e = torch.randn(d, npos, dtype=dtype)
+    gk = torch.randn(b, h, s, d, dtype=dtype) if sep_keys else None
+    r = torch.randn(d, rel, dtype=dtype) if rel else None
+    return [x.requires_grad_() if x is not None else None for x in (q, k, v, e, gk, r)]
+
+
+def output_and_grads(fn, inputs, weights):
+    out = fn(*inputs)
+    leaves = [x for x in inputs if x is not None]
+    return [out, *torch.autograd.grad((out * weights).sum(), leaves)]
+
+
+def reference_with_relative(q, k, v, e, gk, r):
+    """cope_attention with q_i . r[clamp(i - j, 0, R - 1)] added to the logits, written out in full."""
+    from cope_pl.ops import cope_position_logits
+
+    t, s = q.size(-2), k.size(-2)
+    mask = causal_mask(t, s)
+    logits = (q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))).masked_fill(~mask, float("-inf"))
+    gates = logits if gk is None else (q @ gk.transpose(-1, -2) / math.sqrt(q.size(-1))).masked_fill(~mask, -math.inf)
+    logits = logits + cope_position_logits(q, gates, e)
+    if r is not None:
+        dist = (torch.arange(t).unsqueeze(1) + s - t - torch.arange(s)).clamp(0, r.size(-1) - 1)  # (T, S)
+        logits = logits + (q @ r).gather(-1, dist.expand(*q.shape[:-1], s))
+    return torch.softmax(logits, -1) @ v
+
+
+# (T, S, block, npos_max): blocks that do not divide T, S > T (a query block over a longer key cache), and a
+# small npos_max so that positions hit the clamp.
+SHAPES = [(37, 37, 8, 5), (20, 45, 7, 4), (16, 16, 16, 32), (33, 50, 64, 3)]
+
+
+@pytest.mark.parametrize("sep_keys", [False, True])
+@pytest.mark.parametrize("t,s,block,npos", SHAPES)
+def test_chunked_equals_reference_in_float64(sep_keys, t, s, block, npos):
+    inputs = make_inputs(2, 3, t, s, 8, npos, torch.float64, sep_keys)[:5]
+    weights = torch.randn(2, 3, t, 8, dtype=torch.float64)
+    ref = output_and_grads(cope_attention, inputs, weights)
+    fast = output_and_grads(lambda *a: cope_attention_chunked(*a, block_size=block), inputs, weights)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sep_keys", [False, True])
+def test_chunked_equals_reference_in_float32(sep_keys):
+    # Outputs within 1e-5; gradients within 1e-5 of their largest element (the reference's own float32
+    # gradients differ from float64 by more than that in absolute terms; see README, Performance).
+    inputs = make_inputs(2, 2, 150, 200, 16, 16, torch.float32, sep_keys)[:5]
+    weights = torch.randn(2, 2, 150, 16)
+    ref = output_and_grads(cope_attention, inputs, weights)
+    fast = output_and_grads(lambda *a: cope_attention_chunked(*a, block_size=48), inputs, weights)
+    torch.testing.assert_close(fast[0], ref[0], rtol=0, atol=1e-5)
+    for a, b in zip(fast[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+
+
+def test_clamp_is_hit_in_the_exactness_cases():
+    q, k = make_inputs(1, 1, 37, 37, 8, 5, torch.float64)[:2]
+    logits = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~causal_mask(37, 37), float("-inf"))
+    positions = torch.sigmoid(logits).flip(-1).cumsum(-1).flip(-1)
+    assert (positions > 4).any() and (positions[causal_mask(37, 37).expand_as(positions)] < 4).any()
+
+
+@pytest.mark.parametrize("sep_keys", [False, True])
+@pytest.mark.parametrize("rel", [6, 60])  # capped (distances beyond the table share the last entry) and full
+def test_chunked_relative_table_equals_explicit_sum(sep_keys, rel):
+    inputs = make_inputs(2, 2, 30, 41, 8, 6, torch.float64, sep_keys, rel=rel)
+    weights = torch.randn(2, 2, 30, 8, dtype=torch.float64)
+    ref = output_and_grads(reference_with_relative, inputs, weights)
+    fast = output_and_grads(lambda *a: cope_attention_chunked(*a, block_size=9), inputs, weights)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_saves_no_query_by_key_tensor_for_backward():
+    t, block = 64, 16
+    saved = []
+    inputs = make_inputs(1, 2, t, t, 8, 8, torch.float32, sep_keys=True, rel=8)
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
+        cope_attention_chunked(*inputs, block_size=block)
+    assert saved and max(math.prod(shape) for shape in saved) <= 2 * t * 8  # O(T·D) per head: q, k, v, out
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
+        cope_attention(*inputs[:5])
+    assert max(math.prod(shape) for shape in saved) >= 2 * t * t  # the reference keeps (B, H, T, S) tensors
+
+
+def test_chunked_rejects_fewer_keys_than_queries():
+    q = torch.randn(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="S=3 < T=4"):
+        cope_attention_chunked(q, q[..., :3, :], q[..., :3, :], torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("position", ["cope", "cope_sepkeys", "rope_cope", "relative_cope"])
+def test_model_chunked_path_equals_reference_path(position):
+    ids = torch.randint(0, 23, (2, 40))
+    models = {}
+    for impl in ("reference", "chunked"):
+        torch.manual_seed(1)
+        models[impl] = tiny_model(position, position_options={"impl": impl, "npos_max": 8}).double()
+        with torch.no_grad():  # non-zero CoPE tables, so the position term matters
+            for name, p in models[impl].named_parameters():
+                if "pos_emb" in name:
+                    p.copy_(torch.randn_like(p))
+    outs = {impl: m(ids) for impl, m in models.items()}
+    torch.testing.assert_close(outs["chunked"], outs["reference"])
+    for out in outs.values():
+        out.square().mean().backward()
+    ref_params = dict(models["reference"].named_parameters())
+    for name, p in models["chunked"].named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, msg=name)
+
+
+def count_chunked_calls(monkeypatch):
+    calls = []
+    real = chunked_module.ChunkedCoPEAttention.apply
+    monkeypatch.setattr(chunked_module.ChunkedCoPEAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("position", ["cope", "rope_cope", "relative_cope"])
+def test_default_impl_runs_the_chunked_op_on_cpu(monkeypatch, position):
+    calls = count_chunked_calls(monkeypatch)
+    tiny_model(position)(torch.randint(0, 23, (1, 9)))
+    assert len(calls) == 2  # one per layer
+    assert resolve_cope_impl("auto", torch.device("cpu")) == "chunked"
+
+
+def test_dropout_and_reference_impl_take_the_reference_path(monkeypatch):
+    calls = count_chunked_calls(monkeypatch)
+    tiny_model("cope", dropout=0.1).train()(torch.randint(0, 23, (1, 9)))
+    tiny_model("cope", position_options={"impl": "reference"})(torch.randint(0, 23, (1, 9)))
+    assert not calls
+
+
+@pytest.mark.parametrize(
+    "impl, message",
+    [("fast", r"impl must be one of \['auto', 'reference', 'chunked', 'triton'\], got 'fast'")]
+    + ([("triton", "impl='triton' needs cope_pl/ops/cope_triton.py")] if not torch.cuda.is_available() else []),
+)
+def test_bad_impl_is_one_clear_error(impl, message):
+    try:
+        import cope_pl.ops.cope_triton  # noqa: F401
+
+        if impl == "triton":
+            pytest.skip("the triton op is present here")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match=message):
+        tiny_model("rope_cope", position_options={"impl": impl})
