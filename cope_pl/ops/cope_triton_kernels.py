@@ -31,7 +31,7 @@ def _dot(a, b, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _positions_and_cope(z, p, NPOS):
-    """Clamp positions at NPOS-1, interpolate z between floor and ceil: (cope term, w, z_c - z_f, clamped)."""
+    """Clamp positions at NPOS-1, interpolate z between floor and ceil: (cope term, floor, ceil, w, z_c - z_f)."""
     pc = tl.minimum(p, NPOS - 1.0)
     f = tl.floor(pc)
     c = tl.ceil(pc)
@@ -177,9 +177,8 @@ def cope_bwd_kernel(
         dq += _dot(ds, k, IN_DT, DOT_DT, PREC) * scale
         dk_tile = _dot(tl.trans(ds), q, IN_DT, DOT_DT, PREC) * scale
 
-        # Positions: torch.clamp(max=P-1) passes gradient where p <= P-1; dL/dp = dL/dw = ds (z_c - z_f).
-        free = valid & (p <= NPOS - 1.0)
-        dpos = tl.where(free, ds * z_diff, 0.0)
+        # dL/dp = dL/dw = ds (z_c - z_f); clamped positions have f = c = P-1, so no gradient, as with torch.clamp.
+        dpos = tl.where(valid, ds * z_diff, 0.0)
         dgate = tl.cumsum(dpos, axis=1) + dpos_carry[:, None]  # dL/dg_it = sum_{j<=t} dL/dp_ij
         dpos_carry += tl.sum(dpos, axis=1)
         dgate_logits = dgate * g * (1.0 - g)  # zero where masked, since g = 0 there
