@@ -109,3 +109,10 @@ def test_rejects_npos_max_above_256():
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="npos_max <= 256"):
         cope_attention_triton(q, q, q, torch.randn(16, 257))
+
+
+def test_rejects_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cope_attention_triton(q, q, q, torch.randn(16, 8))

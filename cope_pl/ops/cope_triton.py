@@ -109,6 +109,12 @@ def cope_attention_triton(q: Tensor, k: Tensor, v: Tensor, pos_emb: Tensor, gate
         raise ValueError(f"cope_attention_triton supports npos_max <= {MAX_NPOS}, got {npos}; use impl: chunked")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"cope_attention_triton takes float32, float16 or bfloat16 inputs, got {q.dtype}")
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError(
+            "cope_attention_triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); use impl: chunked on CPU"
+        )
+    if importlib.util.find_spec("triton") is None:
+        raise ImportError("cope_attention_triton needs triton: pip install 'cope_pl[triton]'")
     z = torch.matmul(q.float(), pos_emb.float())  # (B, H, T, P): z_i[p] = q_i . e[p], fp32
 
     def flat(x: Tensor, n: int) -> Tensor:
