@@ -1,5 +1,11 @@
-import pytest
-import torch
+import os
+
+# Triton reads TRITON_INTERPRET when it is first imported (lightning imports it): set it before anything else so the
+# fused CoPE kernel tests run on CPU tensors in Triton's interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

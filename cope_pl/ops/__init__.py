@@ -2,6 +2,7 @@
 
 from cope_pl.ops.cope import causal_mask, cope_attention, cope_position_logits
 from cope_pl.ops.cope_chunked import cope_attention_chunked
+from cope_pl.ops.cope_triton import cope_attention_triton, triton_available
 from cope_pl.ops.dispatch import COPE_IMPLS, check_cope_impl, resolve_cope_impl, run_cope_attention
 
 __all__ = [
@@ -10,7 +11,9 @@ __all__ = [
     "check_cope_impl",
     "cope_attention",
     "cope_attention_chunked",
+    "cope_attention_triton",
     "cope_position_logits",
     "resolve_cope_impl",
     "run_cope_attention",
+    "triton_available",
 ]

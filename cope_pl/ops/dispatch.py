@@ -6,32 +6,22 @@
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import Tensor
 
 from cope_pl.ops.cope import cope_attention
 from cope_pl.ops.cope_chunked import cope_attention_chunked
+from cope_pl.ops.cope_triton import cope_attention_triton, triton_available
 
 COPE_IMPLS = ("auto", "reference", "chunked", "triton")
-
-
-def triton_op():
-    """The fused kernel's `cope_attention(q, k, v, pos_emb, gate_k=None)`, or None where it cannot run."""
-    try:
-        return importlib.import_module("cope_pl.ops.cope_triton").cope_attention
-    except ImportError:
-        return None
 
 
 def check_cope_impl(impl: str) -> str:
     if impl not in COPE_IMPLS:
         raise ValueError(f"model.position_options.impl must be one of {list(COPE_IMPLS)}, got {impl!r}")
-    if impl == "triton" and triton_op() is None:
+    if impl == "triton" and not triton_available():
         raise ValueError(
-            "model.position_options.impl='triton' needs cope_pl/ops/cope_triton.py and the triton package; "
-            "use impl=auto or chunked"
+            "model.position_options.impl='triton' needs the triton package and a CUDA GPU; use impl=auto or chunked"
         )
     return impl
 
@@ -41,7 +31,7 @@ def resolve_cope_impl(impl: str, device: torch.device, relative: bool = False) -
     if impl == "auto":
         # chunked: exact, and its memory grows with T, not T^2 (README, Performance). Its speed against the
         # reference depends on the machine (faster on one quiet thread, slower on 2 loaded ones); re-measure with
-        # `make bench`. Wire the fused kernel here once measured faster on CUDA: "triton" if triton_op() and cuda.
+        # `make bench`. The fused kernel becomes the CUDA default once `make bench` measures it faster there.
         impl = "chunked"
     if impl == "triton" and (relative or device.type != "cuda"):
         impl = "chunked"
@@ -60,7 +50,7 @@ def run_cope_attention(
 ) -> Tensor:
     """Causal CoPE attention (B, H, T, D) with the named implementation (after `resolve_cope_impl`)."""
     if impl == "triton":
-        return triton_op()(q, k, v, pos_emb, gate_k=gate_k)
+        return cope_attention_triton(q, k, v, pos_emb, gate_k=gate_k)
     if impl == "chunked":
         return cope_attention_chunked(q, k, v, pos_emb, gate_k=gate_k, rel_emb=rel_emb, compiled=compiled)
     if rel_emb is not None:

@@ -1,0 +1,201 @@
+"""Triton kernels for fused CoPE attention (FlashAttention-style: O(T) memory, no (T, S) matrix in memory).
+
+Imported only by `cope_pl.ops.cope_triton`, lazily, so that cope_pl imports without triton. Triton reads
+TRITON_INTERPRET when these functions are decorated, i.e. when this module is first imported.
+
+Notation, per (batch, head) and query row i at absolute position r_i = i + S - T:
+    s_it = scale q_i.k_t,  g_it = sigmoid(scale q_i.gk_t) for t <= r_i else 0   (gk = k unless sep-keys)
+    p_ij = sum_{t=j..r_i} g_it, clamped at P-1;  f, c = floor, ceil;  w = p - f
+    l_ij = s_ij + z_i[f] (1 - w) + z_i[c] w,  with z_i = q_i E computed outside (B, H, T, P)
+
+Forward: key tiles are walked from the diagonal to the left, so p for a whole tile is an in-tile reverse
+cumulative sum plus the running gate sum of the tiles already seen (fp32). z_i[f] is read from the (BLOCK_M, P)
+register tile with tl.gather. Online softmax does not care about the order of tiles. The total gate sum of each
+row is saved for the backward.
+
+Backward: one program per query tile walks key tiles from the left, so the gate gradient
+dg_it = sum_{j<=t} dp_ij is an in-tile cumulative sum plus a carry; the positions are recovered from the saved row
+total as p_ij = total_i - sum_{t<j} g_it. dq is owned by the program; dk, dv, d gate_k and dz are accumulated with
+fp32 atomic adds (dz entries of clamped positions all land in bin P-1 and are summed per row first).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b with both operands rounded to the input dtype; DOT_DT is fp32 under the interpreter (no bf16 dot)."""
+    return tl.dot(a.to(IN_DT).to(DOT_DT), b.to(IN_DT).to(DOT_DT), input_precision=PREC)
+
+
+@triton.jit
+def _positions_and_cope(z, p, NPOS):
+    """Clamp positions at NPOS-1, interpolate z between floor and ceil: (cope term, floor, ceil, w, z_c - z_f)."""
+    pc = tl.minimum(p, NPOS - 1.0)
+    f = tl.floor(pc)
+    c = tl.ceil(pc)
+    w = pc - f
+    z_f = tl.gather(z, f.to(tl.int32), axis=1)  # (BLOCK_M, BLOCK_N)
+    z_c = tl.gather(z, c.to(tl.int32), axis=1)
+    return z_f * (1.0 - w) + z_c * w, f, c, w, z_c - z_f
+
+
+@triton.jit
+def cope_fwd_kernel(
+    Q, K, V, GK, Z, O, LSE, GSUM,
+    T, S, NPOS, scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    SEP_KEYS: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_P)
+    row_ok = offs_m < T
+    rows_abs = offs_m + (S - T)  # absolute position of each query among the keys
+    d_ok = offs_d < D
+
+    q = tl.load(Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    z = tl.load(
+        Z + bh * T * NPOS + offs_m[:, None] * NPOS + offs_p[None, :],
+        mask=row_ok[:, None] & (offs_p < NPOS)[None, :],
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_P) fp32
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: rows with no key in a tile must not give nan
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    carry = tl.zeros([BLOCK_M], tl.float32)  # gate sum of the tiles to the right, fp32
+
+    last_abs = tl.minimum(m0 + BLOCK_M, T) - 1 + (S - T)
+    n_tiles = last_abs // BLOCK_N + 1
+    for it in range(0, n_tiles):
+        n0 = (n_tiles - 1 - it) * BLOCK_N  # right to left
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < S)[:, None] & d_ok[None, :]
+        kv_off = bh * S * D + offs_n[:, None] * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        valid = (offs_n[None, :] <= rows_abs[:, None]) & (offs_n < S)[None, :]
+
+        s = _dot(q, tl.trans(k), IN_DT, DOT_DT, PREC) * scale  # (BLOCK_M, BLOCK_N)
+        if SEP_KEYS:
+            gk = tl.load(GK + kv_off, mask=kv_mask, other=0.0)
+            gate_logits = _dot(q, tl.trans(gk), IN_DT, DOT_DT, PREC) * scale
+        else:
+            gate_logits = s
+        g = tl.where(valid, tl.sigmoid(gate_logits), 0.0)
+        p = tl.cumsum(g, axis=1, reverse=True) + carry[:, None]
+        carry += tl.sum(g, axis=1)
+        cope, _f, _c, _w, _dz = _positions_and_cope(z, p, NPOS)
+        logits = tl.where(valid, s + cope, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        probs = tl.exp(logits - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(probs, axis=1)
+        acc = acc * alpha[:, None] + _dot(probs, v, IN_DT, DOT_DT, PREC)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(
+        O + bh * T * D + offs_m[:, None] * D + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+    tl.store(LSE + bh * T + offs_m, m_i + tl.log(l_i), mask=row_ok)
+    tl.store(GSUM + bh * T + offs_m, carry, mask=row_ok)
+
+
+@triton.jit
+def cope_bwd_kernel(
+    Q, K, V, GK, Z, DO, LSE, DELTA, GSUM, DQ, DK, DV, DGK, DZ,
+    T, S, NPOS, scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    SEP_KEYS: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_P)
+    row_ok = offs_m < T
+    rows_abs = offs_m + (S - T)
+    d_ok = offs_d < D
+
+    qo_off = bh * T * D + offs_m[:, None] * D + offs_d[None, :]
+    qo_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + qo_off, mask=qo_mask, other=0.0)
+    do = tl.load(DO + qo_off, mask=qo_mask, other=0.0)
+    z = tl.load(
+        Z + bh * T * NPOS + offs_m[:, None] * NPOS + offs_p[None, :],
+        mask=row_ok[:, None] & (offs_p < NPOS)[None, :],
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_P) fp32
+    lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+    gsum = tl.load(GSUM + bh * T + offs_m, mask=row_ok, other=0.0)
+    dz_rows = DZ + bh * T * NPOS + offs_m * NPOS  # (BLOCK_M,) pointers to each row's bins
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    gate_carry = tl.zeros([BLOCK_M], tl.float32)  # sum of gates left of the tile
+    dpos_carry = tl.zeros([BLOCK_M], tl.float32)  # sum of dL/dp left of the tile
+    clamped_dz = tl.zeros([BLOCK_M], tl.float32)  # dL/dz[P-1] from clamped positions
+
+    last_abs = tl.minimum(m0 + BLOCK_M, T) - 1 + (S - T)
+    n_tiles = last_abs // BLOCK_N + 1
+    for it in range(0, n_tiles):
+        n0 = it * BLOCK_N  # left to right
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < S)[:, None] & d_ok[None, :]
+        kv_off = bh * S * D + offs_n[:, None] * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        valid = (offs_n[None, :] <= rows_abs[:, None]) & (offs_n < S)[None, :] & row_ok[:, None]
+
+        s = _dot(q, tl.trans(k), IN_DT, DOT_DT, PREC) * scale
+        if SEP_KEYS:
+            gk = tl.load(GK + kv_off, mask=kv_mask, other=0.0)
+            gate_logits = _dot(q, tl.trans(gk), IN_DT, DOT_DT, PREC) * scale
+        else:
+            gk = k
+            gate_logits = s
+        g = tl.where(valid, tl.sigmoid(gate_logits), 0.0)
+        # p_ij = total_i - sum_{t<j} g_it; rounding may dip just below 0 near the diagonal, hence the max.
+        p = (gsum - gate_carry)[:, None] - (tl.cumsum(g, axis=1) - g)
+        p = tl.where(valid, tl.maximum(p, 0.0), 0.0)
+        gate_carry += tl.sum(g, axis=1)
+        cope, f, c, w, z_diff = _positions_and_cope(z, p, NPOS)
+        logits = tl.where(valid, s + cope, float("-inf"))
+        probs = tl.exp(logits - lse[:, None])  # (BLOCK_M, BLOCK_N)
+
+        dprobs = _dot(do, tl.trans(v), IN_DT, DOT_DT, PREC)
+        ds = probs * (dprobs - delta[:, None])  # dL/dlogits
+        dv_tile = _dot(tl.trans(probs), do, IN_DT, DOT_DT, PREC)  # (BLOCK_N, BLOCK_D)
+        dq += _dot(ds, k, IN_DT, DOT_DT, PREC) * scale
+        dk_tile = _dot(tl.trans(ds), q, IN_DT, DOT_DT, PREC) * scale
+
+        # dL/dp = dL/dw = ds (z_c - z_f); clamped positions have f = c = P-1, so no gradient, as with torch.clamp.
+        dpos = tl.where(valid, ds * z_diff, 0.0)
+        dgate = tl.cumsum(dpos, axis=1) + dpos_carry[:, None]  # dL/dg_it = sum_{j<=t} dL/dp_ij
+        dpos_carry += tl.sum(dpos, axis=1)
+        dgate_logits = dgate * g * (1.0 - g)  # zero where masked, since g = 0 there
+        dq += _dot(dgate_logits, gk, IN_DT, DOT_DT, PREC) * scale
+        dgk_tile = _dot(tl.trans(dgate_logits), q, IN_DT, DOT_DT, PREC) * scale
+        if SEP_KEYS:
+            tl.atomic_add(DGK + kv_off, dgk_tile, mask=kv_mask)
+        else:
+            dk_tile += dgk_tile
+        tl.atomic_add(DK + kv_off, dk_tile, mask=kv_mask)
+        tl.atomic_add(DV + kv_off, dv_tile, mask=kv_mask)
+
+        # dz_i[f] += ds (1 - w), dz_i[c] += ds w; clamped entries (f = c = P-1) are summed per row instead.
+        inside = valid & (p < NPOS - 1.0)
+        clamped_dz += tl.sum(tl.where(valid & (p >= NPOS - 1.0), ds, 0.0), axis=1)
+        tl.atomic_add(dz_rows[:, None] + f.to(tl.int32), ds * (1.0 - w), mask=inside)
+        tl.atomic_add(dz_rows[:, None] + c.to(tl.int32), ds * w, mask=inside & (w > 0.0))
+
+    tl.store(DQ + qo_off, dq, mask=qo_mask)
+    tl.atomic_add(dz_rows + NPOS - 1, clamped_dz, mask=row_ok)

@@ -1,0 +1,118 @@
+"""The fused Triton CoPE kernel against the reference op, run by Triton's CPU interpreter (no GPU needed).
+
+Errors are measured against the reference evaluated in float64 on the same (rounded) inputs.
+float32: every output and gradient within 1e-4 of the largest entry of that tensor, plus 1e-5.
+float16/bfloat16: within twice the error of the reference op run in the same dtype, plus 1e-3 of the largest entry.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from cope_pl.ops import cope_attention
+from cope_pl.ops.cope_triton import cope_attention_triton, triton_available
+
+# tests/conftest.py sets TRITON_INTERPRET=1 before triton is first imported; these tests use CPU tensors.
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or not triton_available(),
+    reason="triton is not installed, or TRITON_INTERPRET is off and there is no GPU",
+)
+NAMES = ("out", "dq", "dk", "dv", "dpos_emb", "dgate_k")
+
+
+def make_inputs(b, h, t, s, d, npos, sep_keys, dtype, gate_scale=1.0):
+    q = torch.randn(b, t, h, d).transpose(1, 2)  # a strided view, as the model hands it over
+    k, v = torch.randn(b, h, s, d), torch.randn(b, h, s, d)
+    gate_k = torch.randn(b, h, s, d) * gate_scale if sep_keys else None
+    inputs = [q, k, v, torch.randn(d, npos), gate_k]
+    return [None if x is None else x.to(dtype) for x in inputs]
+
+
+def outputs_and_grads(fn, inputs, dtype, out_weights):
+    """The output and the gradient of (out * out_weights).sum() for every input, with inputs cast to dtype."""
+    leaves = [None if x is None else x.detach().to(dtype).requires_grad_() for x in inputs]
+    out = fn(*leaves[:4], gate_k=leaves[4])
+    given = [x for x in leaves if x is not None]
+    return [out, *torch.autograd.grad((out * out_weights.to(dtype)).sum(), given)]
+
+
+def compare(inputs, dtype):
+    """(name, fused error, reference error in dtype, scale) for the output and each gradient."""
+    weights = torch.randn(inputs[0].shape)
+    exact = outputs_and_grads(cope_attention, inputs, torch.float64, weights)
+    fused = outputs_and_grads(cope_attention_triton, inputs, dtype, weights)
+    same_dtype = outputs_and_grads(cope_attention, inputs, dtype, weights)
+    assert fused[0].dtype == dtype
+    return [
+        (name, (f.double() - e).abs().max().item(), (r.double() - e).abs().max().item(), e.abs().max().item())
+        for name, e, f, r in zip(NAMES, exact, fused, same_dtype)
+    ]
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "b,h,t,s,d,npos,sep_keys",
+    [
+        (1, 1, 1, 1, 16, 8, False),  # a single token
+        (2, 2, 5, 5, 16, 8, False),
+        (1, 2, 17, 17, 32, 16, False),  # T not a multiple of the 16-wide tiles
+        (1, 2, 17, 17, 32, 16, True),  # sep-keys
+        (2, 1, 5, 37, 16, 12, True),  # key cache: S > T, P not a power of two
+        (1, 1, 33, 33, 24, 8, False),  # D not a power of two
+    ],
+)
+def test_float32_output_and_every_gradient_match_reference(b, h, t, s, d, npos, sep_keys):
+    for name, err, _, scale in compare(make_inputs(b, h, t, s, d, npos, sep_keys, torch.float32), torch.float32):
+        assert err <= 1e-4 * scale + 1e-5, f"{name}: error {err:.2e} for values up to {scale:.2e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("sep_keys", [False, True])
+def test_clamped_positions_match_reference(sep_keys):
+    # Wide open gates and P = 4 over 40 keys: most positions hit npos_max - 1, where the gradient stops.
+    inputs = make_inputs(1, 1, 40, 40, 16, 4, sep_keys, torch.float32, gate_scale=3.0)
+    if not sep_keys:
+        inputs[1] = inputs[1] * 3.0
+    for name, err, _, scale in compare(inputs, torch.float32):
+        assert err <= 1e-4 * scale + 1e-5, f"{name}: error {err:.2e} for values up to {scale:.2e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_as_accurate_as_reference_in_that_dtype(dtype):
+    inputs = make_inputs(1, 2, 20, 24, 32, 16, True, dtype)
+    for name, err, ref_err, scale in compare(inputs, dtype):
+        assert err <= 2 * ref_err + 1e-3 * scale, f"{name}: error {err:.2e}, reference in {dtype} {ref_err:.2e}"
+
+
+@needs_triton
+def test_bfloat16_gate_sums_are_kept_in_float32():
+    # gate_k = 0 makes every gate exactly 1/2, so positions are (i - j + 1) / 2 and reach 150 over 300 keys. A bf16
+    # running sum cannot hold 133.5 (spacing 1 above 128) and reads the wrong embeddings for the far keys (about
+    # 0.05 off here); torch's own bf16 reference op is 0.14 off. bf16 rounding of the output alone is below 0.008.
+    b, h, t, s, d, npos = 1, 1, 4, 300, 16, 256
+    q, k, v, e, _ = make_inputs(b, h, t, s, d, npos, False, torch.bfloat16)
+    gate_k = torch.zeros(b, h, s, d, dtype=torch.bfloat16)
+    fused = cope_attention_triton(q, k, v, e, gate_k=gate_k)
+    exact = cope_attention(*(x.double() for x in (q, k, v, e)), gate_k=gate_k.double())
+    assert (fused.double() - exact).abs().max().item() < 1.5e-2
+
+
+def test_rejects_fewer_keys_than_queries():
+    q, k = torch.randn(1, 1, 4, 16), torch.randn(1, 1, 3, 16)
+    with pytest.raises(ValueError, match="S=3 < T=4"):
+        cope_attention_triton(q, k, k, torch.randn(16, 8))
+
+
+def test_rejects_npos_max_above_256():
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="npos_max <= 256"):
+        cope_attention_triton(q, q, q, torch.randn(16, 257))
+
+
+def test_rejects_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cope_attention_triton(q, q, q, torch.randn(16, 8))
