@@ -71,12 +71,12 @@ def find_split_files(data_dir: str | Path) -> dict[str, Path]:
 
 def split_articles(lines: list[str]) -> list[list[str]]:
     """Lines grouped into articles, each starting at its top-level ' = Title = ' line."""
-    articles: list[list[str]] = []
+    articles: list[list[str]] = [[]]
     for line in lines:
-        if ARTICLE.match(line.rstrip("\n")) or not articles:
+        if ARTICLE.match(line.rstrip("\n")) and any(x.strip() for x in articles[-1]):
             articles.append([])
-        articles[-1].append(line)
-    return articles
+        articles[-1].append(line)  # blank lines before the first title stay with it
+    return [a for a in articles if a]
 
 
 def split_by_articles(lines: list[str], fractions=SMOKE_FRACTIONS) -> dict[str, list[str]]:
