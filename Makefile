@@ -2,6 +2,7 @@
 #   make train                      offline CPU default job
 #   make train CONFIG="a.yaml b.yaml" ARGS="--trainer.max_steps=100"
 #   make test | lint | install | clean
+#   make data-wikitext | data-code  prepare the LM corpora (DATA_CONFIG="configs/data/....yaml" to choose)
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/trainer/cpu.yaml configs/data/copy.yaml configs/model/tiny.yaml configs/position/cope.yaml
 ARGS ?=
 
-.PHONY: install train test lint clean
+.PHONY: install train test lint clean data-wikitext data-code
 
 install: $(STAMP)
 
@@ -31,6 +32,13 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/cope-pl fit $(foreach c,$(CONFIG),--config $(c)) $(ARGS)
 	@echo "TensorBoard logs are under runs/ — view them with: $(BIN)/tensorboard --logdir runs"
+
+# Tokenize a language-modelling corpus into data_cache/ once, e.g. on a login node before a cluster job.
+data-wikitext: $(STAMP)
+	$(BIN)/python data_prep/prepare_wikitext.py --config $(or $(DATA_CONFIG),configs/data/wikitext103.yaml)
+
+data-code: $(STAMP)
+	$(BIN)/python data_prep/prepare_code.py --config $(or $(DATA_CONFIG),configs/data/code.yaml)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

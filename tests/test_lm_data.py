@@ -103,7 +103,7 @@ def test_tokenizer_train_save_load_round_trip(tmp_path):
     loaded = load_tokenizer(tmp_path / "tokenizer.json")
     assert loaded.get_vocab_size() <= 500 and loaded.token_to_id(END_OF_TEXT) is not None
     assert loaded.encode(text).ids == tokenizer.encode(text).ids
-    assert loaded.decode(loaded.encode(text).ids) == text  # byte-level BPE is lossless
+    assert loaded.decode(loaded.encode(text).ids, skip_special_tokens=False) == text  # byte-level BPE is lossless
     assert tokenizer_hash(load_tokenizer(tmp_path / "tokenizer.json")) == tokenizer_hash(loaded)
 
 
@@ -179,11 +179,12 @@ def test_eval_sets_are_named_by_context_length(wikitext):
 
 
 def test_another_seq_len_reuses_the_prepared_arrays(wikitext):
-    dm = wikitext_module(wikitext.data_dir, wikitext.cache_dir, seq_len=100)
+    longer = read_meta(wikitext.directory, "train")["num_tokens"] + 1  # longer than any training window
+    dm = wikitext_module(wikitext.data_dir, wikitext.cache_dir, seq_len=longer)
     stats = dm.prepare_data()
     assert stats.built == [] and dm.directory == wikitext.directory
-    dm.setup("test")
-    assert dm.test_dataloader()[0].dataset.seq_len == 100
+    dm.setup("test")  # evaluation alone needs no training windows
+    assert dm.test_dataloader()[0].dataset.seq_len == longer
 
 
 def test_changed_tokenizer_is_refused_by_setup_then_rebuilt_by_prepare(wikitext, tmp_path):
@@ -246,6 +247,23 @@ def test_file_in_the_wrong_format_is_named(tmp_path, content, message):
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ValueError, match=f"wiki.train.tokens {message}"):
         wikitext_module(data, tmp_path / "cache").prepare_data()
+
+
+def test_supplied_tokenizer_file_is_used_and_sets_the_vocabulary(wikitext, tmp_path):
+    supplied = wikitext.directory / "tokenizer.json"
+    dm = wikitext_module(wikitext.data_dir, tmp_path, tokenizer_file=str(supplied), vocab_size=999)
+    stats = dm.prepare_data()
+    assert stats.directory.name.startswith("file-") and (stats.directory / "tokenizer.json").read_bytes() == (
+        supplied.read_bytes()
+    )
+    assert dm.vocab_size == load_tokenizer(supplied).get_vocab_size() != 999
+    assert stats.splits["valid"]["num_tokens"] == read_meta(wikitext.directory, "valid")["num_tokens"]
+
+
+def test_missing_tokenizer_file_is_named(tmp_path):
+    dm = wikitext_module(write_wikitext_dir(tmp_path / "wt"), tmp_path, tokenizer_file=str(tmp_path / "gpt2.json"))
+    with pytest.raises(FileNotFoundError, match=r"data.tokenizer_file=.*gpt2.json does not exist"):
+        dm.prepare_data()
 
 
 def test_tokenizer_file_in_the_wrong_format_is_named(tmp_path):

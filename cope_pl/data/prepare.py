@@ -69,7 +69,10 @@ def corpus_dir(cache_dir: str | Path, source: TextSource) -> Path:
 def tokenizer_tag(vocab_size: int, tokenizer_file: str | Path | None) -> str:
     if tokenizer_file is None:
         return f"bpe{vocab_size}"
-    return f"file-{sha(Path(tokenizer_file).read_bytes().decode(errors='replace'))}"
+    path = Path(tokenizer_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.tokenizer_file={path} does not exist; give the path of a tokenizer.json")
+    return f"file-{hashlib.sha256(path.read_bytes()).hexdigest()[:10]}"
 
 
 @dataclass

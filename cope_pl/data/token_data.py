@@ -123,9 +123,10 @@ class TokenArrayDataModule(LMDataModule):
         self._check_model_vocab(tokenizer.get_vocab_size())
         expected = {"source_id": self.source.source_id(), "tokenizer_hash": tokenizer_hash(tokenizer)}
         arrays = {split: self._open(split, expected) for split in SPLITS}
-        train, _ = arrays["train"]
-        num_windows = self.train_windows or max(len(train) // self.seq_len, 1)
-        self.train_set = RandomWindows(train, self.seq_len, num_windows, seed=self.seed)
+        if stage in (None, "fit"):  # evaluation alone (e.g. at a longer seq_len) never needs training windows
+            train, _ = arrays["train"]
+            num_windows = self.train_windows or max(len(train) // self.seq_len, 1)
+            self.train_set = RandomWindows(train, self.seq_len, num_windows, seed=self.seed)
         lengths = {"": self.seq_len, **{str(n): n for n in self.eval_seq_lens}}
         valid, valid_meta = arrays["valid"]
         test, test_meta = arrays["test"]

@@ -2,7 +2,8 @@
 
 Byte-level BPE can encode any text and decodes it back exactly, so token arrays can be checked against the
 text they came from. A tokenizer is identified by the hash of its serialisation: cached token arrays record
-that hash and are rebuilt (or refused) when it changes.
+that hash and are rebuilt (or refused) when it changes. As in GPT-2, the text `<|endoftext|>` inside a
+document is read as the end-of-text token itself.
 """
 
 from __future__ import annotations
