@@ -3,6 +3,7 @@
 #   make train CONFIG="a.yaml b.yaml" ARGS="--trainer.max_steps=100"
 #   make bench [BENCH_ARGS="--lengths 256 512 --repeats 3"]   timing/memory tables -> reports/bench/
 #   make test | lint | install | clean
+#   make data-wikitext | data-code  prepare the LM corpora (DATA_CONFIG="configs/data/....yaml" to choose)
 
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +16,7 @@ ARGS ?=
 # Full sweep by default (CPU: T=256..4096, tens of minutes on 2 cores); e.g. BENCH_ARGS="--lengths 256 1024".
 BENCH_ARGS ?=
 
-.PHONY: install train test lint clean bench
+.PHONY: install train test lint clean bench data-wikitext data-code
 
 install: $(STAMP)
 
@@ -34,6 +35,13 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/cope-pl fit $(foreach c,$(CONFIG),--config $(c)) $(ARGS)
 	@echo "TensorBoard logs are under runs/ — view them with: $(BIN)/tensorboard --logdir runs"
+
+# Tokenize a language-modelling corpus into data_cache/ once, e.g. on a login node before a cluster job.
+data-wikitext: $(STAMP)
+	$(BIN)/python data_prep/prepare_wikitext.py --config $(or $(DATA_CONFIG),configs/data/wikitext103.yaml)
+
+data-code: $(STAMP)
+	$(BIN)/python data_prep/prepare_code.py --config $(or $(DATA_CONFIG),configs/data/code.yaml)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

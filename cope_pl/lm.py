@@ -125,11 +125,19 @@ class LanguageModel(L.LightningModule):
         logits = self(batch["input_ids"])
         self._eval_sums[key].update(batch_sums(logits, batch["labels"], self.hparams.ignore_index))
 
+    def _tokens_per_word(self, stage: str, set_name: str) -> float | None:
+        """BPE tokens per original word of the evaluated split, from data modules that know it (WikiText)."""
+        ratios = getattr(self.trainer.datamodule, "tokens_per_word", None) if self._trainer else None
+        return (ratios or {}).get(stage, {}).get(set_name)
+
     def _eval_epoch_end(self, stage: str) -> None:
         first = True
         for key in [k for k in self._eval_sums if k.startswith(stage + ":")]:
             set_name = key.split(":", 1)[1]
             values = self._eval_sums.pop(key).compute()
+            ratio = self._tokens_per_word(stage, set_name)
+            if ratio is not None:  # word-level perplexity: the same summed NLL over the split's original words
+                values["word_ppl"] = math.exp(min(values["loss"] * ratio, 80.0))
             for metric, value in values.items():
                 self.log(metric_key(stage, metric, set_name), value, sync_dist=False, prog_bar=metric == "loss")
                 if first and set_name:  # the first set also answers to the plain name, for checkpoint monitors

@@ -1,6 +1,17 @@
 """Data modules: each gives the model a vocabulary size and batches of input_ids/labels."""
 
 from cope_pl.data.base import IGNORE_INDEX, LMDataModule, shift_labels
+from cope_pl.data.code import CodeDataModule
 from cope_pl.data.copy_task import CopyDataModule
+from cope_pl.data.token_data import TokenArrayDataModule
+from cope_pl.data.wikitext import WikiTextDataModule
 
-__all__ = ["IGNORE_INDEX", "CopyDataModule", "LMDataModule", "shift_labels"]
+__all__ = [
+    "IGNORE_INDEX",
+    "CodeDataModule",
+    "CopyDataModule",
+    "LMDataModule",
+    "TokenArrayDataModule",
+    "WikiTextDataModule",
+    "shift_labels",
+]

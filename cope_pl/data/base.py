@@ -80,9 +80,12 @@ class LMDataModule(L.LightningDataModule):
         sampler.start_batch = self._batches_done_this_epoch() % sampler.batches_per_rank
         return self._loader(self.train_set, sampler=sampler)
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def _eval_loaders(self, sets: dict[str, Dataset]) -> list[DataLoader]:
         world_size, _ = self._world()
-        return [self._loader(pad_for_ranks(d, world_size, IGNORE_INDEX)) for d in self.eval_sets.values()]
+        return [self._loader(pad_for_ranks(d, world_size, IGNORE_INDEX)) for d in sets.values()]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.eval_sets)
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()

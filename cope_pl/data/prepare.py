@@ -1,0 +1,188 @@
+"""Prepare a corpus once (one process): train or copy its tokenizer, then write each split as a token array.
+
+A corpus is a `TextSource`: three splits of documents in order. Everything lands in
+
+    <cache_dir>/<corpus>/<source slug>-<hash of source id>/<tokenizer tag>/
+        tokenizer.json  train.bin train.json  valid.bin valid.json  test.bin test.json
+
+where the tokenizer tag is `bpe<vocab size>` for a tokenizer trained here and `file-<hash>` for a supplied
+one. The directory does not depend on the context length, so every seq_len reuses the same arrays. Arrays
+whose metadata matches (source id, tokenizer hash) are reused; any other is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from cope_pl.data.token_array import mismatch, read_meta, write_token_array
+from cope_pl.data.tokenizer import end_of_text_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_bpe
+
+SPLITS = ("train", "valid", "test")
+ENCODE_BATCH = 1024  # documents per encode_batch call
+
+
+class TextSource(ABC):
+    """A corpus as three splits (train/valid/test) of documents, each split read in its original order."""
+
+    corpus: str  # cache subdirectory, e.g. "wikitext103"
+    separate_documents: bool = False  # append the end-of-text token after every document
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the text comes from, for people: 'dir:/data/wikitext-103', 'hf:Salesforce/wikitext/...'."""
+
+    @abstractmethod
+    def source_id(self) -> str:
+        """Cache key: describe() plus everything that changes the text (file sizes and times, options)."""
+
+    @abstractmethod
+    def documents(self, split: str) -> Iterator[str]:
+        """The split's documents in order, as original text (word counts are taken on this text)."""
+
+    def model_text(self, document: str) -> str:
+        """The text the tokenizer sees (WikiText may detokenise ' @-@ ' here)."""
+        return document
+
+
+def sha(text: str, n: int = 10) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def corpus_dir(cache_dir: str | Path, source: TextSource) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source.describe().split(":", 1)[-1]).strip("_")[-40:]
+    return Path(cache_dir) / source.corpus / f"{slug}-{sha(source.source_id())}"
+
+
+def tokenizer_tag(vocab_size: int, tokenizer_file: str | Path | None) -> str:
+    if tokenizer_file is None:
+        return f"bpe{vocab_size}"
+    path = Path(tokenizer_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.tokenizer_file={path} does not exist; give the path of a tokenizer.json")
+    return f"file-{hashlib.sha256(path.read_bytes()).hexdigest()[:10]}"
+
+
+@dataclass
+class PrepareStats:
+    directory: Path
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> metadata
+    built: list[str] = field(default_factory=list)  # splits (re)written this time
+    tokenizer_seconds: float = 0.0  # time spent training (or loading) the tokenizer
+    encode_seconds: float = 0.0  # time spent reading + tokenizing + writing the built splits
+
+    @property
+    def tokens_per_second(self) -> float:
+        tokens = sum(self.splits[s]["num_tokens"] for s in self.built)
+        return tokens / self.encode_seconds if self.encode_seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        lines = [f"{self.directory}", f"{'split':6} {'tokens':>12} {'words':>12} {'tokens/word':>11}  status"]
+        for split, meta in self.splits.items():
+            status = "written" if split in self.built else "reused"
+            ratio = meta["num_tokens"] / max(meta["words"], 1)
+            lines.append(f"{split:6} {meta['num_tokens']:12,d} {meta['words']:12,d} {ratio:11.4f}  {status}")
+        lines.append(f"tokenizer: {self.tokenizer_seconds:.1f} s")
+        if self.built:
+            lines.append(
+                f"read + tokenize + write: {self.encode_seconds:.1f} s, {self.tokens_per_second:,.0f} tokens/s"
+            )
+        return "\n".join(lines)
+
+
+def data_config_args(path: str | Path | None) -> dict[str, Any]:
+    """init_args of the data section of a cope-pl YAML config (so data_prep uses a run's own settings)."""
+    if path is None:
+        return {}
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    data = config.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("init_args", {}), dict):
+        raise ValueError(f"{path} has no data: class_path/init_args section; give a configs/data/*.yaml file")
+    return dict(data.get("init_args") or {})
+
+
+def obtain_tokenizer(
+    source: TextSource, directory: Path, vocab_size: int, tokenizer_file: str | Path | None, show_progress: bool
+) -> Tokenizer:
+    """tokenizer.json in `directory`: reused if there, else copied from tokenizer_file or trained on train."""
+    path = directory / "tokenizer.json"
+    if path.is_file():
+        return load_tokenizer(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer_file is not None:
+        tokenizer = load_tokenizer(tokenizer_file)
+        tmp = path.with_name("tokenizer.json.tmp")
+        shutil.copyfile(tokenizer_file, tmp)
+        tmp.replace(path)
+        return tokenizer
+    texts = (source.model_text(d) for d in source.documents("train"))
+    tokenizer = train_bpe(texts, vocab_size, show_progress=show_progress)
+    save_tokenizer(tokenizer, path)
+    return load_tokenizer(path)  # the saved form is what every later process hashes
+
+
+def encode_split(
+    source: TextSource, split: str, tokenizer: Tokenizer, counts: dict[str, Any], show_progress: bool
+) -> Iterator[np.ndarray]:
+    """Token chunks of one split, in order; sets counts["words"] (whitespace-separated) and ["documents"]."""
+    eot = end_of_text_id(tokenizer) if source.separate_documents else None
+    counts.update(words=0, documents=0)
+    bar = tqdm(desc=f"{source.corpus} {split}", unit=" docs", disable=not show_progress, mininterval=1.0)
+
+    def encode(batch: list[str]) -> np.ndarray:
+        encodings = tokenizer.encode_batch([source.model_text(d) for d in batch], add_special_tokens=False)
+        ids = [e.ids + [eot] if eot is not None else e.ids for e in encodings]
+        counts["words"] += sum(len(d.split()) for d in batch)
+        counts["documents"] += len(batch)
+        bar.update(len(batch))
+        return np.fromiter((t for doc in ids for t in doc), dtype=np.int64)
+
+    batch: list[str] = []
+    for document in source.documents(split):
+        batch.append(document)
+        if len(batch) == ENCODE_BATCH:
+            yield encode(batch)
+            batch = []
+    if batch:
+        yield encode(batch)
+    bar.close()
+
+
+def prepare_corpus(
+    source: TextSource,
+    cache_dir: str | Path,
+    vocab_size: int,
+    tokenizer_file: str | Path | None = None,
+    show_progress: bool = True,
+) -> PrepareStats:
+    """Make sure the tokenizer and all three token arrays exist and match; build what is missing."""
+    directory = corpus_dir(cache_dir, source) / tokenizer_tag(vocab_size, tokenizer_file)
+    start = time.perf_counter()
+    tokenizer = obtain_tokenizer(source, directory, vocab_size, tokenizer_file, show_progress)
+    expected = {"source_id": source.source_id(), "tokenizer_hash": tokenizer_hash(tokenizer)}
+    stats = PrepareStats(directory, tokenizer_seconds=time.perf_counter() - start)
+    for split in SPLITS:
+        meta = read_meta(directory, split)
+        if meta is not None and mismatch(meta, expected) is None:
+            stats.splits[split] = meta
+            continue
+        start = time.perf_counter()
+        info = {**expected, "source": source.describe(), "split": split, "vocab_size": tokenizer.get_vocab_size()}
+        chunks = encode_split(source, split, tokenizer, info, show_progress)  # adds word and document counts
+        meta = write_token_array(directory, split, chunks, tokenizer.get_vocab_size(), info)
+        stats.encode_seconds += time.perf_counter() - start
+        stats.splits[split] = meta
+        stats.built.append(split)
+    return stats
