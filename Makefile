@@ -1,6 +1,8 @@
 # cope_pl — every target works on a fresh clone: the first one run creates .venv and installs.
 #   make train                      offline CPU default job
 #   make train CONFIG="a.yaml b.yaml" ARGS="--trainer.max_steps=100"
+#   make ablation SWEEP=configs/sweeps/table2_cpu.yaml [SLURM=1]   run a sweep (or write/submit a SLURM array)
+#   make report RUNS=runs/ OUT=reports/                           tables and figures from finished runs
 #   make test | lint | install | clean
 
 PYTHON ?= python3
@@ -11,8 +13,12 @@ STAMP := $(VENV)/.installed
 # The default job: later files override earlier ones.
 CONFIG ?= configs/trainer/cpu.yaml configs/data/copy.yaml configs/model/tiny.yaml configs/position/cope.yaml
 ARGS ?=
+SWEEP ?=
+SLURM ?=
+RUNS ?= runs
+OUT ?= reports
 
-.PHONY: install train test lint clean
+.PHONY: install train ablation report test lint clean
 
 install: $(STAMP)
 
@@ -31,6 +37,14 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/cope-pl fit $(foreach c,$(CONFIG),--config $(c)) $(ARGS)
 	@echo "TensorBoard logs are under runs/ — view them with: $(BIN)/tensorboard --logdir runs"
+
+# SLURM=1 writes an array job script (one task per cell) and submits it when sbatch is on PATH.
+ablation: $(STAMP)
+	@test -n "$(SWEEP)" || { echo "usage: make ablation SWEEP=configs/sweeps/<file>.yaml [SLURM=1]"; exit 2; }
+	$(BIN)/cope-pl sweep $(SWEEP) $(if $(SLURM),--slurm $(if $(shell command -v sbatch),--submit))
+
+report: $(STAMP)
+	$(BIN)/cope-pl report $(RUNS) --out $(OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

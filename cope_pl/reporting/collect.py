@@ -84,7 +84,10 @@ def load_runs(root: str | Path) -> pd.DataFrame:
                 status, reason = cell_reason(save_dir, cell["name"])
                 row = {**(row or {}), "run": run_label(run_dir), "run_dir": str(run_dir)}
                 row.update(status=status, reason=reason)
-            row.update(sweep=manifest["name"], cell=cell["name"], **cell["keys"])
+            keys = dict(cell["keys"])
+            if "seed" in keys:  # the label "seed3" -> 3, like the seed read from config.yaml
+                keys["seed"] = int(str(keys["seed"]).removeprefix("seed"))
+            row.update(sweep=manifest["name"], cell=cell["name"], **keys)
             rows[key] = row
     frame = pd.DataFrame(list(rows.values()))
     for column in RUN_COLUMNS:

@@ -60,7 +60,8 @@ def plot_learning_curves(runs: pd.DataFrame, row_keys: list[str], path: Path, ta
     for ax, tag in zip(axes[0], tags):
         ax.set_title(tag)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -74,9 +74,9 @@ class Table:
         best = self.best()
         out = [[escape(self.row_name)] + [escape(c) for c in self.columns]]
         for row in self.rows:
-            cells = [self.cell(row, c) for c in self.columns]
+            cells = [escape(self.cell(row, c)) for c in self.columns]
             cells = [bold.format(t) if best.get(c) == row else t for t, c in zip(cells, self.columns)]
-            out.append([escape(row)] + [escape(t) for t in cells])
+            out.append([escape(row)] + cells)
         for row, values in self.paper.items():
             cells = [f"{values[c]:.{self.digits}f}" if c in values else "" for c in self.columns]
             out.append([escape(f"{row} (paper)")] + cells)
@@ -98,9 +98,9 @@ class Table:
         def escape(text: str) -> str:
             for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
                 text = text.replace(a, b)
-            return text.replace("±", r"$\pm$").replace("**", "")
+            return text.replace("±", r"$\pm$")
 
-        lines = self.lines(bold="\\textbf{{{}}}", escape=lambda s: s if s.startswith("\\textbf") else escape(s))
+        lines = self.lines(bold="\\textbf{{{}}}", escape=escape)
         body = [" & ".join(lines[0]) + r" \\", r"\midrule"] + [" & ".join(line) + r" \\" for line in lines[1:]]
         return (
             "\n".join(
