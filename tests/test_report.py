@@ -128,3 +128,25 @@ def test_report_writes_tables_and_figures_with_extrapolation_and_not_applicable(
 def test_report_on_an_empty_directory_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no runs under"):
         build_report(tmp_path, tmp_path / "out")
+
+
+def test_fit_logs_hparams_with_final_metrics_for_tensorboard(tmp_path):
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from cope_pl.cli import main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    args = ["fit", "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.init_args.seq_len=16"]
+    for name in ("trainer/smoke.yaml", "data/copy.yaml", "model/tiny.yaml", "position/cope.yaml"):
+        args += ["--config", str(configs / name)]
+    main(args)
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*"))))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert "val/loss" in [m.name.tag for m in experiment.metric_infos]
+    assert session.session_start_info.hparams["model/position"].string_value == "cope"
