@@ -306,6 +306,7 @@ def slurm_script(sweep: Sweep, sweep_file: Path) -> str:
         f"#SBATCH --cpus-per-task={int(s.get('cpus_per_task', 8))}",
         f"#SBATCH --time={s.get('time', '24:00:00')}",
         f"#SBATCH --output={logs}/%x-%a.out",
+        f"#SBATCH --chdir={Path.cwd()}",  # config paths in the sweep file are relative to the repository root
     ]
     header += [f"#SBATCH --partition={s['partition']}"] if s.get("partition") else []
     header += [f"#SBATCH {line}" for line in s.get("extra", [])]
