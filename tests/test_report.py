@@ -131,18 +131,30 @@ def test_report_on_an_empty_directory_says_so(tmp_path):
 
 
 def test_fit_logs_hparams_with_final_metrics_for_tensorboard(tmp_path):
-    from pathlib import Path
-
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    from cope_pl.cli import main
+    from cope_pl.data import CopyDataModule
+    from cope_pl.lm import LanguageModel
+    from cope_pl.results import ResultsWriter
 
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    args = ["fit", "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.init_args.seq_len=16"]
-    for name in ("trainer/smoke.yaml", "data/copy.yaml", "model/tiny.yaml", "position/cope.yaml"):
-        args += ["--config", str(configs / name)]
-    main(args)
+    dm = CopyDataModule(seq_len=8, batch_size=4, num_symbols=4, eval_size=8)
+    model = LanguageModel(vocab_size=dm.vocab_size, n_layers=1, d_model=16, n_heads=2, position="cope")
+    logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[ResultsWriter()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, dm)
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*"))))
     events.Reload()
     content = events.PluginTagToContent("hparams")
