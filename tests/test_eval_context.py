@@ -83,3 +83,32 @@ def test_lengths_are_tokens_or_multiples_of_the_training_length():
     assert parse_lengths(["1x", "1.5x", "2x", "100"], 64) == [64, 96, 128, 100]
     with pytest.raises(ValueError, match=">= 1"):
         parse_lengths(["0"], 64)
+
+
+def test_batch_size_shrinks_to_fit_the_logit_memory_budget():
+    from cope_pl.eval_context import LOGIT_BYTES_PER_PAIR, fitting_batch_size
+
+    model = LanguageModel(vocab_size=8, n_layers=1, d_model=16, n_heads=2, position="cope")
+    per_sequence = LOGIT_BYTES_PER_PAIR * 2 * 64 * 64
+    assert fitting_batch_size(model, 64, 32, torch.device("cpu"), budget=3.5 * per_sequence) == 3
+    assert fitting_batch_size(model, 64, 32, torch.device("cpu"), budget=None) == 32  # no cap on CPU
+    rope = LanguageModel(vocab_size=8, n_layers=1, d_model=16, n_heads=2, position="rope")
+    assert fitting_batch_size(rope, 64, 32, torch.device("cpu"), budget=1.0) == 32  # fused attention: no (T, T)
+    with pytest.raises(MemoryError, match="lower --lengths"):
+        fitting_batch_size(model, 64, 32, torch.device("cpu"), budget=0.5 * per_sequence)
+
+
+def test_an_out_of_memory_batch_is_split_and_sums_still_add_up():
+    from cope_pl.eval_context import score_batch
+
+    model = LanguageModel(vocab_size=8, n_layers=1, d_model=16, n_heads=2, position="cope").eval()
+    batch = {"input_ids": torch.randint(0, 8, (4, 6)), "labels": torch.randint(0, 8, (4, 6))}
+    with torch.no_grad():
+        whole = score_batch(model, batch, -100)
+        forward = model.forward
+        model.forward = lambda x: (
+            (_ for _ in ()).throw(RuntimeError("CUDA out of memory")) if len(x) > 1 else forward(x)
+        )
+        split = score_batch(model, batch, -100)
+    assert split["tokens"] == whole["tokens"] == 24
+    assert split["nll"] == pytest.approx(whole["nll"], rel=1e-5)
