@@ -13,7 +13,7 @@ Which tables a sweep gets is set by the `report:` section of its sweep file, for
       tables:
         - {name: test_error, metric: test/error, scale: 100, digits: 1, lower_is_better: true,
            paper: {cope: {ood_dense: 4.9}}}   # reference numbers, shown as "(paper)" rows
-      extrapolation: {metric: ppl}           # the eval-context table and Figure-3 plot
+      extrapolation: {metrics: [ppl, error]} # eval-context tables and Figure-3 plots (first: extrapolation.*)
 """
 
 from __future__ import annotations
@@ -68,13 +68,14 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
     if not ec.empty:
         ec.to_csv(out / "eval_context_rows.csv", index=False)
         extra = spec.get("extrapolation") or {}
-        for metric in dict.fromkeys([extra.get("metric", "ppl"), "word_ppl"]):
+        wanted = extra.get("metrics") or [extra.get("metric", "ppl")]
+        for metric in dict.fromkeys([*wanted, "word_ppl"]):
             if metric not in ec or pd.to_numeric(ec[metric], errors="coerce").isna().all():
                 continue
             table = extrapolation_table(
                 ec, runs, metric, row_keys, f"{title}: {metric} by evaluation context length", digits=3
             )
-            name = "extrapolation" if metric == extra.get("metric", "ppl") else f"extrapolation_{metric}"
+            name = "extrapolation" if metric == wanted[0] else f"extrapolation_{metric}"
             written += table.write(out, name)
             train_lens = sorted(pd.to_numeric(ec["train_seq_len"], errors="coerce").dropna().astype(int).unique())
             written.append(plot_extrapolation(table, out / f"{name}.png", metric, train_lens))
