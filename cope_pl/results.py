@@ -110,7 +110,8 @@ class ResultsWriter(L.Callback):
             run_dir=str(directory),
             model=public(dict(pl_module.hparams)),
             data={"class": type(datamodule).__name__, **public(data_hparams)},
-            global_step=trainer.global_step,
+            # `cope-pl test` on a checkpoint starts at step 0; keep the step the model was trained to.
+            global_step=max(trainer.global_step, result.get("global_step", 0)),
         )
         result.setdefault("metrics", {}).update(metrics)
         write_json_atomic(path, result)

@@ -3,6 +3,7 @@ learning curves per encoding, and error per test set."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -37,7 +38,7 @@ def plot_extrapolation(table: Table, path: Path, ylabel: str, train_len: list[in
         ax.axvline(length, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("evaluation context length (tokens)")
     ax.set_ylabel(ylabel)
-    ax.set_title(table.title, fontsize=9)
+    ax.set_title(textwrap.fill(table.title, 70), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -80,7 +81,7 @@ def plot_bars(table: Table, path: Path, ylabel: str) -> Path:
         ax.bar(x, y, width, yerr=err, label=row, capsize=2)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(table.columns))], table.columns)
     ax.set_ylabel(ylabel)
-    ax.set_title(table.title, fontsize=9)
+    ax.set_title(textwrap.fill(table.title, 70), fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

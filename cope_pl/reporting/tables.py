@@ -83,10 +83,13 @@ class Table:
         return out
 
     def notes(self) -> list[str]:
-        reasons = {}
-        for (row, _), reason in self.not_applicable.items():
-            reasons.setdefault(reason, set()).add(row)
-        return [f"n/a ({', '.join(sorted(rows))}): {reason}" for reason, rows in reasons.items()]
+        """One line per row with n/a cells: where, and the reason given for the first of them."""
+        cells: dict[str, list[str]] = {}
+        for row, col in self.not_applicable:
+            cells.setdefault(row, []).append(col)
+        return [
+            f"n/a for {row} at {', '.join(cols)}: {self.not_applicable[(row, cols[0])]}" for row, cols in cells.items()
+        ]
 
     def markdown(self) -> str:
         lines = self.lines(bold="**{}**")
