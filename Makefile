@@ -2,6 +2,8 @@
 #   make train                      offline CPU default job
 #   make train CONFIG="a.yaml b.yaml" ARGS="--trainer.max_steps=100"
 #   make bench [BENCH_ARGS="--lengths 256 512 --repeats 3"]   timing/memory tables -> reports/bench/
+#   make ablation SWEEP=configs/sweeps/table2_cpu.yaml [SLURM=1]   run a sweep (or write/submit a SLURM array)
+#   make report RUNS=runs/ OUT=reports/                           tables and figures from finished runs
 #   make test | lint | install | clean
 #   make data-wikitext | data-code  prepare the LM corpora (DATA_CONFIG="configs/data/....yaml" to choose)
 
@@ -16,7 +18,12 @@ ARGS ?=
 # Full sweep by default (CPU: T=256..4096, tens of minutes on 2 cores); e.g. BENCH_ARGS="--lengths 256 1024".
 BENCH_ARGS ?=
 
-.PHONY: install train test lint clean bench data-wikitext data-code
+SWEEP ?=
+SLURM ?=
+RUNS ?= runs
+OUT ?= reports
+
+.PHONY: install train test lint clean bench data-wikitext data-code ablation report
 
 install: $(STAMP)
 
@@ -42,6 +49,13 @@ data-wikitext: $(STAMP)
 
 data-code: $(STAMP)
 	$(BIN)/python data_prep/prepare_code.py --config $(or $(DATA_CONFIG),configs/data/code.yaml)
+# SLURM=1 writes an array job script (one task per cell) and submits it when sbatch is on PATH.
+ablation: $(STAMP)
+	@test -n "$(SWEEP)" || { echo "usage: make ablation SWEEP=configs/sweeps/<file>.yaml [SLURM=1]"; exit 2; }
+	$(BIN)/cope-pl sweep $(SWEEP) $(if $(SLURM),--slurm $(if $(shell command -v sbatch),--submit))
+
+report: $(STAMP)
+	$(BIN)/cope-pl report $(RUNS) --out $(OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -1,4 +1,5 @@
-"""`cope-pl fit|validate|test --config a.yaml --config b.yaml ...` through LightningCLI.
+"""`cope-pl fit|validate|test --config a.yaml --config b.yaml ...` through LightningCLI, and the tools
+that work on finished runs (`cope-pl eval-context|sweep|report|position-maps`, see TOOLS).
 
 Configs combine: a trainer file, a data file, a model file and a position-encoding file, later ones
 overriding earlier ones. The vocabulary size flows from the data module to the model, and the full
@@ -9,6 +10,7 @@ own directory.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -24,6 +26,13 @@ from cope_pl.numerics import NonFiniteError, NonFiniteGuard
 from cope_pl.results import ResultsWriter
 from cope_pl.resume import CheckedCheckpointIO, RngState, resolve_resume
 
+# Tools that work on finished runs; each module has its own argparse `main(argv)`.
+TOOLS = {
+    "eval-context": "cope_pl.eval_context",
+    "sweep": "cope_pl.sweep",
+    "report": "cope_pl.report",
+    "position-maps": "cope_pl.position_maps",
+}
 DEFAULT_RUN_NAME = "auto"  # replaced by "<data>-<position>" so TensorBoard runs are told apart
 
 
@@ -90,6 +99,11 @@ def trainer_defaults() -> dict:
 
 
 def main(args: list[str] | None = None) -> None:
+    """`cope-pl fit|validate|test ...` (LightningCLI) or `cope-pl eval-context|sweep|report|position-maps ...`."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in TOOLS:
+        importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+        return
     CopeCLI(
         LanguageModel,
         LMDataModule,

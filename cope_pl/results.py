@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 RESULTS_FILE = "results.json"
@@ -63,6 +64,32 @@ def format_summary(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings -> {"model/position_options/npos_max": 64}; values TensorBoard can show."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "/"))
+        else:
+            flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+def log_hparams_with_metrics(trainer: L.Trainer, result: dict[str, Any]) -> None:
+    """Fill TensorBoard's HParams tab: the run's settings with its final metrics, so runs can be filtered
+    and compared. Written as a summary beside the scalars (hparams.yaml is left as Lightning wrote it)."""
+    if not isinstance(trainer.logger, TensorBoardLogger):
+        return
+    from torch.utils.tensorboard.summary import hparams
+
+    params = flatten({"model": result["model"], "data": result["data"]})
+    writer = trainer.logger.experiment._get_file_writer()  # as SummaryWriter.add_hparams does
+    for summary in hparams(params, result["metrics"]):
+        writer.add_summary(summary)
+    writer.flush()
+
+
 class ResultsWriter(L.Callback):
     """Writes `results.json` (hyperparameters, data settings, final eval metrics) into the run directory."""
 
@@ -83,10 +110,12 @@ class ResultsWriter(L.Callback):
             run_dir=str(directory),
             model=public(dict(pl_module.hparams)),
             data={"class": type(datamodule).__name__, **public(data_hparams)},
-            global_step=trainer.global_step,
+            # `cope-pl test` on a checkpoint starts at step 0; keep the step the model was trained to.
+            global_step=max(trainer.global_step, result.get("global_step", 0)),
         )
         result.setdefault("metrics", {}).update(metrics)
         write_json_atomic(path, result)
+        log_hparams_with_metrics(trainer, result)
         print(f"Results written to {path}")
 
     @rank_zero_only

@@ -1,0 +1,307 @@
+"""Score a trained run at longer (or shorter) contexts than it was trained on.
+
+`cope-pl eval-context RUN --lengths 1x 2x 4x` re-creates the run's data module from its saved config with
+`seq_len` set to each length, scores its test split with the checkpoint, and writes one row per
+(run, length, eval set): loss, token perplexity, word perplexity (when the data knows its tokens per word)
+and token error. Windows do not overlap unless `--stride` asks for a sliding window over a flat token stream.
+
+An encoding that cannot represent a length (a learned absolute table, or an uncapped relative table shorter
+than the context) raises ValueError from `position.check_length`; that row is reported as "n/a" with the
+reason, never scored with wrapped or clipped positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from cope_pl.data.base import IGNORE_INDEX
+from cope_pl.metrics import batch_sums
+from cope_pl.runs import build_datamodule, import_class, load_config, resolve_run, run_label, train_seq_len
+
+RESULTS_FILE = "eval_context.json"
+COLUMNS = (
+    "run",
+    "position",
+    "train_seq_len",
+    "seq_len",
+    "factor",
+    "set",
+    "stride",
+    "status",
+    "reason",
+    "loss",
+    "ppl",
+    "word_ppl",
+    "error",
+    "tokens",
+)
+# Bytes per (query, key) pair of one head that the explicit-softmax path keeps alive at once (logits, mask,
+# CoPE gates, positions, their floor/ceil indices, interpolation): a deliberate over-estimate.
+LOGIT_BYTES_PER_PAIR = 48
+
+
+def parse_lengths(specs: Iterable[str | int | float], train_len: int) -> list[int]:
+    """'512' is a length; '2x' or '2.5x' a multiple of the training length, rounded to an integer."""
+    lengths = []
+    for spec in specs:
+        text = str(spec).strip()
+        if text.endswith("x"):
+            if train_len < 1:
+                raise ValueError(f"length {text!r} is a multiple, but the run's config has no data seq_len")
+            lengths.append(round(float(text[:-1]) * train_len))
+        else:
+            lengths.append(int(text))
+        if lengths[-1] < 1:
+            raise ValueError(f"--lengths: {text!r} gives {lengths[-1]} tokens; every length must be >= 1")
+    return lengths
+
+
+# Sliding windows over a flat token stream ---------------------------------------------------------------
+class SlidingWindows(Dataset):
+    """Windows of seq_len tokens every `stride` tokens; each token is scored once, by the first window in
+    which it is a target, so every scored token but the first seq_len - stride sees >= seq_len - stride
+    tokens of context."""
+
+    def __init__(self, tokens: Tensor, seq_len: int, stride: int):
+        if not 1 <= stride <= seq_len:
+            raise ValueError(f"--stride must be between 1 and the length ({seq_len}), got {stride}")
+        if tokens.numel() < seq_len + 1:
+            raise ValueError(f"the token stream has {tokens.numel()} tokens, fewer than one window of {seq_len}")
+        self.tokens, self.seq_len = tokens.long(), seq_len
+        last = tokens.numel() - seq_len - 1
+        self.starts = list(range(0, last + 1, stride))
+        if self.starts[-1] != last:
+            self.starts.append(last)  # a final window so the stream's tail is scored too
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        start = self.starts[index]
+        window = self.tokens[start : start + self.seq_len + 1]  # (T + 1,)
+        labels = window[1:].clone()
+        if index > 0:  # targets up to the previous window's end were already scored
+            seen = self.starts[index - 1] + self.seq_len - start
+            labels[:seen] = IGNORE_INDEX
+        return {"input_ids": window[:-1], "labels": labels}
+
+
+def stream_loaders(dm, seq_len: int, stride: int, batch_size: int) -> dict[str, DataLoader]:
+    stream = getattr(dm, "token_stream", None)
+    if stream is None:
+        raise ValueError(
+            f"--stride needs a flat token stream, but {type(dm).__name__} has no token_stream(split) method; "
+            "score it with non-overlapping windows (leave out --stride)"
+        )
+    tokens = torch.as_tensor(stream("test"))
+    return {"": DataLoader(SlidingWindows(tokens, seq_len, stride), batch_size=batch_size)}
+
+
+# Scoring ------------------------------------------------------------------------------------------------
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def fitting_batch_size(model, seq_len: int, batch_size: int, device: torch.device, budget: float | None) -> int:
+    """The largest batch (<= batch_size) whose full (B, H, T, T) logit tensors fit in `budget` bytes.
+
+    Only encodings with a logit term need the full matrix (the others use fused attention). The budget
+    defaults to 80% of free GPU memory; on CPU there is no cap unless one is given.
+    """
+    position = model.model.position
+    if not position.adds_logit_term:
+        return batch_size
+    if budget is None and device.type == "cuda":
+        budget = 0.8 * torch.cuda.mem_get_info(device)[0]
+    if budget is None:
+        return batch_size
+    per_sequence = LOGIT_BYTES_PER_PAIR * position.dims.n_heads * seq_len * seq_len
+    fits = int(budget // per_sequence)
+    if fits < 1:
+        raise MemoryError(
+            f"one sequence of {seq_len} tokens needs about {per_sequence / 2**30:.1f} GiB for the full attention "
+            f"logits of {position.name!r} (budget {budget / 2**30:.1f} GiB); lower --lengths, or raise --memory-gb"
+        )
+    return min(batch_size, fits)
+
+
+def score_batch(model, batch: dict[str, Tensor], ignore_index: int) -> dict[str, float]:
+    """Sums for one batch; on out-of-memory the batch is split in two (sums add up exactly)."""
+    try:
+        logits = model(batch["input_ids"])  # (B, T, V)
+        return {k: float(v) for k, v in batch_sums(logits, batch["labels"], ignore_index).items()}
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+        size = batch["input_ids"].size(0)
+        if not is_oom(err):
+            raise
+        if size == 1:
+            raise MemoryError(
+                f"one sequence of {batch['input_ids'].size(1)} tokens does not fit in memory; lower --lengths"
+            ) from err
+        torch.cuda.empty_cache()
+        halves = [{k: v[: size // 2] for k, v in batch.items()}, {k: v[size // 2 :] for k, v in batch.items()}]
+        parts = [score_batch(model, half, ignore_index) for half in halves]
+        return {k: parts[0][k] + parts[1][k] for k in parts[0]}
+
+
+def score_loader(model, loader: DataLoader, device: torch.device, limit_batches: int | None) -> dict[str, float]:
+    totals = dict.fromkeys(("nll", "tokens", "token_errors"), 0.0)
+    ignore_index = model.hparams.get("ignore_index", IGNORE_INDEX)
+    for i, batch in enumerate(loader):
+        if limit_batches is not None and i >= limit_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels")}
+        sums = score_batch(model, batch, ignore_index)
+        for key in totals:
+            totals[key] += sums[key]
+    return totals
+
+
+def metrics_from_sums(totals: dict[str, float], tokens_per_word: float | None) -> dict[str, float | None]:
+    tokens = max(totals["tokens"], 1.0)
+    loss = totals["nll"] / tokens
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 80.0)),
+        "word_ppl": math.exp(min(loss * tokens_per_word, 80.0)) if tokens_per_word else None,
+        "error": totals["token_errors"] / tokens,
+        "tokens": int(totals["tokens"]),
+    }
+
+
+def datamodule_at(config: dict[str, Any], seq_len: int, batch_size: int | None):
+    """The run's data module with seq_len (and optionally batch_size) overridden and per-length validation
+    sets switched off, so each call scores exactly one length."""
+    overrides: dict[str, Any] = {"seq_len": seq_len}
+    if batch_size is not None:
+        overrides["batch_size"] = batch_size
+    cls = import_class(config["data"]["class_path"])
+    if "eval_seq_lens" in inspect.signature(cls.__init__).parameters:
+        overrides["eval_seq_lens"] = None
+    dm = build_datamodule(config, **overrides)
+    dm.prepare_data()
+    dm.setup("test")
+    return dm
+
+
+def test_loaders(dm) -> dict[str, DataLoader]:
+    loaders = dm.test_dataloader()
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    names = list(getattr(dm, "eval_names", None) or [""] * len(loaders))
+    return dict(zip(names, loaders))
+
+
+def evaluate_context(
+    path: str | Path,
+    lengths: Iterable[str | int | float],
+    stride: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    limit_batches: int | None = None,
+    memory_gb: float | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (length, eval set) for one run (a run directory or a checkpoint file)."""
+    from cope_pl.lm import LanguageModel
+
+    run, ckpt = resolve_run(path)
+    config = load_config(run)
+    train_len = train_seq_len(config)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = LanguageModel.load_from_checkpoint(ckpt, map_location=dev).eval()
+    budget = memory_gb * 2**30 if memory_gb else None
+    base = {"run": run_label(run), "position": model.hparams.position, "train_seq_len": train_len, "stride": stride}
+    rows = []
+    for seq_len in parse_lengths(lengths, train_len):
+        row = {**base, "seq_len": seq_len, "factor": round(seq_len / train_len, 3) if train_len else None}
+        try:
+            model.model.position.check_length(seq_len)
+        except ValueError as err:
+            rows.append({**row, "set": "", "status": "n/a", "reason": str(err)})
+            continue
+        try:
+            dm = datamodule_at(config, seq_len, batch_size)
+        except ValueError as err:  # the data itself cannot be made at this length (e.g. odd copy length)
+            rows.append({**row, "set": "", "status": "invalid", "reason": str(err)})
+            continue
+        size = fitting_batch_size(model, seq_len, batch_size or dm.batch_size, dev, budget)
+        if stride is not None:
+            loaders = stream_loaders(dm, seq_len, stride, size)
+        else:
+            if size != dm.batch_size:
+                dm = datamodule_at(config, seq_len, size)
+            loaders = test_loaders(dm)
+        tokens_per_word = getattr(dm, "tokens_per_word", None) or {}
+        for set_name, loader in loaders.items():
+            with torch.inference_mode():
+                totals = score_loader(model, loader, dev, limit_batches)
+            metrics = metrics_from_sums(totals, tokens_per_word.get(set_name))
+            rows.append({**row, "set": set_name, "status": "ok", "reason": "", **metrics})
+    save_rows(run, rows)
+    return rows
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    return (row["seq_len"], row["set"], row.get("stride"))
+
+
+def save_rows(run: Path, rows: list[dict[str, Any]]) -> None:
+    """Merge rows into the run's eval_context.json (a re-evaluated length replaces its old row)."""
+    path = run / RESULTS_FILE
+    old = json.loads(path.read_text()) if path.exists() else []
+    merged = {row_key(r): r for r in old}
+    merged.update({row_key(r): r for r in rows})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(sorted(merged.values(), key=lambda r: row_key(r)[:2]), indent=2))
+    tmp.replace(path)
+
+
+def write_csv(rows: list[dict[str, Any]], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_rows(rows: list[dict[str, Any]]) -> Iterator[str]:
+    yield f"{'run':32} {'len':>6} {'set':>10} {'loss':>8} {'ppl':>10} {'word_ppl':>10} {'error':>7}"
+    for r in rows:
+        if r["status"] != "ok":
+            yield f"{r['run']:32} {r['seq_len']:>6} {r['status']:>10}  {r['reason']}"
+            continue
+        word = f"{r['word_ppl']:10.3f}" if r["word_ppl"] is not None else " " * 10
+        name = r["set"] or "-"
+        yield f"{r['run']:32} {r['seq_len']:>6} {name:>10} {r['loss']:8.4f} {r['ppl']:10.3f} {word} {r['error']:7.4f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cope-pl eval-context", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories (runs/<name>/version_N) or checkpoint files")
+    parser.add_argument("--lengths", nargs="+", default=["1x", "1.5x", "2x", "2.5x", "4x"], help="512 or 2x")
+    parser.add_argument("--stride", type=int, default=None, help="sliding window step (needs a token stream)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's data.batch_size")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--limit-batches", type=int, default=None, help="score only this many batches per set")
+    parser.add_argument("--memory-gb", type=float, default=None, help="memory budget for the attention logits")
+    parser.add_argument("--out", type=Path, default=None, help="also write all rows to this CSV file")
+    args = parser.parse_args(argv)
+    rows = []
+    for run in args.runs:
+        rows += evaluate_context(
+            run, args.lengths, args.stride, args.batch_size, args.device, args.limit_batches, args.memory_gb
+        )
+    print("\n".join(format_rows(rows)))
+    if args.out is not None:
+        write_csv(rows, args.out)
+        print(f"Rows written to {args.out}")

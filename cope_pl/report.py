@@ -1,0 +1,125 @@
+"""`cope-pl report RUNS --out reports/`: tables and figures from every run under RUNS.
+
+Runs are read into pandas (see `cope_pl.reporting.collect`), grouped by the swept keys (seeds averaged),
+and written per sweep to `OUT/<sweep name>/` (runs outside any sweep go to `OUT/runs/`): a CSV, Markdown
+and LaTeX file per table, PNG figures, `missing.csv` for runs the sweep expects but that have no results,
+and a README.md that shows it all. `OUT/runs.csv` holds every run, one row each.
+
+Which tables a sweep gets is set by the `report:` section of its sweep file, for example
+
+    report:
+      title: Flip-Flop and Selective Copy (paper Table 2)
+      rows: position                       # row key(s); default: the swept axes except seed
+      tables:
+        - {name: test_error, metric: test/error, scale: 100, digits: 1, lower_is_better: true,
+           paper: {cope: {ood_dense: 4.9}}}   # reference numbers, shown as "(paper)" rows
+      extrapolation: {metrics: [ppl, error]} # eval-context tables and Figure-3 plots (first: extrapolation.*)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cope_pl.reporting.collect import find_manifests, load_eval_context, load_runs
+from cope_pl.reporting.plots import plot_bars, plot_extrapolation, plot_learning_curves
+from cope_pl.reporting.tables import Table, extrapolation_table, metric_table
+
+DEFAULT_ROW_KEYS = ["data", "position", "seq_len"]
+
+
+def default_tables(runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """test/ metrics when the runs were tested, else val/: error and perplexity."""
+    stage = "test" if any(c.startswith("test/") for c in runs.columns) else "val"
+    return [
+        {"name": f"{stage}_error", "metric": f"{stage}/error", "lower_is_better": True},
+        {"name": f"{stage}_ppl", "metric": f"{stage}/ppl", "lower_is_better": True},
+    ]
+
+
+def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list[str] | None) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = spec.get("rows")
+    row_keys = [rows] if isinstance(rows, str) else list(rows or [a for a in (axes or []) if a != "seed"])
+    row_keys = row_keys or DEFAULT_ROW_KEYS
+    title = spec.get("title") or (runs["sweep"].dropna().iloc[0] if runs["sweep"].notna().any() else "runs")
+    written: list[Path] = []
+    sections = [f"# {title}", "", f"{int((runs['status'] == 'ok').sum())} of {len(runs)} runs have results."]
+    first_error: Table | None = None
+    for entry in spec.get("tables") or default_tables(runs):
+        options = {k: entry[k] for k in ("scale", "digits", "paper") if k in entry}
+        metric = entry["metric"]
+        table = metric_table(
+            runs, metric, row_keys, f"{title}: {metric}", entry.get("lower_is_better", True), **options
+        )
+        if table is None:
+            continue
+        written += table.write(out, entry.get("name", metric.replace("/", "_")))
+        sections += ["", table.markdown()]
+        if first_error is None and metric.endswith("/error") and len(table.columns) > 0:
+            first_error = table
+    if first_error is not None:
+        written.append(plot_bars(first_error, out / "error_by_set.png", first_error.title.split(": ")[-1]))
+        sections += ["", "![error per test set](error_by_set.png)"]
+    ec = load_eval_context(runs)
+    if not ec.empty:
+        ec.to_csv(out / "eval_context_rows.csv", index=False)
+        extra = spec.get("extrapolation") or {}
+        wanted = extra.get("metrics") or [extra.get("metric", "ppl")]
+        for metric in dict.fromkeys([*wanted, "word_ppl"]):
+            if metric not in ec or pd.to_numeric(ec[metric], errors="coerce").isna().all():
+                continue
+            table = extrapolation_table(
+                ec, runs, metric, row_keys, f"{title}: {metric} by evaluation context length", digits=3
+            )
+            name = "extrapolation" if metric == wanted[0] else f"extrapolation_{metric}"
+            written += table.write(out, name)
+            train_lens = sorted(pd.to_numeric(ec["train_seq_len"], errors="coerce").dropna().astype(int).unique())
+            written.append(plot_extrapolation(table, out / f"{name}.png", metric, train_lens))
+            sections += ["", table.markdown(), f"![{metric} vs context length]({name}.png)"]
+    ok = runs[runs["status"] == "ok"]
+    if len(ok):
+        written.append(plot_learning_curves(runs, row_keys, out / "learning_curves.png"))
+        sections += ["", "![learning curves](learning_curves.png)"]
+    missing = runs[runs["status"] != "ok"]
+    if len(missing):
+        missing[["run", "run_dir", "status", "reason"]].to_csv(out / "missing.csv", index=False)
+        written.append(out / "missing.csv")
+        sections += ["", "## Runs without results", ""]
+        sections += [f"- {r.run}: {r.status} — {r.reason}" for r in missing.itertuples()]
+    (out / "README.md").write_text("\n".join(sections) + "\n")
+    return written + [out / "README.md"]
+
+
+def build_report(runs_root: str | Path, out_dir: str | Path) -> list[Path]:
+    runs_root, out_dir = Path(runs_root), Path(out_dir)
+    if not runs_root.is_dir():
+        raise FileNotFoundError(f"runs directory {runs_root} does not exist; train first (make train / ablation)")
+    runs = load_runs(runs_root)
+    if runs.empty:
+        raise FileNotFoundError(f"no runs under {runs_root} (looked for results.json and config.yaml)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(out_dir / "runs.csv", index=False)
+    written = [out_dir / "runs.csv"]
+    manifests = {m["name"]: m for m in find_manifests(runs_root)}
+    for name, group in runs.groupby(runs["sweep"].fillna(""), sort=True):
+        group = group.dropna(axis=1, how="all")
+        for column in ("sweep", "status", "reason"):
+            group[column] = group.get(column)
+        manifest = manifests.get(name, {})
+        written += report_group(group, out_dir / (name or "runs"), manifest.get("report") or {}, manifest.get("axes"))
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cope-pl report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="?", default="runs", type=Path, help="directory holding runs (default runs/)")
+    parser.add_argument("--out", default="reports", type=Path, help="output directory (default reports/)")
+    args = parser.parse_args(argv)
+    written = build_report(args.runs, args.out)
+    for path in written:
+        print(path)
+    print(f"Report written to {args.out}/ ({len(written)} files)")

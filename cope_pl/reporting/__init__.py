@@ -1,0 +1,1 @@
+"""Reports from finished runs: collect (files -> DataFrames), tables (paper-shaped), plots (PNG)."""

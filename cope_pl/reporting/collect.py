@@ -1,0 +1,128 @@
+"""Read finished runs from disk into pandas DataFrames: one row per run, per eval-context length, per curve point.
+
+Sources, in order of trust: each run's `results.json` (final metrics, model and data settings) and
+`config.yaml` (seed, full config), `eval_context.json` (scores per context length), the sweep manifest
+`sweep.json` (the swept keys of each cell, and which cells should exist), and the TensorBoard event files
+(learning curves only). A run a sweep expects but that has no results is kept as a row with status
+"missing" or "failed", so a table can say what it lacks instead of silently averaging fewer seeds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cope_pl.eval_context import RESULTS_FILE as EVAL_CONTEXT_FILE
+from cope_pl.results import RESULTS_FILE
+from cope_pl.runs import CONFIG_FILE, load_config, run_label
+from cope_pl.sweep import MANIFEST
+
+RUN_COLUMNS = ["sweep", "cell", "run", "run_dir", "status", "reason", "data", "position", "seed", "seq_len", "step"]
+
+
+def find_manifests(root: Path) -> list[dict[str, Any]]:
+    manifests = []
+    for path in sorted(Path(root).rglob(MANIFEST)):
+        manifest = json.loads(path.read_text())
+        manifest["save_dir"] = str(path.parent)
+        manifests.append(manifest)
+    return manifests
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Directories that hold a run's config.yaml or results.json (checkpoint folders excluded)."""
+    dirs = {p.parent for name in (RESULTS_FILE, CONFIG_FILE) for p in Path(root).rglob(name)}
+    return sorted(d for d in dirs if d.name != "checkpoints")
+
+
+def run_row(run_dir: Path) -> dict[str, Any]:
+    """One run: its settings and final metrics (status 'ok'), or 'incomplete' without results.json."""
+    row: dict[str, Any] = {"run": run_label(run_dir), "run_dir": str(run_dir)}
+    config = load_config(run_dir) if (run_dir / CONFIG_FILE).is_file() else {}
+    row["seed"] = config.get("seed_everything")
+    results_path = run_dir / RESULTS_FILE
+    if not results_path.is_file():
+        model = config.get("model") or {}
+        data = config.get("data") or {}
+        row.update(status="incomplete", reason="no results.json (training did not finish)")
+        row.update(position=model.get("position"), data=str(data.get("class_path", "")).rsplit(".", 1)[-1])
+        row["seq_len"] = (data.get("init_args") or {}).get("seq_len")
+        return row
+    results = json.loads(results_path.read_text())
+    row.update(status="ok", reason="", step=results.get("global_step"))
+    row.update(position=results["model"].get("position"), data=results["data"].get("class"))
+    row["seq_len"] = results["data"].get("seq_len")
+    row.update(results.get("metrics", {}))
+    return row
+
+
+def cell_reason(save_dir: Path, cell: str) -> tuple[str, str]:
+    status_file = save_dir / "status" / f"{cell}.json"
+    if status_file.is_file():
+        status = json.loads(status_file.read_text())
+        if status.get("status") == "failed":
+            return "failed", f"failed at {status.get('step')} (log: {status.get('log', 'see status file')})"
+    return "missing", "not run yet (no results.json)"
+
+
+def load_runs(root: str | Path) -> pd.DataFrame:
+    """Every run under root; runs of a sweep get its swept keys as columns, and absent cells a row."""
+    root = Path(root)
+    rows: dict[str, dict[str, Any]] = {}
+    for run_dir in find_run_dirs(root):
+        rows[str(run_dir.resolve())] = run_row(run_dir)
+    for manifest in find_manifests(root):
+        save_dir = Path(manifest["save_dir"])
+        for cell in manifest["cells"]:
+            run_dir = save_dir / cell["name"] / "version_0"
+            key = str(run_dir.resolve())
+            row = rows.get(key)
+            if row is None or row["status"] != "ok":
+                status, reason = cell_reason(save_dir, cell["name"])
+                row = {**(row or {}), "run": run_label(run_dir), "run_dir": str(run_dir)}
+                row.update(status=status, reason=reason)
+            keys = dict(cell["keys"])
+            if "seed" in keys:  # the label "seed3" -> 3, like the seed read from config.yaml
+                keys["seed"] = int(str(keys["seed"]).removeprefix("seed"))
+            row.update(sweep=manifest["name"], cell=cell["name"], **keys)
+            rows[key] = row
+    frame = pd.DataFrame(list(rows.values()))
+    for column in RUN_COLUMNS:
+        if column not in frame:
+            frame[column] = None
+    metrics = sorted(c for c in frame.columns if c.startswith(("val/", "test/")))
+    others = [c for c in frame.columns if c not in RUN_COLUMNS and c not in metrics]
+    return frame[RUN_COLUMNS + others + metrics]
+
+
+def load_eval_context(runs: pd.DataFrame) -> pd.DataFrame:
+    """Rows of every run's eval_context.json, with the run's swept keys and seed attached."""
+    frames = []
+    for _, run in runs.iterrows():
+        path = Path(run["run_dir"]) / EVAL_CONTEXT_FILE
+        if not path.is_file():
+            continue
+        frame = pd.DataFrame(json.loads(path.read_text())).drop(columns=["run", "position"], errors="ignore")
+        for column, value in run.items():
+            if not str(column).startswith(("val/", "test/")) and column not in ("status", "reason", "seq_len"):
+                frame[column] = value
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_curves(run_dir: str | Path, tags: tuple[str, ...] = ("train/loss", "val/loss")) -> pd.DataFrame:
+    """(tag, step, value) scalars from a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points = []
+    for events in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        available = set(acc.Tags().get("scalars", []))
+        for tag in tags:
+            if tag in available:
+                points += [(tag, e.step, e.value) for e in acc.Scalars(tag)]
+    return pd.DataFrame(points, columns=["tag", "step", "value"])

@@ -1,0 +1,216 @@
+"""Paper-shaped tables from run DataFrames: one row per encoding (or swept setting), one column per test set
+or context length, mean ± std over seeds, the best value bold, optional paper numbers as reference rows.
+
+A cell whose runs are all missing says "missing"; one whose encoding cannot represent the length says
+"n/a" (the reason goes under the table); a cell averaged over fewer seeds than expected says so, e.g. (2/3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+
+@dataclass
+class Table:
+    title: str
+    row_name: str
+    rows: list[str]
+    columns: list[str]
+    mean: dict[tuple[str, str], float]
+    std: dict[tuple[str, str], float]
+    n: dict[tuple[str, str], int]
+    expected: dict[tuple[str, str], int]
+    lower_is_better: bool = True
+    scale: float = 1.0
+    digits: int = 3
+    not_applicable: dict[tuple[str, str], str] = field(default_factory=dict)
+    paper: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def best(self) -> dict[str, str]:
+        """Per column, the row with the best mean (ties: the first)."""
+        best = {}
+        for col in self.columns:
+            scored = [(self.mean[(r, col)], r) for r in self.rows if self.n.get((r, col), 0) > 0]
+            if scored:
+                best[col] = (min if self.lower_is_better else max)(scored, key=lambda x: x[0])[1]
+        return best
+
+    def cell(self, row: str, col: str) -> str:
+        key = (row, col)
+        if key in self.not_applicable:
+            return "n/a"
+        n, expected = self.n.get(key, 0), self.expected.get(key, 0)
+        if n == 0:
+            return "missing" if expected else ""
+        mean = self.mean[key] * self.scale
+        text = f"{mean:.{self.digits}f}"
+        if n > 1:
+            text += f" ± {self.std[key] * self.scale:.{self.digits}f}"
+        return text + (f" ({n}/{expected})" if n < expected else "")
+
+    def frame(self) -> pd.DataFrame:
+        """Numbers for CSV: <column>_mean, <column>_std, <column>_n, scaled like the printed table."""
+        records = []
+        for row in self.rows:
+            record: dict[str, object] = {self.row_name: row}
+            for col in self.columns:
+                key = (row, col)
+                ok = self.n.get(key, 0) > 0
+                record[f"{col}_mean"] = self.mean[key] * self.scale if ok else math.nan
+                record[f"{col}_std"] = self.std[key] * self.scale if ok else math.nan
+                record[f"{col}_n"] = self.n.get(key, 0)
+            records.append(record)
+        for row, values in self.paper.items():
+            record = {self.row_name: f"{row} (paper)"}
+            record.update({f"{col}_mean": values.get(col, math.nan) for col in self.columns})
+            records.append(record)
+        return pd.DataFrame(records)
+
+    def lines(self, bold: str, escape=lambda s: s) -> list[list[str]]:
+        best = self.best()
+        out = [[escape(self.row_name)] + [escape(c) for c in self.columns]]
+        for row in self.rows:
+            cells = [escape(self.cell(row, c)) for c in self.columns]
+            cells = [bold.format(t) if best.get(c) == row else t for t, c in zip(cells, self.columns)]
+            out.append([escape(row)] + cells)
+        for row, values in self.paper.items():
+            cells = [f"{values[c]:.{self.digits}f}" if c in values else "" for c in self.columns]
+            out.append([escape(f"{row} (paper)")] + cells)
+        return out
+
+    def notes(self) -> list[str]:
+        """One line per row with n/a cells: where, and the reason given for the first of them."""
+        cells: dict[str, list[str]] = {}
+        for row, col in self.not_applicable:
+            cells.setdefault(row, []).append(col)
+        return [
+            f"n/a for {row} at {', '.join(cols)}: {self.not_applicable[(row, cols[0])]}" for row, cols in cells.items()
+        ]
+
+    def markdown(self) -> str:
+        lines = self.lines(bold="**{}**")
+        text = [f"### {self.title}", "", "| " + " | ".join(lines[0]) + " |", "|" + " --- |" * len(lines[0])]
+        text += ["| " + " | ".join(line) + " |" for line in lines[1:]]
+        return "\n".join(text + [""] + [f"- {note}" for note in self.notes()]) + "\n"
+
+    def latex(self) -> str:
+        def escape(text: str) -> str:
+            for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
+                text = text.replace(a, b)
+            return text.replace("±", r"$\pm$")
+
+        lines = self.lines(bold="\\textbf{{{}}}", escape=escape)
+        body = [" & ".join(lines[0]) + r" \\", r"\midrule"] + [" & ".join(line) + r" \\" for line in lines[1:]]
+        return (
+            "\n".join(
+                [
+                    "\\begin{table}[t]",
+                    "\\centering",
+                    f"\\caption{{{escape(self.title)}}}",
+                    "\\begin{tabular}{l" + "c" * len(self.columns) + "}",
+                    "\\toprule",
+                    *body,
+                    "\\bottomrule",
+                    "\\end{tabular}",
+                    "\\end{table}",
+                ]
+            )
+            + "\n"
+        )
+
+    def write(self, out_dir: Path, name: str) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = [out_dir / f"{name}.csv", out_dir / f"{name}.md", out_dir / f"{name}.tex"]
+        self.frame().to_csv(paths[0], index=False)
+        paths[1].write_text(self.markdown())
+        paths[2].write_text(self.latex())
+        return paths
+
+
+# Building -----------------------------------------------------------------------------------------------
+def row_labels(frame: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """Join the values of the row keys ('cope', or 'cope / seq_len512' when two keys vary)."""
+    return frame[keys].astype(str).agg(" / ".join, axis=1)
+
+
+def varying(frame: pd.DataFrame, keys: list[str]) -> list[str]:
+    """Keys that tell rows apart: those with more than one value (or the first key when none vary)."""
+    present = [k for k in keys if k in frame]
+    keep = [k for k in present if frame[k].astype(str).nunique() > 1]
+    return keep or present[:1]
+
+
+def metric_columns(frame: pd.DataFrame, metric: str) -> dict[str, str]:
+    """Columns of a metric family -> column labels: 'test/error@ood' -> 'ood'; plain 'test/error' -> 'test'
+    only when no named set exists (the plain name repeats the first named set)."""
+    named = {c: c.split("@", 1)[1] for c in frame.columns if c.startswith(metric + "@")}
+    if named:
+        return named
+    return {metric: metric.split("/", 1)[0]} if metric in frame else {}
+
+
+def metric_table(
+    runs: pd.DataFrame, metric: str, row_keys: list[str], title: str, lower_is_better: bool = True, **options
+) -> Table | None:
+    columns = metric_columns(runs, metric)
+    if not columns:
+        return None
+    keys = varying(runs, row_keys)
+    labels = row_labels(runs, keys)
+    table = Table(title, " / ".join(keys), list(dict.fromkeys(labels)), list(columns.values()), {}, {}, {}, {})
+    table.lower_is_better = lower_is_better
+    for option, value in options.items():
+        setattr(table, option, value)
+    for row in table.rows:
+        group = runs[labels == row]
+        for column, col in columns.items():
+            values = pd.to_numeric(group[column], errors="coerce").dropna()
+            key = (row, col)
+            table.expected[key], table.n[key] = len(group), len(values)
+            table.mean[key] = float(values.mean()) if len(values) else math.nan
+            table.std[key] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return table
+
+
+def extrapolation_table(
+    ec: pd.DataFrame,
+    runs: pd.DataFrame,
+    metric: str,
+    row_keys: list[str],
+    title: str,
+    eval_set: str | None = None,
+    **options,
+) -> Table | None:
+    """Rows: encodings; columns: evaluation context lengths; N/A where the encoding cannot represent it.
+
+    `runs` (one row per run, missing ones included) sets how many seeds each row expects.
+    """
+    if ec.empty:
+        return None
+    ec = ec[ec["set"].fillna("") == (eval_set if eval_set is not None else ec["set"].fillna("").iloc[0])]
+    keys = varying(runs, row_keys)
+    labels = row_labels(ec, keys)
+    run_labels = row_labels(runs, keys)
+    lengths = sorted(ec["seq_len"].dropna().astype(int).unique())
+    rows = list(dict.fromkeys(list(run_labels)))
+    table = Table(title, " / ".join(keys), rows, [str(t) for t in lengths], {}, {}, {}, {})
+    for option, value in options.items():
+        setattr(table, option, value)
+    for row in table.rows:
+        group = ec[labels == row]
+        for length in lengths:
+            cell = group[group["seq_len"] == length]
+            key = (row, str(length))
+            ok = cell[cell["status"] == "ok"]
+            values = pd.to_numeric(ok[metric], errors="coerce").dropna()
+            table.expected[key], table.n[key] = int((run_labels == row).sum()), len(values)
+            table.mean[key] = float(values.mean()) if len(values) else math.nan
+            table.std[key] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            not_ok = cell[cell["status"] != "ok"]
+            if len(values) == 0 and len(not_ok):
+                table.not_applicable[key] = str(not_ok["reason"].iloc[0])
+    return table

@@ -1,0 +1,66 @@
+"""A finished run on disk: its directory, saved config, checkpoint and data module, re-created from files.
+
+Every run writes `runs/<name>/version_N/` with `config.yaml` (the full LightningCLI config), `results.json`
+and `checkpoints/last.ckpt`; the tools that come after training (eval-context, position maps, reports)
+start from here rather than from Python objects, so they work on any run from any machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_FILE = "config.yaml"
+LAST_CKPT = Path("checkpoints") / "last.ckpt"
+
+
+def resolve_run(path: str | Path) -> tuple[Path, Path]:
+    """A run directory or a checkpoint file -> (run directory, checkpoint)."""
+    path = Path(path)
+    if path.is_file():
+        ckpt = path
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    elif path.is_dir():
+        run, ckpt = path, path / LAST_CKPT
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{path} has no {LAST_CKPT}; pass the checkpoint file itself")
+    else:
+        raise FileNotFoundError(f"{path} is neither a run directory nor a checkpoint file")
+    return run, ckpt
+
+
+def load_config(run: Path) -> dict[str, Any]:
+    path = Path(run) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: runs made by `cope-pl fit` save it beside their logs")
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def import_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"data.class_path {class_path!r} cannot be imported ({err})") from err
+
+
+def build_datamodule(config: dict[str, Any], **overrides: Any):
+    """The run's data module from its config (data.class_path + init_args), with init_args overridden."""
+    data = config.get("data") or {}
+    if "class_path" not in data:
+        raise ValueError("the run's config.yaml has no data.class_path; was it written by `cope-pl fit`?")
+    init_args = {**(data.get("init_args") or {}), **overrides}
+    return import_class(data["class_path"])(**init_args)
+
+
+def train_seq_len(config: dict[str, Any]) -> int:
+    return int(((config.get("data") or {}).get("init_args") or {}).get("seq_len", 0))
+
+
+def run_label(run: Path) -> str:
+    """`copy-cope/version_0` style label: the logger name and version, enough to tell runs apart."""
+    return f"{run.parent.name}/{run.name}" if run.name.startswith("version_") else run.name

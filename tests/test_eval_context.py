@@ -1,0 +1,114 @@
+"""eval-context: a tiny checkpoint scored at 1x and 2x its training context; what cannot be scored says why."""
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from cope_pl.data import CopyDataModule
+from cope_pl.eval_context import SlidingWindows, evaluate_context, parse_lengths
+from cope_pl.lm import LanguageModel
+
+DATA = {"seq_len": 8, "batch_size": 16, "num_symbols": 6, "eval_size": 32}
+
+
+def tiny_run(tmp_path, position, max_seq_len=32, steps=2):
+    """A run directory as `cope-pl fit` leaves it: config.yaml and checkpoints/last.ckpt."""
+    run = tmp_path / f"copy-{position}" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    config = {"data": {"class_path": "cope_pl.data.CopyDataModule", "init_args": DATA}, "seed_everything": 0}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    L.seed_everything(0)
+    dm = CopyDataModule(**DATA)
+    model = LanguageModel(
+        vocab_size=dm.vocab_size, n_layers=1, d_model=16, n_heads=2, max_seq_len=max_seq_len, position=position
+    )
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
+    return run, trainer, model, dm
+
+
+def test_scores_one_and_two_times_the_training_context(tmp_path):
+    run, trainer, model, dm = tiny_run(tmp_path, "cope")
+    rows = evaluate_context(run, ["1x", "2x"], device="cpu")
+    assert [(r["seq_len"], r["status"]) for r in rows] == [(8, "ok"), (16, "ok")]
+    assert rows[0]["tokens"] == 32 * 4 and rows[1]["tokens"] == 32 * 8  # the copied half is scored
+    reference = trainer.test(model, dm, verbose=False)[0]  # at 1x eval-context equals `cope-pl test`
+    assert rows[0]["loss"] == pytest.approx(reference["test/loss"], rel=1e-5)
+    assert rows[0]["error"] == pytest.approx(reference["test/error"], rel=1e-5)
+    assert rows[0]["word_ppl"] is None  # the copy task has no notion of words
+    assert (run / "eval_context.json").is_file()
+
+
+def test_learned_absolute_table_beyond_its_length_is_not_applicable(tmp_path):
+    run, *_ = tiny_run(tmp_path, "absolute", max_seq_len=8)
+    rows = evaluate_context(tmp_path / "copy-absolute" / "version_0" / "checkpoints" / "last.ckpt", ["8", "16"])
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"] == "n/a" and "learned absolute position table" in rows[1]["reason"]
+    assert "loss" not in rows[1]  # never scored with clipped positions
+
+
+def test_word_perplexity_uses_the_data_tokens_per_word(tmp_path, monkeypatch):
+    run, *_ = tiny_run(tmp_path, "rope")
+    monkeypatch.setattr(CopyDataModule, "tokens_per_word", {"": 1.5}, raising=False)
+    row = evaluate_context(run, ["1x"])[0]
+    assert row["word_ppl"] == pytest.approx(torch.tensor(row["loss"] * 1.5).exp().item(), rel=1e-6)
+
+
+def test_stride_needs_a_token_stream(tmp_path):
+    run, *_ = tiny_run(tmp_path, "rope")
+    with pytest.raises(ValueError, match="token_stream"):
+        evaluate_context(run, ["1x"], stride=4)
+
+
+def test_sliding_windows_score_every_token_once():
+    tokens = torch.arange(23)
+    windows = SlidingWindows(tokens, seq_len=8, stride=3)
+    scored = torch.cat([w["labels"][w["labels"] >= 0] for w in windows])
+    assert scored.tolist() == list(range(1, 23))  # every target once, in order
+    later = windows[2]["labels"]
+    assert (later[:5] < 0).all() and (later[5:] >= 0).all()  # only the last `stride` targets are new
+
+
+def test_lengths_are_tokens_or_multiples_of_the_training_length():
+    assert parse_lengths(["1x", "1.5x", "2x", "100"], 64) == [64, 96, 128, 100]
+    with pytest.raises(ValueError, match=">= 1"):
+        parse_lengths(["0"], 64)
+
+
+def test_batch_size_shrinks_to_fit_the_logit_memory_budget():
+    from cope_pl.eval_context import LOGIT_BYTES_PER_PAIR, fitting_batch_size
+
+    model = LanguageModel(vocab_size=8, n_layers=1, d_model=16, n_heads=2, position="cope")
+    per_sequence = LOGIT_BYTES_PER_PAIR * 2 * 64 * 64
+    assert fitting_batch_size(model, 64, 32, torch.device("cpu"), budget=3.5 * per_sequence) == 3
+    assert fitting_batch_size(model, 64, 32, torch.device("cpu"), budget=None) == 32  # no cap on CPU
+    rope = LanguageModel(vocab_size=8, n_layers=1, d_model=16, n_heads=2, position="rope")
+    assert fitting_batch_size(rope, 64, 32, torch.device("cpu"), budget=1.0) == 32  # fused attention: no (T, T)
+    with pytest.raises(MemoryError, match="lower --lengths"):
+        fitting_batch_size(model, 64, 32, torch.device("cpu"), budget=0.5 * per_sequence)
+
+
+def test_an_out_of_memory_batch_is_split_and_sums_still_add_up():
+    from cope_pl.eval_context import score_batch
+
+    model = LanguageModel(vocab_size=8, n_layers=1, d_model=16, n_heads=2, position="cope").eval()
+    batch = {"input_ids": torch.randint(0, 8, (4, 6)), "labels": torch.randint(0, 8, (4, 6))}
+    with torch.no_grad():
+        whole = score_batch(model, batch, -100)
+        forward = model.forward
+        model.forward = lambda x: (
+            (_ for _ in ()).throw(RuntimeError("CUDA out of memory")) if len(x) > 1 else forward(x)
+        )
+        split = score_batch(model, batch, -100)
+    assert split["tokens"] == whole["tokens"] == 24
+    assert split["nll"] == pytest.approx(whole["nll"], rel=1e-5)

@@ -1,0 +1,130 @@
+"""Sweeps: the grid, skip/resume of completed steps, failures recorded, the SLURM array script.
+
+The steps run a fake `python` (written by the test) that leaves the files a real step would, so the
+sweep logic is tested without training anything.
+"""
+
+import json
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cope_pl.sweep import load_sweep, run_sweep, slurm_script, step_done
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+FAKE_PYTHON = """#!{python}
+# Fake `python -m cope_pl.cli STEP ...`: appends the call to calls.log and writes what the step would.
+import json, sys
+from pathlib import Path
+args = sys.argv[3:]
+step = args[0]
+with open({calls!r}, "a") as f:
+    f.write(" ".join(args) + "\\n")
+opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--trainer.logger") and "=" in a)
+if step == "eval-context":
+    Path(args[1], "eval_context.json").write_text("[]")
+    sys.exit(0)
+name = opts["--trainer.logger.init_args.name"[2:]]
+if "bad" in name:
+    sys.exit(3)
+run = Path(opts["trainer.logger.init_args.save_dir"], name, "version_0")
+run.mkdir(parents=True, exist_ok=True)
+results = run / "results.json"
+data = json.loads(results.read_text()) if results.exists() else {{"metrics": {{}}}}
+data["metrics"]["val/loss" if step == "fit" else "test/loss"] = 1.0
+results.write_text(json.dumps(data))
+"""
+
+
+def write_sweep(tmp_path, grid, **extra):
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable, calls=str(tmp_path / "calls.log")))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    spec = {
+        "name": "demo",
+        "save_dir": str(tmp_path / "runs"),
+        "python": str(fake),
+        "configs": [str(CONFIGS / "trainer/smoke.yaml")],
+        "grid": grid,
+        **extra,
+    }
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def calls(tmp_path):
+    log = tmp_path / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+POSITIONS = [str(CONFIGS / "position/rope.yaml"), str(CONFIGS / "position/cope.yaml")]
+
+
+def test_grid_is_the_product_of_its_axes_with_deterministic_names(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, {"position": POSITIONS, "model.d_model": [32, 64], "seed": [0, 1]}))
+    assert len(sweep.cells) == 8
+    assert sweep.cells[0].name == "rope-d_model32-seed0"
+    assert sweep.cells[-1].name == "cope-d_model64-seed1"
+    assert sweep.cells[-1].overrides == {"model.d_model": 64} and sweep.cells[-1].seed == 1
+    assert sweep.cells[-1].configs[-1].endswith("position/cope.yaml")
+
+
+def test_completed_cells_are_skipped_on_rerun(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, {"position": POSITIONS, "seed": [0]}))
+    assert run_sweep(sweep, log=lambda *_: None) == {"rope-seed0": "done", "cope-seed0": "done"}
+    first = calls(tmp_path)
+    assert [c.split()[0] for c in first] == ["fit", "test", "fit", "test"]
+    assert run_sweep(sweep, log=lambda *_: None) == {"rope-seed0": "skipped", "cope-seed0": "skipped"}
+    assert calls(tmp_path) == first  # nothing ran again
+
+
+def test_resume_runs_only_the_missing_steps(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, {"position": POSITIONS[:1]}, eval_context={"lengths": ["1x", "2x"]}))
+    cell = sweep.cells[0]
+    run_sweep(sweep, log=lambda *_: None)
+    (sweep.run_dir(cell) / "eval_context.json").unlink()  # as if eval-context had been interrupted
+    assert step_done(sweep, cell, "test") and not step_done(sweep, cell, "eval-context")
+    run_sweep(sweep, log=lambda *_: None)
+    assert [c.split()[0] for c in calls(tmp_path)] == ["fit", "test", "eval-context", "eval-context"]
+    assert "--lengths 1x 2x" in calls(tmp_path)[-1]
+
+
+def test_a_failed_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
+    grid = {"position": [{"label": "bad", "configs": POSITIONS[:1]}, POSITIONS[1]]}
+    sweep = load_sweep(write_sweep(tmp_path, grid))
+    assert run_sweep(sweep, log=lambda *_: None) == {"bad": "failed", "cope": "done"}
+    status = json.loads((tmp_path / "runs" / "status" / "bad.json").read_text())
+    assert status["status"] == "failed" and status["step"] == "fit" and status["returncode"] == 3
+    manifest = json.loads((tmp_path / "runs" / "sweep.json").read_text())
+    assert [c["name"] for c in manifest["cells"]] == ["bad", "cope"]  # the report will list the failed cell
+
+
+def test_a_missing_config_file_fails_clearly(tmp_path):
+    path = write_sweep(tmp_path, {"data": ["configs/data/does_not_exist.yaml"]})
+    with pytest.raises(FileNotFoundError, match="grid.data names configs/data/does_not_exist.yaml"):
+        load_sweep(path)
+
+
+def test_slurm_script_has_one_array_task_per_cell_and_srun_steps(tmp_path):
+    path = write_sweep(
+        tmp_path,
+        {"position": POSITIONS, "seed": [0, 1, 2]},
+        eval_context={"lengths": ["1x", "4x"]},
+        slurm={"nodes": 2, "gpus_per_node": 4, "max_parallel": 3, "partition": "gpu"},
+    )
+    sweep = load_sweep(path)
+    script = slurm_script(sweep, path)
+    assert "#SBATCH --array=0-5%3" in script
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
+    assert "#SBATCH --partition=gpu" in script
+    fits = [line for line in script.splitlines() if line.strip().startswith("step") and " fit " in line]
+    assert len(fits) == 6 and all(" srun " in f and "--trainer.num_nodes=2" in f for f in fits)
+    assert "  5)  # cope-seed2" in script
+    assert "--trainer.logger.init_args.name=cope-seed2" in script
+    assert "srun --ntasks=1 --nodes=1" in script and "eval-context" in script
+    assert '--step-done "$cell" "$name"' in script  # completed steps are skipped on resubmission
