@@ -241,7 +241,7 @@ def evaluate_context(
             if size != dm.batch_size:
                 dm = datamodule_at(config, seq_len, size)
             loaders = test_loaders(dm)
-        tokens_per_word = getattr(dm, "tokens_per_word", None) or {}
+        tokens_per_word = (getattr(dm, "tokens_per_word", None) or {}).get("test", {})  # [stage][set name]
         for set_name, loader in loaders.items():
             with torch.inference_mode():
                 totals = score_loader(model, loader, dev, limit_batches)

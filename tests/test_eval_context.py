@@ -59,7 +59,7 @@ def test_learned_absolute_table_beyond_its_length_is_not_applicable(tmp_path):
 
 def test_word_perplexity_uses_the_data_tokens_per_word(tmp_path, monkeypatch):
     run, *_ = tiny_run(tmp_path, "rope")
-    monkeypatch.setattr(CopyDataModule, "tokens_per_word", {"": 1.5}, raising=False)
+    monkeypatch.setattr(CopyDataModule, "tokens_per_word", {"test": {"": 1.5}}, raising=False)
     row = evaluate_context(run, ["1x"])[0]
     assert row["word_ppl"] == pytest.approx(torch.tensor(row["loss"] * 1.5).exp().item(), rel=1e-6)
 

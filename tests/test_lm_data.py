@@ -175,6 +175,15 @@ def test_eval_sets_are_named_by_context_length(wikitext):
     assert dm.tokens_per_word["val"][""] == dm.tokens_per_word["val"]["64"] != dm.tokens_per_word["test"][""]
 
 
+def test_token_stream_is_the_whole_split_the_windows_read(wikitext):
+    dm = wikitext_module(wikitext.data_dir, wikitext.cache_dir)
+    dm.setup("test")
+    stream = dm.token_stream("test")
+    assert len(stream) == read_meta(dm.directory, "test")["num_tokens"] and stream.dtype == np.int64
+    first = dm.test_sets[""][0]
+    assert first["input_ids"].tolist() == stream[: dm.seq_len].tolist()
+
+
 # Cache
 
 

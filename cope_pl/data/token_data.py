@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from pathlib import Path
 
+import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from cope_pl.data.base import LMDataModule
@@ -62,6 +63,7 @@ class TokenArrayDataModule(LMDataModule):
         self.show_progress = show_progress
         self.test_sets: dict[str, Dataset] = {}
         self.tokens_per_word: dict[str, dict[str, float]] = {}
+        self.arrays: dict[str, TokenArray] = {}
         self._source: TextSource | None = None
 
     @abstractmethod
@@ -123,6 +125,7 @@ class TokenArrayDataModule(LMDataModule):
         self._check_model_vocab(tokenizer.get_vocab_size())
         expected = {"source_id": self.source.source_id(), "tokenizer_hash": tokenizer_hash(tokenizer)}
         arrays = {split: self._open(split, expected) for split in SPLITS}
+        self.arrays = {split: array for split, (array, _) in arrays.items()}
         if stage in (None, "fit"):  # evaluation alone (e.g. at a longer seq_len) never needs training windows
             train, _ = arrays["train"]
             num_windows = self.train_windows or max(len(train) // self.seq_len, 1)
@@ -136,6 +139,10 @@ class TokenArrayDataModule(LMDataModule):
             stage_name: {name: meta["num_tokens"] / max(meta["words"], 1) for name in lengths}
             for stage_name, meta in (("val", valid_meta), ("test", test_meta))
         }
+
+    def token_stream(self, split: str) -> np.ndarray:
+        """The whole split as one token array (for sliding-window evaluation); split: train, valid or test."""
+        return self.arrays[split].tokens.astype(np.int64)
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders(self.test_sets)
