@@ -122,7 +122,7 @@ USER_ERRORS = (ValueError, OSError, NonFiniteError)
 def entry() -> None:
     """The `cope-pl` console script: main() with user errors as one line (COPE_PL_TRACEBACK=1 shows all)."""
     try:
-        main(sys.argv[1:])
+        main()
     except USER_ERRORS as err:
         if os.environ.get("COPE_PL_TRACEBACK"):
             raise
