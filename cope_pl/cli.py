@@ -32,6 +32,7 @@ TOOLS = {
     "sweep": "cope_pl.sweep",
     "report": "cope_pl.report",
     "position-maps": "cope_pl.position_maps",
+    "launch": "cope_pl.launch",
 }
 DEFAULT_RUN_NAME = "auto"  # replaced by "<data>-<position>" so TensorBoard runs are told apart
 
@@ -43,6 +44,11 @@ class CopeCLI(LightningCLI):
         # A forced ModelCheckpoint, configurable as `checkpoint.every_n_train_steps: 100` etc.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        # Lightning prepares data on local rank 0 of every node; on a shared filesystem once is enough.
+        parser.add_argument("--prepare_data_per_node", type=bool, default=True)
+
+    def before_fit(self) -> None:
+        self.datamodule.prepare_data_per_node = self.config.fit.prepare_data_per_node
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -98,13 +104,13 @@ def trainer_defaults() -> dict:
     }
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> CopeCLI | None:
     """`cope-pl fit|validate|test ...` (LightningCLI) or `cope-pl eval-context|sweep|report|position-maps ...`."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in TOOLS:
         importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
-        return
-    CopeCLI(
+        return None
+    return CopeCLI(
         LanguageModel,
         LMDataModule,
         subclass_mode_data=True,

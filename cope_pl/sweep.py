@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from cope_pl.eval_context import RESULTS_FILE as EVAL_CONTEXT_FILE
+from cope_pl.launch import sbatch_header
 from cope_pl.results import RESULTS_FILE
 
 MANIFEST = "sweep.json"
@@ -295,21 +296,17 @@ def slurm_script(sweep: Sweep, sweep_file: Path) -> str:
     s = sweep.slurm
     nodes, gpus = int(s.get("nodes", 1)), int(s.get("gpus_per_node", 1))
     array = f"0-{len(sweep.cells) - 1}" + (f"%{s['max_parallel']}" if s.get("max_parallel") else "")
-    logs = sweep.save_dir / "logs"
-    header = [
-        "#!/bin/bash",
-        f"#SBATCH --job-name={sweep.name}",
-        f"#SBATCH --array={array}",
-        f"#SBATCH --nodes={nodes}",
-        f"#SBATCH --ntasks-per-node={gpus}",
-        f"#SBATCH --gpus-per-node={gpus}",
-        f"#SBATCH --cpus-per-task={int(s.get('cpus_per_task', 8))}",
-        f"#SBATCH --time={s.get('time', '24:00:00')}",
-        f"#SBATCH --output={logs}/%x-%a.out",
-        f"#SBATCH --chdir={Path.cwd()}",  # config paths in the sweep file are relative to the repository root
-    ]
-    header += [f"#SBATCH --partition={s['partition']}"] if s.get("partition") else []
-    header += [f"#SBATCH {line}" for line in s.get("extra", [])]
+    header = sbatch_header(
+        job_name=sweep.name,
+        nodes=nodes,
+        gpus_per_node=gpus,
+        output=f"{sweep.save_dir / 'logs'}/%x-%a.out",
+        cpus_per_task=int(s.get("cpus_per_task", 8)),
+        time=s.get("time", "24:00:00"),
+        partition=s.get("partition"),
+        array=array,
+        extra=s.get("extra", []),
+    )
     sweep_cmd = shlex.join(
         [sweep.python, "-m", "cope_pl.cli", "sweep", str(sweep_file), "--save-dir", str(sweep.save_dir)]
     )
@@ -324,7 +321,7 @@ def slurm_script(sweep: Sweep, sweep_file: Path) -> str:
         "}",
         'case "$SLURM_ARRAY_TASK_ID" in',
     ]
-    extra = {"trainer.num_nodes": nodes} if nodes > 1 else {}
+    extra = {"trainer.num_nodes": nodes, "prepare_data_per_node": False} if nodes > 1 else {}
     for cell in sweep.cells:
         body.append(f"  {cell.index})  # {cell.name}")
         for step in sweep.steps():
