@@ -189,8 +189,8 @@ def lightning_command(sweep: Sweep, cell: Cell, stage: str, extra: dict[str, Any
 
 def step_command(sweep: Sweep, cell: Cell, step: str, extra: dict[str, Any] | None = None) -> list[str]:
     run = sweep.run_dir(cell)
-    if step == "fit":
-        return lightning_command(sweep, cell, "fit", extra)
+    if step == "fit":  # a cell killed mid-fit continues from its last checkpoint when the sweep is re-run
+        return lightning_command(sweep, cell, "fit", {"ckpt_path": "last", **(extra or {})})
     if step == "test":
         return lightning_command(
             sweep, cell, "test", {"ckpt_path": str(run / "checkpoints" / "last.ckpt"), **(extra or {})}

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cope_pl.sweep import load_sweep, run_sweep, slurm_script, step_done
+from cope_pl.cli import main
+from cope_pl.sweep import load_sweep, run_sweep, slurm_script, step_command, step_done
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 
 FAKE_PYTHON = """#!{python}
 # Fake `python -m cope_pl.cli STEP ...`: appends the call to calls.log and writes what the step would.
@@ -128,3 +130,14 @@ def test_slurm_script_has_one_array_task_per_cell_and_srun_steps(tmp_path):
     assert "--trainer.logger.init_args.name=cope-seed2" in script
     assert "srun --ntasks=1 --nodes=1" in script and "eval-context" in script
     assert '--step-done "$cell" "$name"' in script  # completed steps are skipped on resubmission
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_ready_made_sweep_files_load_and_their_cells_parse(path, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # config paths in sweep files are relative to the repository root
+    sweep = load_sweep(path, save_dir=tmp_path)
+    for cell in (sweep.cells[0], sweep.cells[-1]):
+        fit_args = step_command(sweep, cell, "fit")[4:]  # after `python -m cope_pl.cli fit`
+        with pytest.raises(SystemExit) as info:
+            main(["fit", *fit_args, "--print_config"])
+        assert info.value.code == 0, f"{cell.name}: {capsys.readouterr().err[-500:]}"
