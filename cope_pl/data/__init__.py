@@ -2,5 +2,16 @@
 
 from cope_pl.data.base import IGNORE_INDEX, LMDataModule, shift_labels
 from cope_pl.data.copy_task import CopyDataModule
+from cope_pl.data.counting import CountingDataModule
+from cope_pl.data.flipflop import FlipFlopDataModule
+from cope_pl.data.selective_copy import SelectiveCopyDataModule
 
-__all__ = ["IGNORE_INDEX", "CopyDataModule", "LMDataModule", "shift_labels"]
+__all__ = [
+    "IGNORE_INDEX",
+    "CopyDataModule",
+    "CountingDataModule",
+    "FlipFlopDataModule",
+    "LMDataModule",
+    "SelectiveCopyDataModule",
+    "shift_labels",
+]
