@@ -1,5 +1,5 @@
 # cope_pl — every target works on a fresh clone: the first one run creates .venv and installs.
-#   make train                      offline CPU default job
+#   make train                      offline CPU default job: Flip-Flop with CoPE at CPU scale
 #   make train CONFIG="a.yaml b.yaml" ARGS="--trainer.max_steps=100"
 #   make test | lint | install | clean
 
@@ -8,8 +8,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# The default job: later files override earlier ones.
-CONFIG ?= configs/trainer/cpu.yaml configs/data/copy.yaml configs/model/tiny.yaml configs/position/cope.yaml
+# The default job (Flip-Flop, CoPE, CPU scale; prints in-distribution and OOD error): later files override earlier ones.
+CONFIG ?= configs/trainer/task_cpu.yaml configs/data/flipflop_cpu.yaml configs/model/task_cpu.yaml configs/position/cope.yaml
 ARGS ?=
 
 .PHONY: install train test lint clean

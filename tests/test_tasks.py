@@ -85,7 +85,12 @@ def test_flipflop_test_stage_uses_other_sequences_than_validation():
 def test_flipflop_reads_synthseq_parquet_splits(tmp_path):
     pd = pytest.importorskip("pandas")
     pytest.importorskip("pyarrow")
-    texts = {"train": ["w1i0i1r1", "w0w1r1r1"], "val": ["w0i1r0r0"], "val_dense": ["w1w0w1r1"], "val_sparse": ["w1i1i0r1"]}
+    texts = {
+        "train": ["w1i0i1r1", "w0w1r1r1"],
+        "val": ["w0i1r0r0"],
+        "val_dense": ["w1w0w1r1"],
+        "val_sparse": ["w1i1i0r1"],
+    }
     for split, rows in texts.items():
         pd.DataFrame({"text": rows}).to_parquet(tmp_path / f"{split}.parquet")
     dm = FlipFlopDataModule(seq_len=8, source=str(tmp_path))
@@ -202,18 +207,36 @@ def test_counting_scores_only_the_answer_and_pads_after_it():
     "dm",
     [
         FlipFlopDataModule(seq_len=32, batch_size=32, eval_size=64),
-        SelectiveCopyDataModule(batch_size=32, num_tokens=4, num_symbols=4, num_blanks=8, dense_blanks=4,
-                                sparse_blanks=16, eval_size=64),
+        SelectiveCopyDataModule(
+            batch_size=32, num_tokens=4, num_symbols=4, num_blanks=8, dense_blanks=4, sparse_blanks=16, eval_size=64
+        ),
         CountingDataModule(batch_size=32, max_steps=12, ood_max_steps=24, train_size=2000, eval_size=64),
     ],
     ids=["flipflop", "selective_copy", "counting"],
 )
 def test_a_few_steps_lower_the_answer_loss(dm):
     L.seed_everything(0)
-    model = LanguageModel(vocab_size=dm.vocab_size, n_layers=2, d_model=32, n_heads=2, max_seq_len=128,
-                          position="cope", lr=3e-3, warmup_steps=5)
-    trainer = L.Trainer(max_steps=60, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=2)
+    model = LanguageModel(
+        vocab_size=dm.vocab_size,
+        n_layers=2,
+        d_model=32,
+        n_heads=2,
+        max_seq_len=128,
+        position="cope",
+        lr=3e-3,
+        warmup_steps=5,
+    )
+    trainer = L.Trainer(
+        max_steps=60,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=2,
+        val_check_interval=60,
+        check_val_every_n_epoch=None,
+    )
     before = trainer.validate(model, dm, verbose=False)[0]["val/loss"]
     trainer.fit(model, dm)
     assert trainer.callback_metrics["val/loss"] < before - 0.1
@@ -221,9 +244,22 @@ def test_a_few_steps_lower_the_answer_loss(dm):
 
 
 def test_cli_flipflop_run_writes_named_errors_to_results(tmp_path):
-    main(["fit", "--config", str(CONFIGS / "trainer/smoke.yaml"), "--config", str(CONFIGS / "data/flipflop_cpu.yaml"),
-          "--config", str(CONFIGS / "model/tiny.yaml"), "--config", str(CONFIGS / "position/cope.yaml"),
-          "--data.init_args.eval_size=32", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "trainer/smoke.yaml"),
+            "--config",
+            str(CONFIGS / "data/flipflop_cpu.yaml"),
+            "--config",
+            str(CONFIGS / "model/tiny.yaml"),
+            "--config",
+            str(CONFIGS / "position/cope.yaml"),
+            "--data.init_args.eval_size=32",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )
     results = json.loads((tmp_path / "flipflop-cope" / "version_0" / "results.json").read_text())
     for name in ("in_dist", "ood_dense", "ood_sparse"):
         assert 0 <= results["metrics"][f"val/error@{name}"] <= 1

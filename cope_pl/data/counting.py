@@ -133,8 +133,7 @@ class CountingDataModule(LMDataModule):
             raise ValueError(f"data.num_vars must be between 1 and {len(LETTERS)}, got {num_vars}")
         if not 1 <= min_steps <= max_steps < ood_max_steps:
             raise ValueError(
-                "data needs 1 <= min_steps <= max_steps < ood_max_steps, "
-                f"got {min_steps}, {max_steps}, {ood_max_steps}"
+                f"data needs 1 <= min_steps <= max_steps < ood_max_steps, got {min_steps}, {max_steps}, {ood_max_steps}"
             )
         self.num_vars = num_vars
         self.min_steps = min_steps
