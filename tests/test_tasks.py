@@ -1,11 +1,13 @@
 """The paper's synthetic tasks: generators are valid, deterministic and disjoint; only answers are scored."""
 
+import importlib
 import json
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from cope_pl.cli import main
 from cope_pl.data import IGNORE_INDEX, CountingDataModule, FlipFlopDataModule, SelectiveCopyDataModule
@@ -264,3 +266,46 @@ def test_cli_flipflop_run_writes_named_errors_to_results(tmp_path):
     for name in ("in_dist", "ood_dense", "ood_sparse"):
         assert 0 <= results["metrics"][f"val/error@{name}"] <= 1
     assert results["data"]["class"] == "FlipFlopDataModule"
+
+
+CPU_CONFIGS = sorted((CONFIGS / "data").glob("*_cpu.yaml"))
+PAPER_CONFIGS = {"flipflop": "toy_task", "selective_copy": "toy_task"}
+PAPER_CONFIGS |= {f"counting_{n}var": "counting" for n in (1, 3, 5)}
+
+
+@pytest.mark.parametrize("config", CPU_CONFIGS, ids=lambda p: p.stem)
+def test_every_cpu_task_config_trains_a_step(tmp_path, config):
+    main(
+        ["fit", "--config", str(config), "--config", str(CONFIGS / "model/task_cpu.yaml"), "--model.position=cope"]
+        + ["--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"]
+        + ["--data.init_args.batch_size=2", "--data.init_args.train_size=64", "--data.init_args.eval_size=2"]
+        + ["--trainer.default_root_dir", str(tmp_path)]
+    )
+
+
+@pytest.mark.parametrize("data, model", PAPER_CONFIGS.items())
+def test_paper_task_configs_fit_their_model(data, model):
+    """Paper-scale sets are too long for a CPU test step; check that every set fits the model's max_seq_len."""
+    data_config = yaml.safe_load((CONFIGS / "data" / f"{data}.yaml").read_text())["data"]
+    max_seq_len = yaml.safe_load((CONFIGS / "model" / f"{model}.yaml").read_text())["model"]["max_seq_len"]
+    module, name = data_config["class_path"].rsplit(".", 1)
+    init_args = data_config["init_args"] | {"train_size": 16, "eval_size": 16}
+    dm = getattr(importlib.import_module(module), name)(**init_args)
+    dm.setup("fit")
+    for dataset in [dm.train_set, *dm.eval_sets.values()]:
+        assert len(dataset[0]["input_ids"]) <= max_seq_len
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: FlipFlopDataModule(seq_len=63), "even number >= 4 for flip-flop"),
+        (lambda: FlipFlopDataModule(p_sparse=1.0), r"data.p_sparse must be in \[0, 1\)"),
+        (lambda: SelectiveCopyDataModule(num_tokens=0), "data.num_tokens and data.num_symbols must be >= 1"),
+        (lambda: CountingDataModule(num_vars=6), "data.num_vars must be between 1 and 5"),
+        (lambda: CountingDataModule(max_steps=64, ood_max_steps=32), "max_steps < ood_max_steps"),
+    ],
+)
+def test_bad_task_option_is_reported(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
