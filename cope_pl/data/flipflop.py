@@ -26,7 +26,7 @@ BOS = len(ALPHABET)
 CHAR_ID = {c: i for i, c in enumerate(ALPHABET)}
 BIT_OFFSET = CHAR_ID["0"]  # bit b has token id BIT_OFFSET + b
 
-# Evaluation sets: name -> (p_i, split name in synthseq/flipflop).
+# Evaluation set name -> its split in synthseq/flipflop.
 EVAL_SETS = {"in_dist": "val", "ood_dense": "val_dense", "ood_sparse": "val_sparse"}
 
 
