@@ -1,5 +1,5 @@
 # cope_pl — every target works on a fresh clone: the first one run creates .venv and installs.
-#   make train                      offline CPU default job
+#   make train                      offline CPU default job: Flip-Flop with CoPE at CPU scale
 #   make train CONFIG="a.yaml b.yaml" ARGS="--trainer.max_steps=100"
 #   make bench [BENCH_ARGS="--lengths 256 512 --repeats 3"]   timing/memory tables -> reports/bench/
 #   make ablation SWEEP=configs/sweeps/table2_cpu.yaml [SLURM=1]   run a sweep (or write/submit a SLURM array)
@@ -12,8 +12,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# The default job: later files override earlier ones.
-CONFIG ?= configs/trainer/cpu.yaml configs/data/copy.yaml configs/model/tiny.yaml configs/position/cope.yaml
+# The default job (Flip-Flop, CoPE, CPU scale; prints in-distribution and OOD error): later files override earlier ones.
+CONFIG ?= configs/trainer/task_cpu.yaml configs/data/flipflop_cpu.yaml configs/model/task_cpu.yaml configs/position/cope.yaml
 ARGS ?=
 # Full sweep by default (CPU: T=256..4096, tens of minutes on 2 cores); e.g. BENCH_ARGS="--lengths 256 1024".
 BENCH_ARGS ?=

@@ -116,7 +116,7 @@ class ResultsWriter(L.Callback):
         result.setdefault("metrics", {}).update(metrics)
         write_json_atomic(path, result)
         log_hparams_with_metrics(trainer, result)
-        print(f"Results written to {path}")
+        print(f"Results written to {path}; TensorBoard logs in {directory}")
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
