@@ -12,10 +12,14 @@ size, so every rank runs the same number of batches (no hang) and no item is sco
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
+
+# Lightning warns that a mid-epoch checkpoint cannot resume a plain DataLoader; this sampler does resume it.
+warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
 
 
 class ResumableBatchSampler(DistributedSampler):
