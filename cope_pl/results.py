@@ -51,10 +51,16 @@ def eval_metrics(trainer: L.Trainer) -> dict[str, float]:
 
 
 def format_summary(metrics: dict[str, float]) -> str:
-    """A small table: one row per evaluation metric name, one column per evaluation set."""
+    """A small table: one row per evaluation metric name, one column per evaluation set.
+
+    Where sets are named, the plain names (`val/error`) are only aliases of the first set and are left out.
+    """
     rows: dict[str, dict[str, float]] = {}
+    named = any("@" in key for key in metrics)
     for key, value in metrics.items():
         name, _, set_name = key.partition("@")
+        if named and not set_name:
+            continue
         rows.setdefault(name, {})[set_name or "-"] = value
     sets = sorted({s for r in rows.values() for s in r})
     lines = ["  ".join(["metric".ljust(16)] + [s.rjust(12) for s in sets])]

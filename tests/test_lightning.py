@@ -140,3 +140,13 @@ def test_cli_print_config(capsys):
         main(["fit", "--config", str(CONFIGS / "position/cope.yaml"), "--print_config"])
     assert exit_info.value.code == 0
     assert "npos_max: 64" in capsys.readouterr().out
+
+
+def test_summary_shows_each_named_set_once():
+    from cope_pl.results import format_summary
+
+    table = format_summary({"val/error": 0.1, "val/error@in_dist": 0.1, "val/error@ood": 0.5, "val/loss@ood": 2.0})
+    header, *rows = table.splitlines()
+    assert header.split() == ["metric", "in_dist", "ood"]
+    assert [r.split()[0] for r in rows] == ["val/error", "val/loss"]
+    assert format_summary({"val/loss": 1.5}).splitlines()[0].split() == ["metric", "-"]
