@@ -1,7 +1,7 @@
 """What is measured: one callable per case, doing a forward and backward (and optimizer step) on made-up data.
 
 A case is a plain dict (so it can be handed to a child process as JSON):
-  attention: {"kind": "attention", "impl": sdpa|reference|chunked|chunked_compiled, "T", "B", "H", "D", "P"}
+  attention: {"kind": "attention", "impl": sdpa|reference|chunked|chunked_compiled|triton, "T", "B", "H", "D", "P"}
   train:     {"kind": "train", "position": rope|cope, "impl": ..., "T", "B", "layers", "d_model", "heads"}
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cope_pl.ops import cope_attention, cope_attention_chunked
+from cope_pl.ops import cope_attention, cope_attention_chunked, cope_attention_triton
 
-ATTENTION_IMPLS = ("sdpa", "reference", "chunked", "chunked_compiled")
+ATTENTION_IMPLS = ("sdpa", "reference", "chunked", "chunked_compiled", "triton")  # triton: CUDA only
 
 
 def attention_case(case: dict[str, Any], device: torch.device) -> Callable[[], None]:
@@ -30,6 +30,8 @@ def attention_case(case: dict[str, Any], device: torch.device) -> Callable[[], N
     elif impl in ("chunked", "chunked_compiled"):
         compiled = impl == "chunked_compiled"
         op = lambda: cope_attention_chunked(q, k, v, pos_emb, compiled=compiled)  # noqa: E731
+    elif impl == "triton":
+        op = lambda: cope_attention_triton(q, k, v, pos_emb)  # noqa: E731
     else:
         raise ValueError(f"bench: unknown attention implementation {impl!r}; choose one of {list(ATTENTION_IMPLS)}")
 
