@@ -27,3 +27,12 @@ def test_peak_memory_sees_the_reference_ops_quadratic_tensors():
     case = dict(kind="attention", impl="reference", T=512, B=1, H=4, D=16, P=16)
     # Several (1, 4, 512, 512) float tensors (4 MiB each) and int64 indices (8 MiB each) are alive at once.
     assert peak_memory_here(case, torch.device("cpu")) > 16
+
+
+def test_bench_runs_the_attention_op_in_the_chosen_dtype(tmp_path):
+    main(
+        ["--lengths", "16", "--impls", "sdpa", "chunked", "--dtype", "bfloat16", "--repeats", "1", "--warmup", "0",
+         "--train-lengths", "--no-memory", "--out", str(tmp_path)]
+    )  # fmt: skip
+    attention = pd.read_csv(tmp_path / "attention.csv")
+    assert set(attention.dtype) == {"bfloat16"} and attention.fwd_bwd_ms.notna().all()

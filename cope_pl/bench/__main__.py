@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--npos-max", type=int, default=64)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="attention op inputs")
     p.add_argument("--train-lengths", type=int, nargs="*", default=[1024], help="T for the training step")
     p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--train-layers", type=int, default=4)
@@ -73,7 +74,16 @@ def attention_table(args: argparse.Namespace, device: torch.device) -> pd.DataFr
     for t in args.lengths:
         impls = [i for i in args.impls if i != "reference" or t <= args.reference_max_len]
         cases = {
-            i: dict(kind="attention", impl=i, T=t, B=args.batch, H=args.heads, D=args.head_dim, P=args.npos_max)
+            i: dict(
+                kind="attention",
+                impl=i,
+                T=t,
+                B=args.batch,
+                H=args.heads,
+                D=args.head_dim,
+                P=args.npos_max,
+                dtype=args.dtype,
+            )
             for i in impls
         }
         times = time_steps({i: make_case(c, device) for i, c in cases.items()}, device, args.warmup, args.repeats)
@@ -81,7 +91,7 @@ def attention_table(args: argparse.Namespace, device: torch.device) -> pd.DataFr
             # Compiling again in a child process costs minutes; the compiled op allocates like the eager one.
             skip_memory = args.no_memory or impl == "chunked_compiled"
             memory = float("nan") if skip_memory else peak_memory(case, device)
-            rows.append(dict(T=t, impl=impl, fwd_bwd_ms=1000 * times[impl], peak_mib=memory))
+            rows.append(dict(T=t, impl=impl, dtype=args.dtype, fwd_bwd_ms=1000 * times[impl], peak_mib=memory))
             print(f"attention T={t} {impl}: {1000 * times[impl]:.1f} ms, {memory:.1f} MiB", flush=True)
     df = pd.DataFrame(rows)
     sdpa = df[df.impl == "sdpa"].set_index("T")

@@ -1,7 +1,8 @@
 """What is measured: one callable per case, doing a forward and backward (and optimizer step) on made-up data.
 
 A case is a plain dict (so it can be handed to a child process as JSON):
-  attention: {"kind": "attention", "impl": sdpa|reference|chunked|chunked_compiled|triton, "T", "B", "H", "D", "P"}
+  attention: {"kind": "attention", "impl": sdpa|reference|chunked|chunked_compiled|triton, "T", "B", "H", "D", "P",
+              "dtype" (optional, default float32)}
   train:     {"kind": "train", "position": rope|cope, "impl": ..., "T", "B", "layers", "d_model", "heads"}
 """
 
@@ -20,8 +21,9 @@ ATTENTION_IMPLS = ("sdpa", "reference", "chunked", "chunked_compiled", "triton")
 
 def attention_case(case: dict[str, Any], device: torch.device) -> Callable[[], None]:
     b, h, t, d, p = case["B"], case["H"], case["T"], case["D"], case["P"]
-    q, k, v = (torch.randn(b, h, t, d, device=device, requires_grad=True) for _ in range(3))  # (B, H, T, D)
-    pos_emb = (torch.randn(d, p, device=device) / d**0.5).requires_grad_()  # (D, P)
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    q, k, v = (torch.randn(b, h, t, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))  # (B,H,T,D)
+    pos_emb = (torch.randn(d, p, device=device, dtype=dtype) / d**0.5).requires_grad_()  # (D, P)
     impl = case["impl"]
     if impl == "sdpa":
         op = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
