@@ -16,7 +16,6 @@ import argparse
 import csv
 import inspect
 import json
-import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from cope_pl.data.base import IGNORE_INDEX
-from cope_pl.metrics import batch_sums
+from cope_pl.metrics import batch_sums, perplexity
 from cope_pl.runs import build_datamodule, import_class, load_config, resolve_run, run_label, train_seq_len
 
 RESULTS_FILE = "eval_context.json"
@@ -173,8 +172,8 @@ def metrics_from_sums(totals: dict[str, float], tokens_per_word: float | None) -
     loss = totals["nll"] / tokens
     return {
         "loss": loss,
-        "ppl": math.exp(min(loss, 80.0)),
-        "word_ppl": math.exp(min(loss * tokens_per_word, 80.0)) if tokens_per_word else None,
+        "ppl": perplexity(loss),
+        "word_ppl": perplexity(loss, tokens_per_word) if tokens_per_word else None,
         "error": totals["token_errors"] / tokens,
         "tokens": int(totals["tokens"]),
     }

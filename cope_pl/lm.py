@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cope_pl.metrics import EvalSums, batch_sums, metric_key
+from cope_pl.metrics import EvalSums, batch_sums, metric_key, perplexity
 from cope_pl.model import TransformerLM
 
 Batch = dict[str, Tensor]  # input_ids (B, T) and labels (B, T), labels[t] is the token after input_ids[t]
@@ -137,7 +137,7 @@ class LanguageModel(L.LightningModule):
             values = self._eval_sums.pop(key).compute()
             ratio = self._tokens_per_word(stage, set_name)
             if ratio is not None:  # word-level perplexity: the same summed NLL over the split's original words
-                values["word_ppl"] = math.exp(min(values["loss"] * ratio, 80.0))
+                values["word_ppl"] = perplexity(values["loss"], ratio)
             for metric, value in values.items():
                 self.log(metric_key(stage, metric, set_name), value, sync_dist=False, prog_bar=metric == "loss")
                 if first and set_name:  # the first set also answers to the plain name, for checkpoint monitors

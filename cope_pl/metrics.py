@@ -36,6 +36,11 @@ def batch_sums(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> dict
     }
 
 
+def perplexity(loss: float, tokens_per_word: float = 1.0) -> float:
+    """exp of the mean NLL per token (per word: times the split's tokens per word), capped to stay finite."""
+    return math.exp(min(loss * tokens_per_word, 80.0))
+
+
 class EvalSums:
     """Running sums for one evaluation set; `compute` gives loss, ppl, error and seq_error."""
 
@@ -52,7 +57,7 @@ class EvalSums:
         loss = total["nll"] / tokens
         return {
             "loss": loss,
-            "ppl": math.exp(min(loss, 80.0)),
+            "ppl": perplexity(loss),
             "error": total["token_errors"] / tokens,
             "seq_error": total["sequence_errors"] / max(total["sequences"], 1.0),
         }

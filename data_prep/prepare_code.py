@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from cope_pl.data.code import SOURCES, CodeDataModule
-from cope_pl.data.prepare import data_config_args
+from cope_pl.data.prepare import prepare_from_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,11 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = vars(parse_args(argv))
-    options = data_config_args(args.pop("config"))
-    options.update({k: v for k, v in args.items() if v is not None})
-    module = CodeDataModule(**options)
-    print(module.prepare_data().summary())
+    prepare_from_cli(CodeDataModule, vars(parse_args(argv)))
 
 
 if __name__ == "__main__":

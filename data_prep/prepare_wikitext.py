@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from cope_pl.data.prepare import data_config_args
+from cope_pl.data.prepare import prepare_from_cli
 from cope_pl.data.wikitext import WikiTextDataModule
 
 
@@ -30,11 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = vars(parse_args(argv))
-    options = data_config_args(args.pop("config"))
-    options.update({k: v for k, v in args.items() if v is not None})
-    module = WikiTextDataModule(**options)
-    print(module.prepare_data().summary())
+    prepare_from_cli(WikiTextDataModule, vars(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -186,3 +186,10 @@ def prepare_corpus(
         stats.splits[split] = meta
         stats.built.append(split)
     return stats
+
+
+def prepare_from_cli(module_class: type, args: dict[str, Any]) -> None:
+    """data_prep/ scripts: options from `--config` (a data YAML), overridden by the flags given, then prepare."""
+    options = data_config_args(args.pop("config"))
+    options.update({k: v for k, v in args.items() if v is not None})
+    print(module_class(**options).prepare_data().summary())
