@@ -2,6 +2,7 @@
 #   make train                      offline CPU default job: Flip-Flop with CoPE at CPU scale
 #   make train CONFIG="a.yaml b.yaml" ARGS="--trainer.max_steps=100"
 #   make bench [BENCH_ARGS="--lengths 256 512 --repeats 3"]   timing/memory tables -> reports/bench/
+#   make bench-kernels [KERNEL_ARGS="--sep-keys"]               fused-kernel register/spill table, no GPU needed
 #   make ablation SWEEP=configs/sweeps/table2_cpu.yaml [SLURM=1]   run a sweep (or write/submit a SLURM array)
 #   make report RUNS=runs/ OUT=reports/                           tables and figures from finished runs
 #   make test | lint | install | clean
@@ -17,13 +18,14 @@ CONFIG ?= configs/trainer/task_cpu.yaml configs/data/flipflop_cpu.yaml configs/m
 ARGS ?=
 # Full sweep by default (CPU: T=256..4096, tens of minutes on 2 cores); e.g. BENCH_ARGS="--lengths 256 1024".
 BENCH_ARGS ?=
+KERNEL_ARGS ?=
 
 SWEEP ?=
 SLURM ?=
 RUNS ?= runs
 OUT ?= reports
 
-.PHONY: install train test lint clean bench data-wikitext data-code ablation report
+.PHONY: install train test lint clean bench bench-kernels data-wikitext data-code ablation report
 
 install: $(STAMP)
 
@@ -62,6 +64,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m cope_pl.bench $(BENCH_ARGS)
+
+# Compiles the fused Triton kernels for sm_90 (needs triton, not a GPU): ptxas registers/spills per tile candidate.
+bench-kernels: $(STAMP)
+	$(BIN)/python -m cope_pl.bench.kernel_stats $(KERNEL_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cope_pl tests data_prep

@@ -5,19 +5,25 @@ float32: every output and gradient within 1e-4 of the largest entry of that tens
 float16/bfloat16: within twice the error of the reference op run in the same dtype, plus 1e-3 of the largest entry.
 """
 
+import functools
 import importlib.util
+import os
+import subprocess
+import sys
 
+import pandas as pd
 import pytest
 import torch
 
 from cope_pl.ops import cope_attention
-from cope_pl.ops.cope_triton import cope_attention_triton, triton_available
+from cope_pl.ops.cope_triton import choose_backward, cope_attention_triton, triton_available
 
 # tests/conftest.py sets TRITON_INTERPRET=1 before triton is first imported; these tests use CPU tensors.
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or not triton_available(),
     reason="triton is not installed, or TRITON_INTERPRET is off and there is no GPU",
 )
+BACKWARDS = ("two_pass", "atomic")
 NAMES = ("out", "dq", "dk", "dv", "dpos_emb", "dgate_k")
 
 
@@ -37,11 +43,12 @@ def outputs_and_grads(fn, inputs, dtype, out_weights):
     return [out, *torch.autograd.grad((out * out_weights.to(dtype)).sum(), given)]
 
 
-def compare(inputs, dtype):
+def compare(inputs, dtype, backward):
     """(name, fused error, reference error in dtype, scale) for the output and each gradient."""
     weights = torch.randn(inputs[0].shape)
     exact = outputs_and_grads(cope_attention, inputs, torch.float64, weights)
-    fused = outputs_and_grads(cope_attention_triton, inputs, dtype, weights)
+    fused_op = functools.partial(cope_attention_triton, backward=backward)
+    fused = outputs_and_grads(fused_op, inputs, dtype, weights)
     same_dtype = outputs_and_grads(cope_attention, inputs, dtype, weights)
     assert fused[0].dtype == dtype
     return [
@@ -51,6 +58,7 @@ def compare(inputs, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize(
     "b,h,t,s,d,npos,sep_keys",
     [
@@ -60,30 +68,49 @@ def compare(inputs, dtype):
         (1, 2, 17, 17, 32, 16, True),  # sep-keys
         (2, 1, 5, 37, 16, 12, True),  # key cache: S > T, P not a power of two
         (1, 1, 33, 33, 24, 8, False),  # D not a power of two
+        (1, 2, 19, 19, 64, 256, True),  # the intended head dims, npos_max at its limit
+        (1, 1, 21, 26, 128, 64, False),
     ],
 )
-def test_float32_output_and_every_gradient_match_reference(b, h, t, s, d, npos, sep_keys):
-    for name, err, _, scale in compare(make_inputs(b, h, t, s, d, npos, sep_keys, torch.float32), torch.float32):
+def test_float32_output_and_every_gradient_match_reference(b, h, t, s, d, npos, sep_keys, backward):
+    inputs = make_inputs(b, h, t, s, d, npos, sep_keys, torch.float32)
+    for name, err, _, scale in compare(inputs, torch.float32, backward):
         assert err <= 1e-4 * scale + 1e-5, f"{name}: error {err:.2e} for values up to {scale:.2e}"
 
 
 @needs_triton
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("sep_keys", [False, True])
-def test_clamped_positions_match_reference(sep_keys):
+def test_clamped_positions_match_reference(sep_keys, backward):
     # Wide open gates and P = 4 over 40 keys: most positions hit npos_max - 1, where the gradient stops.
     inputs = make_inputs(1, 1, 40, 40, 16, 4, sep_keys, torch.float32, gate_scale=3.0)
     if not sep_keys:
         inputs[1] = inputs[1] * 3.0
-    for name, err, _, scale in compare(inputs, torch.float32):
+    for name, err, _, scale in compare(inputs, torch.float32, backward):
         assert err <= 1e-4 * scale + 1e-5, f"{name}: error {err:.2e} for values up to {scale:.2e}"
 
 
 @needs_triton
+@pytest.mark.parametrize("backward", BACKWARDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_is_as_accurate_as_reference_in_that_dtype(dtype):
+def test_half_precision_is_as_accurate_as_reference_in_that_dtype(dtype, backward):
     inputs = make_inputs(1, 2, 20, 24, 32, 16, True, dtype)
-    for name, err, ref_err, scale in compare(inputs, dtype):
+    for name, err, ref_err, scale in compare(inputs, dtype, backward):
         assert err <= 2 * ref_err + 1e-3 * scale, f"{name}: error {err:.2e}, reference in {dtype} {ref_err:.2e}"
+
+
+def test_auto_backward_keeps_memory_linear():
+    # Two carries per row and key tile vs z and dz (P per row each): two passes up to P key tiles, atomics beyond.
+    assert choose_backward("auto", n_key_tiles=64, npos=64) == "two_pass"
+    assert choose_backward("auto", n_key_tiles=65, npos=64) == "atomic"
+    assert choose_backward("two_pass", n_key_tiles=500, npos=64) == "two_pass"
+    assert choose_backward("atomic", n_key_tiles=1, npos=64) == "atomic"
+
+
+def test_rejects_unknown_backward():
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="backward must be one of"):
+        cope_attention_triton(q, q, q, torch.randn(16, 8), backward="fast")
 
 
 @needs_triton
@@ -116,3 +143,19 @@ def test_rejects_cpu_tensors_outside_the_interpreter(monkeypatch):
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="CUDA tensors"):
         cope_attention_triton(q, q, q, torch.randn(16, 8))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("sep_keys", [False, True])
+def test_every_kernel_compiles_for_h100_without_a_gpu(tmp_path, sep_keys):
+    # The interpreter runs the kernels as Python; this lowers them through ptxas for sm_90, which the interpreter
+    # never does (layouts of tl.gather and tl.cumsum, shared memory, the constexpr branches).
+    cmd = [sys.executable, "-m", "cope_pl.bench.kernel_stats", "--head-dims", "64", "--npos-max", "256"]
+    cmd += ["--max-tiles", "1", "--out", str(tmp_path)] + (["--sep-keys"] if sep_keys else [])
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=600)
+    stats = pd.read_csv(tmp_path / "triton_kernels.csv")
+    assert list(stats.kernel) == ["forward", "backward query pass", "backward key pass", "backward atomic"]
+    assert stats.registers.between(1, 255).all()
+    assert (stats.shared_kib <= 227).all(), "an H100 program gets at most 227 KiB of shared memory"
+    assert (tmp_path / "triton_kernels.md").read_text().count("\n| backward") == 3

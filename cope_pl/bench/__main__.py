@@ -17,6 +17,7 @@ import torch
 
 from cope_pl.bench.cases import ATTENTION_IMPLS
 from cope_pl.bench.measure import make_case, peak_memory, time_steps
+from cope_pl.bench.tables import write
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -130,18 +131,6 @@ def train_table(args: argparse.Namespace, device: torch.device) -> pd.DataFrame:
             )
             print(f"train T={t} {name}: {tokens_per_s:.0f} tokens/s, {memory:.1f} MiB", flush=True)
     return pd.DataFrame(rows)
-
-
-def markdown(df: pd.DataFrame) -> str:
-    """A Markdown table (pandas' own needs the optional tabulate package)."""
-    cells = [[f"{x:.4g}" if isinstance(x, float) else str(x) for x in row] for row in df.itertuples(index=False)]
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
-
-
-def write(df: pd.DataFrame, path: Path, title: str, note: str) -> None:
-    df.to_csv(path.with_suffix(".csv"), index=False)
-    path.with_suffix(".md").write_text(f"# {title}\n\n{note}\n\n{markdown(df)}\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """What is measured: one callable per case, doing a forward and backward (and optimizer step) on made-up data.
 
 A case is a plain dict (so it can be handed to a child process as JSON):
-  attention: {"kind": "attention", "impl": sdpa|reference|chunked|chunked_compiled|triton, "T", "B", "H", "D", "P",
+  attention: {"kind": "attention", "impl": one of ATTENTION_IMPLS, "T", "B", "H", "D", "P",
               "dtype" (optional, default float32)}
   train:     {"kind": "train", "position": rope|cope, "impl": ..., "T", "B", "layers", "d_model", "heads"}
 """
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from cope_pl.ops import cope_attention, cope_attention_chunked, cope_attention_triton
 
-ATTENTION_IMPLS = ("sdpa", "reference", "chunked", "chunked_compiled", "triton")  # triton: CUDA only
+# The fused kernel (CUDA only) with its backward forced: triton = two passes, triton_atomic = atomic adds.
+ATTENTION_IMPLS = ("sdpa", "reference", "chunked", "chunked_compiled", "triton", "triton_atomic")
 
 
 def attention_case(case: dict[str, Any], device: torch.device) -> Callable[[], None]:
@@ -32,8 +33,9 @@ def attention_case(case: dict[str, Any], device: torch.device) -> Callable[[], N
     elif impl in ("chunked", "chunked_compiled"):
         compiled = impl == "chunked_compiled"
         op = lambda: cope_attention_chunked(q, k, v, pos_emb, compiled=compiled)  # noqa: E731
-    elif impl == "triton":
-        op = lambda: cope_attention_triton(q, k, v, pos_emb)  # noqa: E731
+    elif impl in ("triton", "triton_atomic"):
+        backward = "atomic" if impl == "triton_atomic" else "two_pass"
+        op = lambda: cope_attention_triton(q, k, v, pos_emb, backward=backward)  # noqa: E731
     else:
         raise ValueError(f"bench: unknown attention implementation {impl!r}; choose one of {list(ATTENTION_IMPLS)}")
 

@@ -8,6 +8,7 @@ cannot count past 256.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -29,18 +30,51 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _launch_config(q: Tensor, npos: int) -> dict:
+# Tile candidates the GPU autotuner times on first use of each (D, P, dtype, sep-keys): (BLOCK_M, BLOCK_N,
+# num_warps, num_stages). Picked offline from ptxas register spills for sm_90 (`make bench-kernels` writes the
+# table); no GPU has timed them yet.
+FORWARD_TILES = ((64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2))
+# Both backward passes use one key tile width, since the carries are stored per key tile; (BLOCK_M, warps, stages).
+BACKWARD_BLOCK_N = 32
+BACKWARD_TILES = ((16, 8, 2), (16, 4, 2), (32, 8, 2), (32, 4, 2), (64, 8, 2))
+INTERPRETER_BLOCK = 16  # small tiles so tiny test shapes still cross tile edges
+TUNING_KEY = ["D", "BLOCK_P", "SEP_KEYS"]
+
+
+@functools.cache
+def _kernels(interpreting: bool) -> tuple:
+    """(forward, backward query pass, backward key pass) launchers: autotuned on a GPU; plain in the interpreter,
+    where the autotuner cannot time anything and the tiles are passed in."""
+    import triton
+
+    from cope_pl.ops import cope_triton_kernels as kernels
+
+    fwd, bwd_query, bwd_key = kernels.cope_fwd_kernel, kernels.cope_bwd_query_kernel, kernels.cope_bwd_key_kernel
+    if interpreting:
+        return fwd, bwd_query, bwd_key
+    fwd_configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in FORWARD_TILES
+    ]
+    bwd_configs = [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st) for m, w, st in BACKWARD_TILES]
+    return (
+        triton.autotune(fwd_configs, key=TUNING_KEY)(fwd),
+        # Timing a config runs the kernel: zero what it accumulates into (only while tuning).
+        triton.autotune(bwd_configs, key=[*TUNING_KEY, "ATOMIC_KEY_GRADS"], reset_to_zero=["DZ", "DK", "DV", "DGK"])(
+            bwd_query
+        ),
+        triton.autotune(bwd_configs, key=TUNING_KEY)(bwd_key),
+    )
+
+
+def _constants(q: Tensor, npos: int) -> dict:
+    """Compile-time constants every kernel takes (tile sizes come from the autotuner or `_tiles`)."""
     import triton
     import triton.language as tl
 
     dtypes = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
     d = q.size(-1)
-    # Interpreter: 16-wide tiles so tiny test shapes still cross tiles. GPU: untuned guesses, compiled for sm_90.
-    block = 16 if _interpreting() else (32 if q.dtype == torch.float32 else 64)
     return dict(
         D=d,
-        BLOCK_M=block,
-        BLOCK_N=block,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_P=max(16, triton.next_power_of_2(npos)),
         IN_DT=dtypes[q.dtype],
@@ -49,57 +83,94 @@ def _launch_config(q: Tensor, npos: int) -> dict:
     )
 
 
+def _tiles(forward: bool) -> dict:
+    """Tile sizes passed by hand: all of them in the interpreter, the shared key tile width of the backward."""
+    if _interpreting():
+        return dict(BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK)
+    return {} if forward else dict(BLOCK_N=BACKWARD_BLOCK_N)
+
+
+def _row_tiles(rows: int, bh: int):
+    return lambda meta: (math.ceil(rows / meta["BLOCK_M"]), bh)
+
+
 class _CopeAttention(torch.autograd.Function):
     """Inputs flattened to (BH, T, D) / (BH, S, D) / (BH, T, P), contiguous; z in fp32."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, z: Tensor, gate_k: Tensor | None) -> Tensor:
-        from cope_pl.ops.cope_triton_kernels import cope_fwd_kernel
-
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, z: Tensor, gate_k: Tensor | None, backward: str) -> Tensor:
         bh, t, d = q.shape
         s, npos = k.size(1), z.size(-1)
-        cfg = _launch_config(q, npos)
         out = torch.empty_like(q)
         lse = torch.empty(bh, t, device=q.device, dtype=torch.float32)
         gsum = torch.empty(bh, t, device=q.device, dtype=torch.float32)
-        grid = (math.ceil(t / cfg["BLOCK_M"]), bh)
         sep = gate_k is not None
-        cope_fwd_kernel[grid](
-            q, k, v, gate_k if sep else k, z, out, lse, gsum, t, s, npos, 1.0 / math.sqrt(d), SEP_KEYS=sep, **cfg
-        )
+        fwd, _, _ = _kernels(_interpreting())
+        fwd[_row_tiles(t, bh)](
+            q, k, v, gate_k if sep else k, z, out, lse, gsum, t, s, npos, 1.0 / math.sqrt(d),
+            SEP_KEYS=sep, **_constants(q, npos), **_tiles(forward=True),
+        )  # fmt: skip
         ctx.save_for_backward(q, k, v, z, gate_k if sep else None, out, lse, gsum)
-        ctx.sep = sep
+        ctx.sep, ctx.backward = sep, backward
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        from cope_pl.ops.cope_triton_kernels import cope_bwd_kernel
-
         q, k, v, z, gate_k, out, lse, gsum = ctx.saved_tensors
         bh, t, d = q.shape
         s, npos = k.size(1), z.size(-1)
         dout = dout.contiguous()
         delta = (dout.float() * out.float()).sum(-1)  # (BH, T): rowsum(dO * O)
+        consts, tiles = _constants(q, npos), _tiles(forward=False)
+        n_key_tiles = math.ceil(s / tiles["BLOCK_N"])
+        atomic = choose_backward(ctx.backward, n_key_tiles, npos) == "atomic"
         dq = torch.empty(bh, t, d, device=q.device, dtype=torch.float32)
-        dk, dv = (torch.zeros(bh, s, d, device=q.device, dtype=torch.float32) for _ in range(2))
-        dgk = torch.zeros_like(dk) if ctx.sep else dk
         dz = torch.zeros(bh, t, npos, device=q.device, dtype=torch.float32)
-        cfg = _launch_config(q, npos)
-        grid = (math.ceil(t / cfg["BLOCK_M"]), bh)
-        cope_bwd_kernel[grid](
-            q, k, v, gate_k if ctx.sep else k, z, dout, lse, delta, gsum, dq, dk, dv, dgk, dz,
-            t, s, npos, 1.0 / math.sqrt(d), SEP_KEYS=ctx.sep, **cfg,
+        # Key gradients: fp32 accumulators for atomic adds, or written once, in the input dtype, by the key pass.
+        alloc, key_dtype = (torch.zeros, torch.float32) if atomic else (torch.empty, k.dtype)
+        dk, dv = (alloc(bh, s, d, device=q.device, dtype=key_dtype) for _ in range(2))
+        dgk = alloc(bh, s, d, device=q.device, dtype=key_dtype) if ctx.sep else dk
+        # Gate and dL/dp sums at the left edge of every key tile, for the key pass (tiny dummies when atomic).
+        carry_shape = (1,) if atomic else (bh, n_key_tiles, t)
+        gate_before, dpos_before = (torch.empty(carry_shape, device=q.device, dtype=torch.float32) for _ in range(2))
+        gk = gate_k if ctx.sep else k
+        scale = 1.0 / math.sqrt(d)
+        _, bwd_query, bwd_key = _kernels(_interpreting())
+        bwd_query[_row_tiles(t, bh)](
+            q, k, v, gk, z, dout, lse, delta, gsum, dq, dz, gate_before, dpos_before, dk, dv, dgk,
+            t, s, npos, n_key_tiles, scale, SEP_KEYS=ctx.sep, ATOMIC_KEY_GRADS=atomic, **consts, **tiles,
         )  # fmt: skip
+        if not atomic:
+            bwd_key[(n_key_tiles, bh)](
+                q, k, v, gk, z, dout, lse, delta, gsum, gate_before, dpos_before, dk, dv, dgk,
+                t, s, npos, n_key_tiles, scale, SEP_KEYS=ctx.sep, **consts, **tiles,
+            )  # fmt: skip
         dgk = dgk.to(q.dtype) if ctx.sep else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dz, dgk
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dz, dgk, None
 
 
-def cope_attention_triton(q: Tensor, k: Tensor, v: Tensor, pos_emb: Tensor, gate_k: Tensor | None = None) -> Tensor:
+BACKWARDS = ("auto", "two_pass", "atomic")
+
+
+def choose_backward(backward: str, n_key_tiles: int, npos: int) -> str:
+    """The backward variant that runs. auto: the two-pass backward while its carries (two per row and key tile)
+    take no more memory than z and dz (P per row each), so memory stays O(T·P); the atomic one beyond that."""
+    if backward != "auto":
+        return backward
+    return "two_pass" if n_key_tiles <= npos else "atomic"
+
+
+def cope_attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, pos_emb: Tensor, gate_k: Tensor | None = None, backward: str = "auto"
+) -> Tensor:
     """Causal softmax attention with CoPE, fused; same signature, semantics and gradients as `cope_attention`.
 
     q: (B, H, T, D); k, v: (B, H, S, D) with S >= T (queries are the last T positions);
     pos_emb: (D, P) with P <= 256; gate_k: optional (B, H, S, D) separate keys for the gates (sep-keys CoPE).
     Inputs fp32, fp16 or bf16 (all of q, k, v, gate_k alike); returns (B, H, T, D) in that dtype.
+    backward: "two_pass" (a query pass and a key pass, no atomics across programs, 2 fp32 carries per row and
+    32-key tile of scratch), "atomic" (one pass adding key gradients with fp32 atomics) or "auto" (two_pass while
+    S <= 32 P, so that memory stays O(T P); see `choose_backward` and cope_triton_kernels).
     """
     b, h, t, d = q.shape
     s, npos = k.size(-2), pos_emb.size(-1)
@@ -107,6 +178,8 @@ def cope_attention_triton(q: Tensor, k: Tensor, v: Tensor, pos_emb: Tensor, gate
         raise ValueError(f"cope_attention_triton needs at least as many keys as queries, got S={s} < T={t}")
     if npos > MAX_NPOS:
         raise ValueError(f"cope_attention_triton supports npos_max <= {MAX_NPOS}, got {npos}; use impl: chunked")
+    if backward not in BACKWARDS:
+        raise ValueError(f"cope_attention_triton: backward must be one of {list(BACKWARDS)}, got {backward!r}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"cope_attention_triton takes float32, float16 or bfloat16 inputs, got {q.dtype}")
     if not (q.is_cuda or _interpreting()):
@@ -121,6 +194,6 @@ def cope_attention_triton(q: Tensor, k: Tensor, v: Tensor, pos_emb: Tensor, gate
         return x.reshape(b * h, n, x.size(-1)).contiguous()
 
     out = _CopeAttention.apply(
-        flat(q, t), flat(k, s), flat(v, s), flat(z, t), None if gate_k is None else flat(gate_k, s)
+        flat(q, t), flat(k, s), flat(v, s), flat(z, t), None if gate_k is None else flat(gate_k, s), backward
     )  # (BH, T, D)
     return out.view(b, h, t, d)
