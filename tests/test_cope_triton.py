@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cope_pl.ops import cope_attention
+from cope_pl.ops import cope_attention, cope_triton
 from cope_pl.ops.cope_triton import choose_backward, cope_attention_triton, triton_available
 
 # tests/conftest.py sets TRITON_INTERPRET=1 before triton is first imported; these tests use CPU tensors.
@@ -75,6 +75,17 @@ def compare(inputs, dtype, backward):
 def test_float32_output_and_every_gradient_match_reference(b, h, t, s, d, npos, sep_keys, backward):
     inputs = make_inputs(b, h, t, s, d, npos, sep_keys, torch.float32)
     for name, err, _, scale in compare(inputs, torch.float32, backward):
+        assert err <= 1e-4 * scale + 1e-5, f"{name}: error {err:.2e} for values up to {scale:.2e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("sep_keys", [False, True])
+def test_tile_shapes_of_each_kernel_may_differ(monkeypatch, sep_keys):
+    # The GPU autotuner picks each kernel's tiles on its own: rectangular, and the key pass walking query tiles of
+    # another height than the query pass that wrote its carries. Only the key tile width is shared.
+    monkeypatch.setattr(cope_triton, "INTERPRETER_TILES", {"forward": (32, 16), "query": (16, 32), "key": (32, 32)})
+    inputs = make_inputs(1, 2, 45, 50, 32, 16, sep_keys, torch.float32)
+    for name, err, _, scale in compare(inputs, torch.float32, "two_pass"):
         assert err <= 1e-4 * scale + 1e-5, f"{name}: error {err:.2e} for values up to {scale:.2e}"
 
 

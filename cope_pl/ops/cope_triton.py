@@ -37,7 +37,9 @@ FORWARD_TILES = ((64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2),
 # Both backward passes use one key tile width, since the carries are stored per key tile; (BLOCK_M, warps, stages).
 BACKWARD_BLOCK_N = 32
 BACKWARD_TILES = ((16, 8, 2), (16, 4, 2), (32, 8, 2), (32, 4, 2), (64, 8, 2))
-INTERPRETER_BLOCK = 16  # small tiles so tiny test shapes still cross tile edges
+# Interpreter tiles, (BLOCK_M, BLOCK_N) per kernel: small, so tiny test shapes still cross tile edges. The two
+# backward passes must share BLOCK_N; their BLOCK_M may differ, as the autotuner may pick on a GPU.
+INTERPRETER_TILES = {"forward": (16, 16), "query": (16, 16), "key": (16, 16)}
 TUNING_KEY = ["D", "BLOCK_P", "SEP_KEYS"]
 
 
@@ -83,11 +85,12 @@ def _constants(q: Tensor, npos: int) -> dict:
     )
 
 
-def _tiles(forward: bool) -> dict:
+def _tiles(kernel: str) -> dict:
     """Tile sizes passed by hand: all of them in the interpreter, the shared key tile width of the backward."""
     if _interpreting():
-        return dict(BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK)
-    return {} if forward else dict(BLOCK_N=BACKWARD_BLOCK_N)
+        block_m, block_n = INTERPRETER_TILES[kernel]
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    return {} if kernel == "forward" else dict(BLOCK_N=BACKWARD_BLOCK_N)
 
 
 def _row_tiles(rows: int, bh: int):
@@ -108,7 +111,7 @@ class _CopeAttention(torch.autograd.Function):
         fwd, _, _ = _kernels(_interpreting())
         fwd[_row_tiles(t, bh)](
             q, k, v, gate_k if sep else k, z, out, lse, gsum, t, s, npos, 1.0 / math.sqrt(d),
-            SEP_KEYS=sep, **_constants(q, npos), **_tiles(forward=True),
+            SEP_KEYS=sep, **_constants(q, npos), **_tiles("forward"),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, z, gate_k if sep else None, out, lse, gsum)
         ctx.sep, ctx.backward = sep, backward
@@ -121,8 +124,10 @@ class _CopeAttention(torch.autograd.Function):
         s, npos = k.size(1), z.size(-1)
         dout = dout.contiguous()
         delta = (dout.float() * out.float()).sum(-1)  # (BH, T): rowsum(dO * O)
-        consts, tiles = _constants(q, npos), _tiles(forward=False)
-        n_key_tiles = math.ceil(s / tiles["BLOCK_N"])
+        consts, query_tiles, key_tiles = _constants(q, npos), _tiles("query"), _tiles("key")
+        if query_tiles["BLOCK_N"] != key_tiles["BLOCK_N"]:
+            raise ValueError("the two backward passes need one key tile width (the carries are per key tile)")
+        n_key_tiles = math.ceil(s / key_tiles["BLOCK_N"])
         atomic = choose_backward(ctx.backward, n_key_tiles, npos) == "atomic"
         dq = torch.empty(bh, t, d, device=q.device, dtype=torch.float32)
         dz = torch.zeros(bh, t, npos, device=q.device, dtype=torch.float32)
@@ -138,12 +143,12 @@ class _CopeAttention(torch.autograd.Function):
         _, bwd_query, bwd_key = _kernels(_interpreting())
         bwd_query[_row_tiles(t, bh)](
             q, k, v, gk, z, dout, lse, delta, gsum, dq, dz, gate_before, dpos_before, dk, dv, dgk,
-            t, s, npos, n_key_tiles, scale, SEP_KEYS=ctx.sep, ATOMIC_KEY_GRADS=atomic, **consts, **tiles,
+            t, s, npos, n_key_tiles, scale, SEP_KEYS=ctx.sep, ATOMIC_KEY_GRADS=atomic, **consts, **query_tiles,
         )  # fmt: skip
         if not atomic:
             bwd_key[(n_key_tiles, bh)](
                 q, k, v, gk, z, dout, lse, delta, gsum, gate_before, dpos_before, dk, dv, dgk,
-                t, s, npos, n_key_tiles, scale, SEP_KEYS=ctx.sep, **consts, **tiles,
+                t, s, npos, n_key_tiles, scale, SEP_KEYS=ctx.sep, **consts, **key_tiles,
             )  # fmt: skip
         dgk = dgk.to(q.dtype) if ctx.sep else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dz, dgk, None
