@@ -1,5 +1,6 @@
 """The chunked CoPE op and the model's `impl` option against the reference op (the specification)."""
 
+import functools
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from cope_pl.ops import causal_mask, cope_attention, cope_attention_chunked, resolve_cope_impl
 from cope_pl.ops import cope_chunked as chunked_module
 from tests.conftest import tiny_model
+from tests.cope_dropout import check_dropout_semantics, compare_with_masked_reference, dropout_inputs
 
 
 def make_inputs(b, h, t, s, d, npos, dtype, sep_keys=False, rel=0):
@@ -127,10 +129,15 @@ def test_model_chunked_path_equals_reference_path(position):
 
 
 def count_chunked_calls(monkeypatch):
+    """Every call of the chunked op from now on, with its arguments."""
     calls = []
     real = chunked_module.ChunkedCoPEAttention.apply
-    monkeypatch.setattr(chunked_module.ChunkedCoPEAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(chunked_module.ChunkedCoPEAttention, "apply", lambda *a: calls.append(a) or real(*a))
     return calls
+
+
+def calls_dropout(calls):
+    return [args[-2] for args in calls]  # ChunkedCoPEAttention.apply(..., dropout_p, seed)
 
 
 @pytest.mark.parametrize("position", ["cope", "rope_cope", "relative_cope"])
@@ -141,11 +148,23 @@ def test_default_impl_runs_the_chunked_op_on_cpu(monkeypatch, position):
     assert resolve_cope_impl("auto", torch.device("cpu")) == "chunked"
 
 
-def test_dropout_and_reference_impl_take_the_reference_path(monkeypatch):
+def test_reference_impl_takes_the_reference_path(monkeypatch):
     calls = count_chunked_calls(monkeypatch)
-    tiny_model("cope", dropout=0.1).train()(torch.randint(0, 23, (1, 9)))
     tiny_model("cope", position_options={"impl": "reference"})(torch.randint(0, 23, (1, 9)))
     assert not calls
+
+
+@pytest.mark.parametrize("position", ["cope", "rope_cope", "relative_cope"])
+def test_attention_dropout_runs_in_the_chunked_op(monkeypatch, position):
+    # The paper-scale model configs all train with dropout 0.1: they must not fall back to O(T^2) memory.
+    calls = count_chunked_calls(monkeypatch)
+    model = tiny_model(position, dropout=0.1).train()
+    tokens = torch.randint(0, 23, (2, 9))
+    first = model(tokens)
+    assert len(calls) == 2 and calls_dropout(calls) == [0.1, 0.1]
+    assert not torch.equal(first, model(tokens))  # new masks each call
+    model.eval()
+    assert torch.equal(model(tokens), model(tokens)) and calls_dropout(calls)[-1] == 0.0
 
 
 def test_unknown_impl_is_one_clear_error():
@@ -159,3 +178,29 @@ def test_triton_impl_without_triton_is_one_clear_error(monkeypatch):
     monkeypatch.setattr("cope_pl.ops.dispatch.triton_available", lambda: False)
     with pytest.raises(ValueError, match="impl='triton' needs the triton package and a CUDA GPU"):
         tiny_model("rope_cope", position_options={"impl": "triton"})
+
+
+@pytest.mark.parametrize("sep_keys", [False, True])
+def test_dropout_keeps_reference_probabilities_scaled_and_drops_about_p(sep_keys):
+    op = functools.partial(cope_attention_chunked, block_size=8)
+    inputs = dropout_inputs(t=40, s=48, d=48, sep_keys=sep_keys)
+    err, dropped = check_dropout_semantics(op, inputs, p=0.3, seed=5, dtype=torch.float64)
+    assert err < 1e-10
+    assert 0.2 < dropped < 0.4  # 2 x 2 x 1,140 causal entries; a wrong mask rate shows
+
+
+@pytest.mark.parametrize("sep_keys", [False, True])
+def test_dropout_gradients_match_reference_with_the_same_mask(sep_keys):
+    op = functools.partial(cope_attention_chunked, block_size=8)
+    inputs = dropout_inputs(t=21, s=30, d=32, sep_keys=sep_keys)
+    for name, err, scale in compare_with_masked_reference(op, inputs, p=0.25, seed=11, dtype=torch.float64):
+        assert err <= 1e-9 * scale + 1e-10, f"{name}: error {err:.2e} for values up to {scale:.2e}"
+
+
+def test_dropout_masks_follow_the_seed():
+    q, k, v, e, _ = dropout_inputs(t=16, s=16, d=16, sep_keys=False)
+    first, again = (cope_attention_chunked(q, k, v, e, dropout_p=0.5, dropout_seed=3) for _ in range(2))
+    other = cope_attention_chunked(q, k, v, e, dropout_p=0.5, dropout_seed=4)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        cope_attention_chunked(q, k, v, e, dropout_p=1.0)

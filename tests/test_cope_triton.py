@@ -17,6 +17,7 @@ import torch
 
 from cope_pl.ops import cope_attention, cope_triton
 from cope_pl.ops.cope_triton import choose_backward, cope_attention_triton, triton_available
+from tests.cope_dropout import check_dropout_semantics, compare_with_masked_reference, dropout_inputs
 
 # tests/conftest.py sets TRITON_INTERPRET=1 before triton is first imported; these tests use CPU tensors.
 needs_triton = pytest.mark.skipif(
@@ -157,12 +158,12 @@ def test_rejects_cpu_tensors_outside_the_interpreter(monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-@pytest.mark.parametrize("sep_keys", [False, True])
-def test_every_kernel_compiles_for_h100_without_a_gpu(tmp_path, sep_keys):
+@pytest.mark.parametrize("variant", [[], ["--sep-keys", "--dropout"]])
+def test_every_kernel_compiles_for_h100_without_a_gpu(tmp_path, variant):
     # The interpreter runs the kernels as Python; this lowers them through ptxas for sm_90, which the interpreter
     # never does (layouts of tl.gather and tl.cumsum, shared memory, the constexpr branches).
     cmd = [sys.executable, "-m", "cope_pl.bench.kernel_stats", "--head-dims", "64", "--npos-max", "256"]
-    cmd += ["--max-tiles", "1", "--out", str(tmp_path)] + (["--sep-keys"] if sep_keys else [])
+    cmd += ["--max-tiles", "1", "--out", str(tmp_path), *variant]
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=600)
     stats = pd.read_csv(tmp_path / "triton_kernels.csv")
@@ -170,3 +171,32 @@ def test_every_kernel_compiles_for_h100_without_a_gpu(tmp_path, sep_keys):
     assert stats.registers.between(1, 255).all()
     assert (stats.shared_kib <= 227).all(), "an H100 program gets at most 227 KiB of shared memory"
     assert (tmp_path / "triton_kernels.md").read_text().count("\n| backward") == 3
+
+
+@needs_triton
+@pytest.mark.parametrize("sep_keys", [False, True])
+def test_dropout_keeps_reference_probabilities_scaled_and_drops_about_p(sep_keys):
+    inputs = dropout_inputs(t=40, s=48, d=48, sep_keys=sep_keys)
+    err, dropped = check_dropout_semantics(cope_attention_triton, inputs, p=0.3, seed=5)
+    assert err < 1e-5
+    assert 0.2 < dropped < 0.4  # 2 x 2 x 1,140 causal entries; a wrong mask rate shows
+
+
+@needs_triton
+@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("sep_keys", [False, True])
+def test_dropout_gradients_match_reference_with_the_same_mask(sep_keys, backward):
+    op = functools.partial(cope_attention_triton, backward=backward)
+    inputs = dropout_inputs(t=21, s=30, d=32, sep_keys=sep_keys)
+    for name, err, scale in compare_with_masked_reference(op, inputs, p=0.25, seed=11):
+        assert err <= 1e-4 * scale + 1e-5, f"{name}: error {err:.2e} for values up to {scale:.2e}"
+
+
+@needs_triton
+def test_dropout_masks_follow_the_seed():
+    q, k, v, e = (x.float() for x in dropout_inputs(t=16, s=16, d=16, sep_keys=False)[:4])
+    first, again = (cope_attention_triton(q, k, v, e, dropout_p=0.5, dropout_seed=3) for _ in range(2))
+    other = cope_attention_triton(q, k, v, e, dropout_p=0.5, dropout_seed=4)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        cope_attention_triton(q, k, v, e, dropout_p=1.0)

@@ -22,7 +22,8 @@ import pandas as pd
 from cope_pl.bench.tables import write
 
 KEY_GRAD_NAMES = ("DK", "DV", "DGK")
-INT_ARGS = ("T", "S", "NPOS", "N_KEY_TILES")
+INT_ARGS = ("T", "S", "NPOS", "N_KEY_TILES", "seed")
+FLOAT_ARGS = ("scale", "dropout_p")
 FP32_POINTERS = ("Z", "LSE", "GSUM", "DELTA", "DQ", "DZ", "GATE_BEFORE", "DPOS_BEFORE")
 
 
@@ -33,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--npos-max", type=int, nargs="+", default=[64, 256])
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--sep-keys", action="store_true", help="compile the sep-keys variants")
+    p.add_argument("--dropout", action="store_true", help="compile the attention-dropout variants")
     p.add_argument("--max-tiles", type=int, default=None, help="only the first N tile candidates of each kernel")
     p.add_argument("--out", type=Path, default=Path("reports/bench"))
     return p.parse_args(argv)
@@ -61,7 +63,7 @@ def kernel_cases(args: argparse.Namespace) -> Iterator[dict]:
                     yield dict(kernel=name, fn=fn, D=d, P=npos, extra=extra, **tile)
 
 
-def compile_case(case: dict, dtype: str, sep_keys: bool, arch: int):
+def compile_case(case: dict, dtype: str, sep_keys: bool, dropout: bool, arch: int):
     """triton.compile for the target, from the kernel's source: no GPU or driver is involved."""
     import triton
     import triton.language as tl
@@ -78,6 +80,7 @@ def compile_case(case: dict, dtype: str, sep_keys: bool, arch: int):
         BLOCK_D=max(16, triton.next_power_of_2(case["D"])),
         BLOCK_P=max(16, triton.next_power_of_2(case["P"])),
         SEP_KEYS=sep_keys,
+        DROPOUT=dropout,
         IN_DT=in_dt,
         DOT_DT=in_dt,
         PREC="ieee" if dtype == "float32" else "tf32",
@@ -87,7 +90,7 @@ def compile_case(case: dict, dtype: str, sep_keys: bool, arch: int):
     for name in case["fn"].arg_names:
         if name in constants:
             signature[name] = "constexpr"
-        elif name == "scale":
+        elif name in FLOAT_ARGS:
             signature[name] = "fp32"
         elif name in FP32_POINTERS or (atomic and name in KEY_GRAD_NAMES):
             signature[name] = "*fp32"
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         raise SystemExit("cope_pl.bench.kernel_stats: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     rows = []
     for case in kernel_cases(args):
-        compiled = compile_case(case, args.dtype, args.sep_keys, args.arch)
+        compiled = compile_case(case, args.dtype, args.sep_keys, args.dropout, args.arch)
         registers, spill_bytes = ptxas_usage(compiled.asm["ptx"], args.arch)
         row = {k: case[k] for k in ("kernel", "D", "P", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
         row.update(registers=registers, spill_bytes=spill_bytes, shared_kib=round(compiled.metadata.shared / 1024, 1))
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     note = (
         f"{datetime.datetime.now().isoformat(timespec='seconds')}; compiled for sm_{args.arch} with triton "
-        f"{triton.__version__}, {args.dtype} inputs, sep-keys {args.sep_keys}; ptxas registers per thread, spill "
+        f"{triton.__version__}, {args.dtype} inputs, sep-keys {args.sep_keys}, dropout {args.dropout}; ptxas registers per thread, spill "
         "store bytes and shared memory per program. Static figures: nothing ran on a GPU."
     )
     write(df, args.out / "triton_kernels.md", "Fused CoPE kernels: compile statistics", note)

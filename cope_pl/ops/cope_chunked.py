@@ -11,8 +11,9 @@ rest are masked), which skips half of the causal square. And each block works wi
 order, so the paper's "cumulative sum from the right" is a plain cumulative sum with no flips.
 
 Optionally the block also adds q_i . r[clamp(i - j, 0, R - 1)] from a relative table (relative_cope), so the
-combination takes the same path. Dropout on the probabilities is not supported here: callers use the
-reference path when dropout > 0.
+combination takes the same path. Attention dropout (on the normalised probabilities, as F.dropout after the
+softmax) draws each block's mask from a generator seeded by (dropout seed, block), so backward regenerates the
+same mask instead of saving it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from cope_pl.ops.dropout import check_dropout, draw_dropout_seed
 
 # Elements of one (B, H, block, keys) tensor, and at most this many queries per block: small blocks stay in
 # cache and skip more of the masked upper triangle (on CPU, 64 rows beat 128 and whole-T blocks at T=256..1024).
@@ -66,22 +69,29 @@ def block_scores(qb, k_rev, gk_rev, pos_emb, rel_emb, first_row: int):
     return scores, saved  # scores (B, H, n, S), -inf on masked keys
 
 
-def block_forward(qb, k_rev, v_rev, gk_rev, pos_emb, rel_emb, first_row: int):
-    """One query block: output (B, H, n, D) and per-row log-sum-exp (B, H, n, 1)."""
+def block_forward(qb, k_rev, v_rev, gk_rev, pos_emb, rel_emb, first_row: int, drop):
+    """One query block: output (B, H, n, D) and per-row log-sum-exp (B, H, n, 1).
+
+    drop: None, or (B, H, n, S) dropout factors, 0 or 1 / (1 - p), for the keys in reversed order."""
     scores, _ = block_scores(qb, k_rev, gk_rev, pos_emb, rel_emb, first_row)
     lse = torch.logsumexp(scores, -1, keepdim=True)
-    return torch.exp(scores - lse) @ v_rev, lse
+    probs = torch.exp(scores - lse)
+    return (probs if drop is None else probs * drop) @ v_rev, lse
 
 
-def block_backward(qb, k_rev, v_rev, gk_rev, pos_emb, rel_emb, first_row: int, dout, lse, delta):
+def block_backward(qb, k_rev, v_rev, gk_rev, pos_emb, rel_emb, first_row: int, drop, dout, lse, delta):
     """Gradients of one query block, recomputed from its inputs; key gradients come back in reversed order."""
     scale = 1.0 / math.sqrt(qb.size(-1))
     scores, (gates, unclamped, weight, idx_floor, idx_ceil, z_step, idx_rel) = block_scores(
         qb, k_rev, gk_rev, pos_emb, rel_emb, first_row
     )
     probs = torch.exp(scores - lse)  # (B, H, n, S)
-    dv_rev = probs.transpose(-1, -2) @ dout  # (B, H, S, D)
-    dscores = probs * (dout @ v_rev.transpose(-1, -2) - delta)  # (B, H, n, S); delta_i = sum_j P_ij dP_ij
+    dprobs = dout @ v_rev.transpose(-1, -2)  # (B, H, n, S): gradient of the (dropped) probabilities
+    if drop is not None:
+        dprobs = dprobs * drop
+    dv_rev = (probs if drop is None else probs * drop).transpose(-1, -2) @ dout  # (B, H, S, D)
+    # delta_i = sum_j P_ij dP_ij = dO_i . O_i, with or without dropout.
+    dscores = probs * (dprobs - delta)  # (B, H, n, S)
     # The CoPE term z_floor + w (z_ceil - z_floor): to the per-position logits z, and through w to the gates.
     dz = torch.zeros(*qb.shape[:-1], pos_emb.size(-1), dtype=qb.dtype, device=qb.device)  # (B, H, n, P)
     dz.scatter_add_(-1, idx_floor, dscores * (1 - weight))
@@ -110,9 +120,18 @@ def _reversed_keys(x: Tensor | None, end: int) -> Tensor | None:
     return None if x is None else x[..., :end, :].flip(-2)  # (B, H, end, D), keys end-1 .. 0
 
 
+def _dropout_factors(q: Tensor, n: int, end: int, block_start: int, p: float, seed: int) -> Tensor | None:
+    """(B, H, n, end) factors 0 or 1 / (1 - p) for one block, the same every time for (seed, block_start)."""
+    if p == 0:
+        return None
+    generator = torch.Generator(device=q.device).manual_seed(seed * 1_000_003 + block_start)
+    keep = torch.rand(*q.shape[:2], n, end, generator=generator, device=q.device, dtype=q.dtype) >= p
+    return keep.to(q.dtype) / (1.0 - p)
+
+
 class ChunkedCoPEAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pos_emb, gate_k, rel_emb, block, fns):  # noqa: D102
+    def forward(ctx, q, k, v, pos_emb, gate_k, rel_emb, block, fns, dropout_p, seed):  # noqa: D102
         t, s = q.size(-2), k.size(-2)
         fwd, _ = fns
         out = torch.empty_like(q)  # (B, H, T, D)
@@ -122,11 +141,12 @@ class ChunkedCoPEAttention(torch.autograd.Function):
             first_row = s - t + i0
             end = first_row + n  # a block reads keys 0 .. its last query; the rest are masked
             rev = [_reversed_keys(x, end) for x in (k, v, gate_k)]
+            drop = _dropout_factors(q, n, end, i0, dropout_p, seed)
             out[..., i0 : i0 + n, :], lse[..., i0 : i0 + n, :] = fwd(
-                q[..., i0 : i0 + n, :], rev[0], rev[1], rev[2], pos_emb, rel_emb, first_row
+                q[..., i0 : i0 + n, :], rev[0], rev[1], rev[2], pos_emb, rel_emb, first_row, drop
             )
         ctx.save_for_backward(q, k, v, pos_emb, gate_k, rel_emb, out, lse)
-        ctx.block, ctx.fns = block, fns
+        ctx.block, ctx.fns, ctx.dropout = block, fns, (dropout_p, seed)
         return out
 
     @staticmethod
@@ -152,6 +172,7 @@ class ChunkedCoPEAttention(torch.autograd.Function):
                 pos_emb,
                 rel_emb,
                 first_row,
+                _dropout_factors(q, n, end, i0, *ctx.dropout),
                 grad_out[..., rows, :],
                 lse[..., rows, :],
                 delta[..., rows, :],
@@ -164,7 +185,7 @@ class ChunkedCoPEAttention(torch.autograd.Function):
                 dgk[..., :end, :] += dgk_rev.flip(-2)
             if drel is not None:
                 drel += dr
-        return dq, dk, dv, dpos_emb, dgk, drel, None, None
+        return dq, dk, dv, dpos_emb, dgk, drel, None, None, None, None
 
 
 _COMPILED: dict[str, tuple] = {}
@@ -191,11 +212,14 @@ def cope_attention_chunked(
     rel_emb: Tensor | None = None,
     block_size: int | None = None,
     compiled: bool = False,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> Tensor:
     """Same function as `cope_attention` (plus an optional relative table), computed in query blocks.
 
     q: (B, H, T, D); k, v, gate_k: (B, H, S, D) with S >= T; pos_emb: (D, P); rel_emb: optional (D, R), adds
-    q_i . r[clamp(i - j, 0, R - 1)]; block_size: queries per block (default: sized by `block_rows`).
+    q_i . r[clamp(i - j, 0, R - 1)]; block_size: queries per block (default: sized by `block_rows`);
+    dropout_p: attention dropout, with masks drawn from dropout_seed (default: a seed from torch's global RNG).
     Half-precision inputs are computed in float32 and the output is cast back.
     """
     b, h, t, d = q.shape
@@ -205,8 +229,11 @@ def cope_attention_chunked(
     block = block_size or block_rows(b, h, t, s)
     if block < 1:
         raise ValueError(f"cope_attention_chunked: block_size must be >= 1, got {block}")
+    check_dropout(dropout_p)
+    if dropout_p > 0 and dropout_seed is None:
+        dropout_seed = draw_dropout_seed()
     dtype = torch.promote_types(q.dtype, torch.float32)
     args = [x if x is None else x.to(dtype) for x in (q, k, v, pos_emb, gate_k, rel_emb)]
     with torch.autocast(q.device.type, enabled=False):
-        out = ChunkedCoPEAttention.apply(*args, block, block_functions(compiled))
+        out = ChunkedCoPEAttention.apply(*args, block, block_functions(compiled), dropout_p, dropout_seed or 0)
     return out.to(q.dtype)

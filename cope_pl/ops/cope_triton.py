@@ -16,6 +16,8 @@ import os
 import torch
 from torch import Tensor
 
+from cope_pl.ops.dropout import check_dropout, draw_dropout_seed
+
 MAX_NPOS = 256
 
 
@@ -40,7 +42,7 @@ BACKWARD_TILES = ((16, 8, 2), (16, 4, 2), (32, 8, 2), (32, 4, 2), (64, 8, 2))
 # Interpreter tiles, (BLOCK_M, BLOCK_N) per kernel: small, so tiny test shapes still cross tile edges. The two
 # backward passes must share BLOCK_N; their BLOCK_M may differ, as the autotuner may pick on a GPU.
 INTERPRETER_TILES = {"forward": (16, 16), "query": (16, 16), "key": (16, 16)}
-TUNING_KEY = ["D", "BLOCK_P", "SEP_KEYS"]
+TUNING_KEY = ["D", "BLOCK_P", "SEP_KEYS", "DROPOUT"]
 
 
 @functools.cache
@@ -101,7 +103,7 @@ class _CopeAttention(torch.autograd.Function):
     """Inputs flattened to (BH, T, D) / (BH, S, D) / (BH, T, P), contiguous; z in fp32."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, z: Tensor, gate_k: Tensor | None, backward: str) -> Tensor:
+    def forward(ctx, q, k, v, z, gate_k, backward: str, dropout_p: float, seed: int) -> Tensor:
         bh, t, d = q.shape
         s, npos = k.size(1), z.size(-1)
         out = torch.empty_like(q)
@@ -110,11 +112,11 @@ class _CopeAttention(torch.autograd.Function):
         sep = gate_k is not None
         fwd, _, _ = _kernels(_interpreting())
         fwd[_row_tiles(t, bh)](
-            q, k, v, gate_k if sep else k, z, out, lse, gsum, t, s, npos, 1.0 / math.sqrt(d),
-            SEP_KEYS=sep, **_constants(q, npos), **_tiles("forward"),
+            q, k, v, gate_k if sep else k, z, out, lse, gsum, t, s, npos, 1.0 / math.sqrt(d), dropout_p, seed,
+            SEP_KEYS=sep, DROPOUT=dropout_p > 0, **_constants(q, npos), **_tiles("forward"),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, z, gate_k if sep else None, out, lse, gsum)
-        ctx.sep, ctx.backward = sep, backward
+        ctx.sep, ctx.backward, ctx.dropout = sep, backward, (dropout_p, seed)
         return out
 
     @staticmethod
@@ -139,19 +141,21 @@ class _CopeAttention(torch.autograd.Function):
         carry_shape = (1,) if atomic else (bh, n_key_tiles, t)
         gate_before, dpos_before = (torch.empty(carry_shape, device=q.device, dtype=torch.float32) for _ in range(2))
         gk = gate_k if ctx.sep else k
-        scale = 1.0 / math.sqrt(d)
+        scale, (dropout_p, seed) = 1.0 / math.sqrt(d), ctx.dropout
         _, bwd_query, bwd_key = _kernels(_interpreting())
         bwd_query[_row_tiles(t, bh)](
             q, k, v, gk, z, dout, lse, delta, gsum, dq, dz, gate_before, dpos_before, dk, dv, dgk,
-            t, s, npos, n_key_tiles, scale, SEP_KEYS=ctx.sep, ATOMIC_KEY_GRADS=atomic, **consts, **query_tiles,
+            t, s, npos, n_key_tiles, scale, dropout_p, seed,
+            SEP_KEYS=ctx.sep, ATOMIC_KEY_GRADS=atomic, DROPOUT=dropout_p > 0, **consts, **query_tiles,
         )  # fmt: skip
         if not atomic:
             bwd_key[(n_key_tiles, bh)](
                 q, k, v, gk, z, dout, lse, delta, gsum, gate_before, dpos_before, dk, dv, dgk,
-                t, s, npos, n_key_tiles, scale, SEP_KEYS=ctx.sep, **consts, **key_tiles,
+                t, s, npos, n_key_tiles, scale, dropout_p, seed,
+                SEP_KEYS=ctx.sep, DROPOUT=dropout_p > 0, **consts, **key_tiles,
             )  # fmt: skip
         dgk = dgk.to(q.dtype) if ctx.sep else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dz, dgk, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dz, dgk, None, None, None
 
 
 BACKWARDS = ("auto", "two_pass", "atomic")
@@ -166,7 +170,14 @@ def choose_backward(backward: str, n_key_tiles: int, npos: int) -> str:
 
 
 def cope_attention_triton(
-    q: Tensor, k: Tensor, v: Tensor, pos_emb: Tensor, gate_k: Tensor | None = None, backward: str = "auto"
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos_emb: Tensor,
+    gate_k: Tensor | None = None,
+    backward: str = "auto",
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> Tensor:
     """Causal softmax attention with CoPE, fused; same signature, semantics and gradients as `cope_attention`.
 
@@ -176,6 +187,7 @@ def cope_attention_triton(
     backward: "two_pass" (a query pass and a key pass, no atomics across programs, 2 fp32 carries per row and
     32-key tile of scratch), "atomic" (one pass adding key gradients with fp32 atomics) or "auto" (two_pass while
     S <= 32 P, so that memory stays O(T P); see `choose_backward` and cope_triton_kernels).
+    dropout_p: attention dropout, with masks drawn from dropout_seed (default: a seed from torch's global RNG).
     """
     b, h, t, d = q.shape
     s, npos = k.size(-2), pos_emb.size(-1)
@@ -185,6 +197,9 @@ def cope_attention_triton(
         raise ValueError(f"cope_attention_triton supports npos_max <= {MAX_NPOS}, got {npos}; use impl: chunked")
     if backward not in BACKWARDS:
         raise ValueError(f"cope_attention_triton: backward must be one of {list(BACKWARDS)}, got {backward!r}")
+    check_dropout(dropout_p)
+    if dropout_p > 0 and dropout_seed is None:
+        dropout_seed = draw_dropout_seed()
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"cope_attention_triton takes float32, float16 or bfloat16 inputs, got {q.dtype}")
     if not (q.is_cuda or _interpreting()):
@@ -199,6 +214,13 @@ def cope_attention_triton(
         return x.reshape(b * h, n, x.size(-1)).contiguous()
 
     out = _CopeAttention.apply(
-        flat(q, t), flat(k, s), flat(v, s), flat(z, t), None if gate_k is None else flat(gate_k, s), backward
+        flat(q, t),
+        flat(k, s),
+        flat(v, s),
+        flat(z, t),
+        None if gate_k is None else flat(gate_k, s),
+        backward,
+        dropout_p,
+        dropout_seed or 0,
     )  # (BH, T, D)
     return out.view(b, h, t, d)

@@ -61,9 +61,9 @@ def _query_program(T, S, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_
 @triton.jit
 def cope_fwd_kernel(
     Q, K, V, GK, Z, O, LSE, GSUM,
-    T, S, NPOS, scale,
+    T, S, NPOS, scale, dropout_p, seed,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    SEP_KEYS: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
+    SEP_KEYS: tl.constexpr, DROPOUT: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     m0 = tl.program_id(0) * BLOCK_M
     bh, offs_m, offs_d, offs_p, row_ok, rows_abs, d_ok = _query_program(T, S, D, BLOCK_M, BLOCK_D, BLOCK_P)
@@ -107,6 +107,8 @@ def cope_fwd_kernel(
         alpha = tl.exp(m_i - m_new)
         probs = tl.exp(logits - m_new[:, None])
         l_i = l_i * alpha + tl.sum(probs, axis=1)
+        if DROPOUT:  # the normaliser l_i sums the probabilities before dropout
+            probs = probs * _dropout_factors(seed, dropout_p, bh, offs_m, offs_n, T, S)
         acc = acc * alpha[:, None] + _dot(probs, v, IN_DT, DOT_DT, PREC)
         m_i = m_new
 
@@ -121,14 +123,22 @@ def cope_fwd_kernel(
 
 
 @triton.jit
+def _dropout_factors(seed, dropout_p, bh, offs_m, offs_n, T, S):
+    """Attention dropout, 0 or 1 / (1 - p) per (query row, key), drawn from (seed, batch-head, row, key) with
+    Philox: the forward and both backward passes regenerate the same mask, whatever their tiles."""
+    keep = tl.rand(seed, (bh * T + offs_m)[:, None] * S + offs_n[None, :]) >= dropout_p
+    return tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+
+
+@triton.jit
 def _backward_tile(
-    q, do, k, v, gk, z, lse, delta, p_left, valid, NPOS, scale,
-    SEP_KEYS: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
+    q, do, k, v, gk, z, lse, delta, p_left, valid, NPOS, scale, dropout_p, seed, bh, offs_m, offs_n, T, S,
+    SEP_KEYS: tl.constexpr, DROPOUT: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Recompute one (query tile, key tile) of the forward and its gradients up to the positions.
 
     p_left: (BLOCK_M,) gate sum from the tile's first key to the diagonal. Returns g, p, floor, w, attention
-    probabilities, dL/dlogits and dL/dp, each (BLOCK_M, BLOCK_N) and zero outside `valid`.
+    probabilities after dropout, dL/dlogits and dL/dp, each (BLOCK_M, BLOCK_N) and zero outside `valid`.
     """
     s = _dot(q, tl.trans(k), IN_DT, DOT_DT, PREC) * scale
     if SEP_KEYS:
@@ -142,11 +152,17 @@ def _backward_tile(
     cope, f, _c, w, z_diff = _positions_and_cope(z, p, NPOS)
     logits = tl.where(valid, s + cope, float("-inf"))
     probs = tl.exp(logits - lse[:, None])
-    dprobs = _dot(do, tl.trans(v), IN_DT, DOT_DT, PREC)
-    ds = probs * (dprobs - delta[:, None])  # dL/dlogits
+    dprobs = _dot(do, tl.trans(v), IN_DT, DOT_DT, PREC)  # gradient of the probabilities after dropout
+    if DROPOUT:
+        factors = _dropout_factors(seed, dropout_p, bh, offs_m, offs_n, T, S)
+        dprobs = dprobs * factors
+        dropped = probs * factors
+    else:
+        dropped = probs
+    ds = probs * (dprobs - delta[:, None])  # dL/dlogits; delta_i = dO_i . O_i, with or without dropout
     # dL/dp = ds (z_c - z_f); clamped positions have f = c = P-1, so no gradient, as with torch.clamp.
     dpos = tl.where(valid, ds * z_diff, 0.0)
-    return g, p, f, w, probs, ds, dpos
+    return g, p, f, w, dropped, ds, dpos
 
 
 @triton.jit
@@ -178,9 +194,9 @@ def _load_query_tile(Q, DO, Z, LSE, DELTA, GSUM, bh, offs_m, offs_d, offs_p, T, 
 @triton.jit
 def cope_bwd_query_kernel(
     Q, K, V, GK, Z, DO, LSE, DELTA, GSUM, DQ, DZ, GATE_BEFORE, DPOS_BEFORE, DK, DV, DGK,
-    T, S, NPOS, N_KEY_TILES, scale,
+    T, S, NPOS, N_KEY_TILES, scale, dropout_p, seed,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    SEP_KEYS: tl.constexpr, ATOMIC_KEY_GRADS: tl.constexpr,
+    SEP_KEYS: tl.constexpr, ATOMIC_KEY_GRADS: tl.constexpr, DROPOUT: tl.constexpr,
     IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     m0 = tl.program_id(0) * BLOCK_M
@@ -211,8 +227,9 @@ def cope_bwd_query_kernel(
             tl.store(DPOS_BEFORE + carry_rows + it * T, dpos_carry, mask=row_ok)
 
         g, p, f, w, probs, ds, dpos = _backward_tile(
-            q, do, k, v, gk, z, lse, delta, gsum - gate_carry, valid, NPOS, scale, SEP_KEYS, IN_DT, DOT_DT, PREC
-        )
+            q, do, k, v, gk, z, lse, delta, gsum - gate_carry, valid, NPOS, scale, dropout_p, seed, bh, offs_m, offs_n,
+            T, S, SEP_KEYS, DROPOUT, IN_DT, DOT_DT, PREC,
+        )  # fmt: skip
         gate_carry += tl.sum(g, axis=1)
         dgate_logits = _gate_logit_grads(dpos, dpos_carry, g, valid)
         dpos_carry += tl.sum(dpos, axis=1)
@@ -245,9 +262,9 @@ def cope_bwd_query_kernel(
 @triton.jit
 def cope_bwd_key_kernel(
     Q, K, V, GK, Z, DO, LSE, DELTA, GSUM, GATE_BEFORE, DPOS_BEFORE, DK, DV, DGK,
-    T, S, NPOS, N_KEY_TILES, scale,
+    T, S, NPOS, N_KEY_TILES, scale, dropout_p, seed,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    SEP_KEYS: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
+    SEP_KEYS: tl.constexpr, DROPOUT: tl.constexpr, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -282,8 +299,9 @@ def cope_bwd_key_kernel(
         valid = (offs_n[None, :] <= rows_abs[:, None]) & key_ok[None, :] & row_ok[:, None]
 
         g, _p, _f, _w, probs, ds, dpos = _backward_tile(
-            q, do, k, v, gk, z, lse, delta, gsum - gate_before, valid, NPOS, scale, SEP_KEYS, IN_DT, DOT_DT, PREC
-        )
+            q, do, k, v, gk, z, lse, delta, gsum - gate_before, valid, NPOS, scale, dropout_p, seed, bh, offs_m,
+            offs_n, T, S, SEP_KEYS, DROPOUT, IN_DT, DOT_DT, PREC,
+        )  # fmt: skip
         dgate_logits = _gate_logit_grads(dpos, dpos_before, g, valid)
         dv += _dot(tl.trans(probs), do, IN_DT, DOT_DT, PREC)
         if SEP_KEYS:

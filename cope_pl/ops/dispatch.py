@@ -46,12 +46,15 @@ def run_cope_attention(
     gate_k: Tensor | None = None,
     rel_emb: Tensor | None = None,
     compiled: bool = False,
+    dropout_p: float = 0.0,
 ) -> Tensor:
     """Causal CoPE attention (B, H, T, D) with the named implementation (after `resolve_cope_impl`)."""
     if impl == "triton":
-        return cope_attention_triton(q, k, v, pos_emb, gate_k=gate_k)
+        return cope_attention_triton(q, k, v, pos_emb, gate_k=gate_k, dropout_p=dropout_p)
     if impl == "chunked":
-        return cope_attention_chunked(q, k, v, pos_emb, gate_k=gate_k, rel_emb=rel_emb, compiled=compiled)
-    if rel_emb is not None:
-        raise ValueError("the reference CoPE op takes no relative table; add the relative logit term separately")
+        return cope_attention_chunked(
+            q, k, v, pos_emb, gate_k=gate_k, rel_emb=rel_emb, compiled=compiled, dropout_p=dropout_p
+        )
+    if rel_emb is not None or dropout_p > 0:
+        raise ValueError("the reference CoPE op has no relative table or dropout; use explicit logits for those")
     return cope_attention(q, k, v, pos_emb, gate_k=gate_k)

@@ -43,11 +43,11 @@ class ComposedPositionEncoding(PositionEncoding):
         others = [p for p in self.parts if p.adds_logit_term and p not in cope]
         relative = [p for p in others if isinstance(p, RelativePositionEncoding)]
         fused = len(cope) == 1 and len(others) == len(relative) <= 1
-        if not (fused and cope[0].runs_fused(q.device, dropout_p, relative=bool(relative))):
+        if not (fused and cope[0].runs_fused(q.device, relative=bool(relative))):
             return super().attend(layer, x, q, k, v, dropout_p)  # explicit logits, every term added
         q, k = self.transform_qk(layer, q, k)
         rel_emb = relative[0].relative_table(layer, k.size(-2)).to(q.dtype) if relative else None
-        return cope[0].fused_attend(layer, x, q, k, v, rel_emb=rel_emb)
+        return cope[0].fused_attend(layer, x, q, k, v, dropout_p, rel_emb=rel_emb)
 
     def logit_term(self, layer: int, x: Tensor, q: Tensor, k: Tensor, logits: Tensor) -> Tensor:
         terms = [p.logit_term(layer, x, q, k, logits) for p in self.parts if p.adds_logit_term]

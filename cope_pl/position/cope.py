@@ -62,21 +62,25 @@ class ContextualPositionEncoding(PositionEncoding):
         gates = self.gate_logits(layer, x, q, logits)
         return cope_position_logits(q, gates, self.pos_emb[layer].to(q.dtype))
 
-    def runs_fused(self, device: torch.device, dropout_p: float, relative: bool = False) -> bool:
+    def runs_fused(self, device: torch.device, relative: bool = False) -> bool:
         """True when attention calls the CoPE op directly instead of adding `logit_term` to explicit logits."""
-        return dropout_p == 0 and resolve_cope_impl(self.impl, device, relative) != "reference"
+        return resolve_cope_impl(self.impl, device, relative) != "reference"
 
-    def fused_attend(self, layer: int, x: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor | None = None):
+    def fused_attend(
+        self, layer: int, x: Tensor, q: Tensor, k: Tensor, v: Tensor, dropout_p: float, rel_emb: Tensor | None = None
+    ) -> Tensor:
         """Causal CoPE attention on already transformed q, k (B, H, T, D); rel_emb (D, R) adds q_i . r[i - j]."""
         impl = resolve_cope_impl(self.impl, q.device, relative=rel_emb is not None)
         gate_k = self.gate_keys(layer, x)
         pos_emb = self.pos_emb[layer].to(q.dtype)
-        return run_cope_attention(impl, q, k, v, pos_emb, gate_k, rel_emb, compiled=self.compile_blocks)
+        return run_cope_attention(
+            impl, q, k, v, pos_emb, gate_k, rel_emb, compiled=self.compile_blocks, dropout_p=dropout_p
+        )
 
     def attend(self, layer: int, x: Tensor, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
-        if not self.runs_fused(q.device, dropout_p):
+        if not self.runs_fused(q.device):
             return super().attend(layer, x, q, k, v, dropout_p)
-        return self.fused_attend(layer, x, q, k, v)
+        return self.fused_attend(layer, x, q, k, v, dropout_p)
 
 
 @register("cope_sepkeys")
