@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-layers", type=int, default=4)
     p.add_argument("--train-d-model", type=int, default=256)
     p.add_argument("--train-impls", nargs="+", default=["chunked", "reference"], help="CoPE impls in the step")
+    p.add_argument("--train-dropout", type=float, default=0.0, help="model dropout (the paper-scale configs use 0.1)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -112,6 +113,7 @@ def train_table(args: argparse.Namespace, device: torch.device) -> pd.DataFrame:
             layers=args.train_layers,
             d_model=args.train_d_model,
             heads=args.heads,
+            dropout=args.train_dropout,
         )
         cases = {"rope": dict(base, position="rope", impl="")}
         cases.update({f"cope/{i}": dict(base, position="cope", impl=i) for i in args.train_impls})
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.train_lengths:
         model = (
             f"{args.train_layers} layers, d_model {args.train_d_model}, {args.heads} heads, batch "
-            f"{args.train_batch}; forward, backward and AdamW step"
+            f"{args.train_batch}, dropout {args.train_dropout}; forward, backward and AdamW step"
         )
         write(train_table(args, device), args.out / "train_step", "Training step", f"{note}\n\n{model}.")
     print(f"wrote {args.out}/attention.md" + (f" and {args.out}/train_step.md" if args.train_lengths else ""))

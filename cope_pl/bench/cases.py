@@ -3,7 +3,8 @@
 A case is a plain dict (so it can be handed to a child process as JSON):
   attention: {"kind": "attention", "impl": one of ATTENTION_IMPLS, "T", "B", "H", "D", "P",
               "dtype" (optional, default float32)}
-  train:     {"kind": "train", "position": rope|cope, "impl": ..., "T", "B", "layers", "d_model", "heads"}
+  train:     {"kind": "train", "position": rope|cope, "impl": ..., "T", "B", "layers", "d_model", "heads",
+              "dropout" (optional, default 0)}
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def train_case(case: dict[str, Any], device: torch.device) -> Callable[[], None]
         max_seq_len=case["T"],
         position=case["position"],
         position_options=options,
+        dropout=case.get("dropout", 0.0),
     ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 256, (case["B"], case["T"] + 1), device=device)

@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     note = (
         f"{datetime.datetime.now().isoformat(timespec='seconds')}; compiled for sm_{args.arch} with triton "
-        f"{triton.__version__}, {args.dtype} inputs, sep-keys {args.sep_keys}, dropout {args.dropout}; ptxas registers per thread, spill "
-        "store bytes and shared memory per program. Static figures: nothing ran on a GPU."
+        f"{triton.__version__}, {args.dtype} inputs, sep-keys {args.sep_keys}, dropout {args.dropout}; ptxas "
+        "registers per thread, spill store bytes and shared memory per program. Static figures: nothing ran on a GPU."
     )
     write(df, args.out / "triton_kernels.md", "Fused CoPE kernels: compile statistics", note)
     print(f"wrote {args.out / 'triton_kernels.md'}")
