@@ -18,12 +18,15 @@ Backward, two passes, neither with atomics across programs:
      dg_it = sum_{j<=t} dp_ij is an in-tile cumulative sum plus a carry; the positions are recovered from the saved
      row total as p_ij = total_i - sum_{t<j} g_it. It owns dq and dz (dz entries of one row are scattered into its
      P bins with atomic adds inside the program; clamped positions all land in bin P-1 and are summed first), and
-     writes both carries at the left edge of every key tile: (BH, T/BLOCK_N, T) floats each.
+     writes both carries at the left edge of every key tile: (BH, S/BLOCK_N, T) floats each.
   2. `cope_bwd_key_kernel`, one program per key tile, walks the query tiles below it, recomputes the tile from
      those carries and owns dk, dv and d gate_k.
 The carries cost O(T^2 / BLOCK_N) scratch memory during the backward (the forward keeps O(T)). With
 ATOMIC_KEY_GRADS the first pass instead adds dk, dv and d gate_k into fp32 buffers with atomics and the second
 pass is skipped: the alternative `backward="atomic"`, kept so a GPU benchmark can compare the two.
+
+Attention dropout (DROPOUT) multiplies the normalised probabilities by 0 or 1/(1-p), drawn with Philox from
+(seed, batch-head, row, key), so every kernel and every tile shape sees the same mask.
 """
 
 import triton
