@@ -7,6 +7,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# COPE_TEST_DEVICE=cuda (with TRITON_INTERPRET=0) runs the fused-kernel tests on a GPU, compiled for it, with the
+# fixed test tiles: autotuning each tiny shape would compile every tile candidate.
+TEST_DEVICE = torch.device(os.environ.get("COPE_TEST_DEVICE", "cpu"))
+if TEST_DEVICE.type == "cuda":
+    from cope_pl.ops import cope_triton
+
+    cope_triton.AUTOTUNE = False
+
 
 @pytest.fixture(autouse=True)
 def _seed():

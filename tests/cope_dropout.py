@@ -29,7 +29,7 @@ def observed_mask(op, q, k, pos_emb, gate_k, p, seed):
     b, h, t, d = q.shape
     s = k.size(-2)
     assert s <= d, "one-hot values need S <= D"
-    onehot = torch.eye(s, d, dtype=q.dtype).expand(b, h, s, d)
+    onehot = torch.eye(s, d, dtype=q.dtype, device=q.device).expand(b, h, s, d)
     with torch.no_grad():
         dropped = op(q, k, onehot, pos_emb, gate_k=gate_k, dropout_p=p, dropout_seed=seed)[..., :s]  # (B,H,T,S)
     return dropped != 0, dropped
@@ -41,7 +41,7 @@ def check_dropout_semantics(op, inputs, p, seed, dtype=torch.float32):
     keep, dropped = observed_mask(op, q, k, pos_emb, gate_k, p, seed)
     probs = reference_probs(*(None if x is None else x.double() for x in (q, k, pos_emb, gate_k)))
     expected = torch.where(keep, probs / (1 - p), torch.zeros_like(probs))
-    causal = causal_mask(q.size(-2), k.size(-2)).expand_as(keep)
+    causal = causal_mask(q.size(-2), k.size(-2), q.device).expand_as(keep)
     return (dropped.double() - expected).abs().max().item(), 1 - keep[causal].float().mean().item()
 
 
@@ -49,7 +49,7 @@ def compare_with_masked_reference(op, inputs, p, seed, dtype=torch.float32):
     """(name, error, scale) for the output and every gradient, against float64 with the op's own mask."""
     q, k, v, pos_emb, gate_k = inputs
     keep, _ = observed_mask(op, *(None if x is None else x.to(dtype) for x in (q, k, pos_emb, gate_k)), p, seed)
-    weights = torch.randn(q.shape, dtype=torch.float64)
+    weights = torch.randn(q.shape, dtype=torch.float64).to(q.device)
 
     def masked_reference(q, k, v, pos_emb, gate_k=None):
         return (reference_probs(q, k, pos_emb, gate_k) * keep / (1 - p)) @ v
@@ -67,8 +67,9 @@ def compare_with_masked_reference(op, inputs, p, seed, dtype=torch.float32):
     return [(n, (g.double() - e).abs().max().item(), e.abs().max().item()) for n, e, g in zip(NAMES, exact, got)]
 
 
-def dropout_inputs(t, s, d, sep_keys, b=2, h=2, npos=16):
+def dropout_inputs(t, s, d, sep_keys, b=2, h=2, npos=16, device="cpu"):
     """float64 (q, k, v, pos_emb, gate_k or None); callers cast. npos 16 < T, so the clamp is reached too."""
     q, k, v = torch.randn(b, h, t, d, dtype=torch.float64), *torch.randn(2, b, h, s, d, dtype=torch.float64)
     gate_k = torch.randn(b, h, s, d, dtype=torch.float64) if sep_keys else None
-    return [q, k, v, torch.randn(d, npos, dtype=torch.float64), gate_k]
+    inputs = [q, k, v, torch.randn(d, npos, dtype=torch.float64), gate_k]
+    return [None if x is None else x.to(device) for x in inputs]

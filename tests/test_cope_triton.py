@@ -1,5 +1,8 @@
 """The fused Triton CoPE kernel against the reference op, run by Triton's CPU interpreter (no GPU needed).
 
+On a GPU, `COPE_TEST_DEVICE=cuda TRITON_INTERPRET=0 pytest tests/test_cope_triton.py` runs the same checks on CUDA
+tensors with the kernels compiled for it (`python -m cope_pl.bench.gpu_check` does).
+
 Errors are measured against the reference evaluated in float64 on the same (rounded) inputs.
 float32: every output and gradient within 1e-4 of the largest entry of that tensor, plus 1e-5.
 float16/bfloat16: within twice the error of the reference op run in the same dtype, plus 1e-3 of the largest entry.
@@ -17,6 +20,7 @@ import torch
 
 from cope_pl.ops import cope_attention, cope_triton
 from cope_pl.ops.cope_triton import choose_backward, cope_attention_triton, triton_available
+from tests.conftest import TEST_DEVICE
 from tests.cope_dropout import check_dropout_semantics, compare_with_masked_reference, dropout_inputs
 
 # tests/conftest.py sets TRITON_INTERPRET=1 before triton is first imported; these tests use CPU tensors.
@@ -33,7 +37,7 @@ def make_inputs(b, h, t, s, d, npos, sep_keys, dtype, gate_scale=1.0):
     k, v = torch.randn(b, h, s, d), torch.randn(b, h, s, d)
     gate_k = torch.randn(b, h, s, d) * gate_scale if sep_keys else None
     inputs = [q, k, v, torch.randn(d, npos), gate_k]
-    return [None if x is None else x.to(dtype) for x in inputs]
+    return [None if x is None else x.to(TEST_DEVICE, dtype) for x in inputs]
 
 
 def outputs_and_grads(fn, inputs, dtype, out_weights):
@@ -46,7 +50,7 @@ def outputs_and_grads(fn, inputs, dtype, out_weights):
 
 def compare(inputs, dtype, backward):
     """(name, fused error, reference error in dtype, scale) for the output and each gradient."""
-    weights = torch.randn(inputs[0].shape)
+    weights = torch.randn(inputs[0].shape).to(TEST_DEVICE)
     exact = outputs_and_grads(cope_attention, inputs, torch.float64, weights)
     fused_op = functools.partial(cope_attention_triton, backward=backward)
     fused = outputs_and_grads(fused_op, inputs, dtype, weights)
@@ -84,7 +88,7 @@ def test_float32_output_and_every_gradient_match_reference(b, h, t, s, d, npos, 
 def test_tile_shapes_of_each_kernel_may_differ(monkeypatch, sep_keys):
     # The GPU autotuner picks each kernel's tiles on its own: rectangular, and the key pass walking query tiles of
     # another height than the query pass that wrote its carries. Only the key tile width is shared.
-    monkeypatch.setattr(cope_triton, "INTERPRETER_TILES", {"forward": (32, 16), "query": (16, 32), "key": (32, 32)})
+    monkeypatch.setattr(cope_triton, "FIXED_TILES", {"forward": (32, 16), "query": (16, 32), "key": (32, 32)})
     inputs = make_inputs(1, 2, 45, 50, 32, 16, sep_keys, torch.float32)
     for name, err, _, scale in compare(inputs, torch.float32, "two_pass"):
         assert err <= 1e-4 * scale + 1e-5, f"{name}: error {err:.2e} for values up to {scale:.2e}"
@@ -132,10 +136,20 @@ def test_bfloat16_gate_sums_are_kept_in_float32():
     # 0.05 off here); torch's own bf16 reference op is 0.14 off. bf16 rounding of the output alone is below 0.008.
     b, h, t, s, d, npos = 1, 1, 4, 300, 16, 256
     q, k, v, e, _ = make_inputs(b, h, t, s, d, npos, False, torch.bfloat16)
-    gate_k = torch.zeros(b, h, s, d, dtype=torch.bfloat16)
+    gate_k = torch.zeros(b, h, s, d, dtype=torch.bfloat16, device=TEST_DEVICE)
     fused = cope_attention_triton(q, k, v, e, gate_k=gate_k)
     exact = cope_attention(*(x.double() for x in (q, k, v, e)), gate_k=gate_k.double())
     assert (fused.double() - exact).abs().max().item() < 1.5e-2
+
+
+@needs_triton
+def test_bf16_autocast_leaves_the_fused_op_unchanged():
+    # bf16-mixed training runs attention under autocast, which would otherwise round z = q E to bf16 (0.01 off here).
+    q, k, v, e, _ = make_inputs(1, 2, 20, 20, 32, 16, False, torch.bfloat16)
+    plain = cope_attention_triton(q, k, v, e)
+    with torch.autocast(TEST_DEVICE.type, dtype=torch.bfloat16):
+        autocast = cope_attention_triton(q, k, v, e)
+    assert torch.equal(plain, autocast)
 
 
 def test_rejects_fewer_keys_than_queries():
@@ -176,7 +190,7 @@ def test_every_kernel_compiles_for_h100_without_a_gpu(tmp_path, variant):
 @needs_triton
 @pytest.mark.parametrize("sep_keys", [False, True])
 def test_dropout_keeps_reference_probabilities_scaled_and_drops_about_p(sep_keys):
-    inputs = dropout_inputs(t=40, s=48, d=48, sep_keys=sep_keys)
+    inputs = dropout_inputs(t=40, s=48, d=48, sep_keys=sep_keys, device=TEST_DEVICE)
     err, dropped = check_dropout_semantics(cope_attention_triton, inputs, p=0.3, seed=5)
     assert err < 1e-5
     assert 0.2 < dropped < 0.4  # 2 x 2 x 1,140 causal entries; a wrong mask rate shows
@@ -187,14 +201,14 @@ def test_dropout_keeps_reference_probabilities_scaled_and_drops_about_p(sep_keys
 @pytest.mark.parametrize("sep_keys", [False, True])
 def test_dropout_gradients_match_reference_with_the_same_mask(sep_keys, backward):
     op = functools.partial(cope_attention_triton, backward=backward)
-    inputs = dropout_inputs(t=21, s=30, d=32, sep_keys=sep_keys)
+    inputs = dropout_inputs(t=21, s=30, d=32, sep_keys=sep_keys, device=TEST_DEVICE)
     for name, err, scale in compare_with_masked_reference(op, inputs, p=0.25, seed=11):
         assert err <= 1e-4 * scale + 1e-5, f"{name}: error {err:.2e} for values up to {scale:.2e}"
 
 
 @needs_triton
 def test_dropout_masks_follow_the_seed():
-    q, k, v, e = (x.float() for x in dropout_inputs(t=16, s=16, d=16, sep_keys=False)[:4])
+    q, k, v, e = (x.float() for x in dropout_inputs(t=16, s=16, d=16, sep_keys=False, device=TEST_DEVICE)[:4])
     first, again = (cope_attention_triton(q, k, v, e, dropout_p=0.5, dropout_seed=3) for _ in range(2))
     other = cope_attention_triton(q, k, v, e, dropout_p=0.5, dropout_seed=4)
     assert torch.equal(first, again) and not torch.equal(first, other)

@@ -39,22 +39,29 @@ FORWARD_TILES = ((64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2),
 # Both backward passes use one key tile width, since the carries are stored per key tile; (BLOCK_M, warps, stages).
 BACKWARD_BLOCK_N = 32
 BACKWARD_TILES = ((16, 8, 2), (16, 4, 2), (32, 8, 2), (32, 4, 2), (64, 8, 2))
-# Interpreter tiles, (BLOCK_M, BLOCK_N) per kernel: small, so tiny test shapes still cross tile edges. The two
-# backward passes must share BLOCK_N; their BLOCK_M may differ, as the autotuner may pick on a GPU.
-INTERPRETER_TILES = {"forward": (16, 16), "query": (16, 16), "key": (16, 16)}
+# Fixed tiles, (BLOCK_M, BLOCK_N) per kernel, used in the interpreter and whenever AUTOTUNE is off: small, so tiny
+# test shapes still cross tile edges. The two backward passes must share BLOCK_N; their BLOCK_M may differ, as the
+# autotuner may pick on a GPU.
+FIXED_TILES = {"forward": (16, 16), "query": (16, 16), "key": (16, 16)}
 TUNING_KEY = ["D", "BLOCK_P", "SEP_KEYS", "DROPOUT"]
+# Off: a GPU runs FIXED_TILES too, e.g. for the kernel tests on a GPU, where tuning every tiny shape would cost
+# minutes of compiling (tests/conftest.py turns it off under COPE_TEST_DEVICE=cuda).
+AUTOTUNE = True
+
+
+def _autotuning() -> bool:
+    return AUTOTUNE and not _interpreting()  # the interpreter cannot time anything
 
 
 @functools.cache
-def _kernels(interpreting: bool) -> tuple:
-    """(forward, backward query pass, backward key pass) launchers: autotuned on a GPU; plain in the interpreter,
-    where the autotuner cannot time anything and the tiles are passed in."""
+def _kernels(autotune: bool) -> tuple:
+    """(forward, backward query pass, backward key pass) launchers: autotuned, or plain with the tiles passed in."""
     import triton
 
     from cope_pl.ops import cope_triton_kernels as kernels
 
     fwd, bwd_query, bwd_key = kernels.cope_fwd_kernel, kernels.cope_bwd_query_kernel, kernels.cope_bwd_key_kernel
-    if interpreting:
+    if not autotune:
         return fwd, bwd_query, bwd_key
     fwd_configs = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in FORWARD_TILES
@@ -88,9 +95,9 @@ def _constants(q: Tensor, npos: int) -> dict:
 
 
 def _tiles(kernel: str) -> dict:
-    """Tile sizes passed by hand: all of them in the interpreter, the shared key tile width of the backward."""
-    if _interpreting():
-        block_m, block_n = INTERPRETER_TILES[kernel]
+    """Tile sizes passed by hand: all of them without the autotuner, else the shared key tile width of the backward."""
+    if not _autotuning():
+        block_m, block_n = FIXED_TILES[kernel]
         return dict(BLOCK_M=block_m, BLOCK_N=block_n)
     return {} if kernel == "forward" else dict(BLOCK_N=BACKWARD_BLOCK_N)
 
@@ -110,7 +117,7 @@ class _CopeAttention(torch.autograd.Function):
         lse = torch.empty(bh, t, device=q.device, dtype=torch.float32)
         gsum = torch.empty(bh, t, device=q.device, dtype=torch.float32)
         sep = gate_k is not None
-        fwd, _, _ = _kernels(_interpreting())
+        fwd, _, _ = _kernels(_autotuning())
         fwd[_row_tiles(t, bh)](
             q, k, v, gate_k if sep else k, z, out, lse, gsum, t, s, npos, 1.0 / math.sqrt(d), dropout_p, seed,
             SEP_KEYS=sep, DROPOUT=dropout_p > 0, **_constants(q, npos), **_tiles("forward"),
@@ -142,7 +149,7 @@ class _CopeAttention(torch.autograd.Function):
         gate_before, dpos_before = (torch.empty(carry_shape, device=q.device, dtype=torch.float32) for _ in range(2))
         gk = gate_k if ctx.sep else k
         scale, (dropout_p, seed) = 1.0 / math.sqrt(d), ctx.dropout
-        _, bwd_query, bwd_key = _kernels(_interpreting())
+        _, bwd_query, bwd_key = _kernels(_autotuning())
         bwd_query[_row_tiles(t, bh)](
             q, k, v, gk, z, dout, lse, delta, gsum, dq, dz, gate_before, dpos_before, dk, dv, dgk,
             t, s, npos, n_key_tiles, scale, dropout_p, seed,
@@ -208,19 +215,21 @@ def cope_attention_triton(
         )
     if importlib.util.find_spec("triton") is None:
         raise ImportError("cope_attention_triton needs triton: pip install 'cope_pl[triton]'")
-    z = torch.matmul(q.float(), pos_emb.float())  # (B, H, T, P): z_i[p] = q_i . e[p], fp32
 
     def flat(x: Tensor, n: int) -> Tensor:
         return x.reshape(b * h, n, x.size(-1)).contiguous()
 
-    out = _CopeAttention.apply(
-        flat(q, t),
-        flat(k, s),
-        flat(v, s),
-        flat(z, t),
-        None if gate_k is None else flat(gate_k, s),
-        backward,
-        dropout_p,
-        dropout_seed or 0,
-    )  # (BH, T, D)
+    # Under bf16 autocast (bf16-mixed training) the matmul would round z to bf16.
+    with torch.autocast(q.device.type, enabled=False):
+        z = torch.matmul(q.float(), pos_emb.float())  # (B, H, T, P): z_i[p] = q_i . e[p], fp32
+        out = _CopeAttention.apply(
+            flat(q, t),
+            flat(k, s),
+            flat(v, s),
+            flat(z, t),
+            None if gate_k is None else flat(gate_k, s),
+            backward,
+            dropout_p,
+            dropout_seed or 0,
+        )  # (BH, T, D)
     return out.view(b, h, t, d)
