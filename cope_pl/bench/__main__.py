@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from cope_pl.bench.cases import ATTENTION_IMPLS
+from cope_pl.bench.cases import ATTENTION_IMPLS, TRAIN_PRECISIONS
 from cope_pl.bench.measure import make_case, peak_memory, time_steps
 from cope_pl.bench.tables import write
 
@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-d-model", type=int, default=256)
     p.add_argument("--train-impls", nargs="+", default=["chunked", "reference"], help="CoPE impls in the step")
     p.add_argument("--train-dropout", type=float, default=0.0, help="model dropout (the paper-scale configs use 0.1)")
+    p.add_argument(
+        "--train-precision", choices=TRAIN_PRECISIONS, default="32", help="bf16-mixed: autocast, as gpu_ddp.yaml trains"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -114,6 +117,7 @@ def train_table(args: argparse.Namespace, device: torch.device) -> pd.DataFrame:
             d_model=args.train_d_model,
             heads=args.heads,
             dropout=args.train_dropout,
+            precision=args.train_precision,
         )
         cases = {"rope": dict(base, position="rope", impl="")}
         cases.update({f"cope/{i}": dict(base, position="cope", impl=i) for i in args.train_impls})
@@ -145,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.train_lengths:
         model = (
             f"{args.train_layers} layers, d_model {args.train_d_model}, {args.heads} heads, batch "
-            f"{args.train_batch}, dropout {args.train_dropout}; forward, backward and AdamW step"
+            f"{args.train_batch}, dropout {args.train_dropout}, precision {args.train_precision}; forward, backward "
+            "and AdamW step"
         )
         write(train_table(args, device), args.out / "train_step", "Training step", f"{note}\n\n{model}.")
     print(f"wrote {args.out}/attention.md" + (f" and {args.out}/train_step.md" if args.train_lengths else ""))

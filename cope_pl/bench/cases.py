@@ -4,7 +4,8 @@ A case is a plain dict (so it can be handed to a child process as JSON):
   attention: {"kind": "attention", "impl": one of ATTENTION_IMPLS, "T", "B", "H", "D", "P",
               "dtype" (optional, default float32)}
   train:     {"kind": "train", "position": rope|cope, "impl": ..., "T", "B", "layers", "d_model", "heads",
-              "dropout" (optional, default 0)}
+              "dropout" (optional, default 0), "precision" (optional: "32" (default) or "bf16-mixed", autocast
+              as Lightning's bf16-mixed does)}
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cope_pl.ops import cope_attention, cope_attention_chunked, cope_attention_t
 
 # The fused kernel (CUDA only) with its backward forced: triton = two passes, triton_atomic = atomic adds.
 ATTENTION_IMPLS = ("sdpa", "reference", "chunked", "chunked_compiled", "triton", "triton_atomic")
+TRAIN_PRECISIONS = ("32", "bf16-mixed")
 
 
 def attention_case(case: dict[str, Any], device: torch.device) -> Callable[[], None]:
@@ -64,11 +66,16 @@ def train_case(case: dict[str, Any], device: torch.device) -> Callable[[], None]
     ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 256, (case["B"], case["T"] + 1), device=device)
+    precision = case.get("precision", "32")
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"bench: precision must be one of {list(TRAIN_PRECISIONS)}, got {precision!r}")
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        logits = model(ids[:, :-1])  # (B, T, V)
-        F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logits = model(ids[:, :-1])  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
         optimizer.step()
 
     return step
