@@ -3,6 +3,7 @@
 #   make train CONFIG="a.yaml b.yaml" ARGS="--trainer.max_steps=100"
 #   make bench [BENCH_ARGS="--lengths 256 512 --repeats 3"]   timing/memory tables -> reports/bench/
 #   make bench-kernels [KERNEL_ARGS="--sep-keys"]               fused-kernel register/spill table, no GPU needed
+#   make bench-gpu [GPU_ARGS="--minutes 8"]                     every GPU check of the fused kernel -> reports/gpu_check/
 #   make ablation SWEEP=configs/sweeps/table2_cpu.yaml [SLURM=1]   run a sweep (or write/submit a SLURM array)
 #   make report RUNS=runs/ OUT=reports/                           tables and figures from finished runs
 #   make test | lint | install | clean
@@ -19,13 +20,14 @@ ARGS ?=
 # Full sweep by default (CPU: T=256..4096, tens of minutes on 2 cores); e.g. BENCH_ARGS="--lengths 256 1024".
 BENCH_ARGS ?=
 KERNEL_ARGS ?=
+GPU_ARGS ?=
 
 SWEEP ?=
 SLURM ?=
 RUNS ?= runs
 OUT ?= reports
 
-.PHONY: install train test lint clean bench bench-kernels data-wikitext data-code ablation report
+.PHONY: install train test lint clean bench bench-kernels bench-gpu data-wikitext data-code ablation report
 
 install: $(STAMP)
 
@@ -64,6 +66,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m cope_pl.bench $(BENCH_ARGS)
+
+# On a CUDA machine: accuracy, op and training-step benchmarks, profile and kernel tests in one call (summary.md).
+bench-gpu: $(STAMP)
+	$(BIN)/python -m cope_pl.bench.gpu_check $(GPU_ARGS)
 
 # Compiles the fused Triton kernels for sm_90 (needs triton, not a GPU): ptxas registers/spills per tile candidate.
 bench-kernels: $(STAMP)

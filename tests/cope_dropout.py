@@ -9,9 +9,8 @@ import math
 
 import torch
 
+from cope_pl.bench.accuracy import NAMES
 from cope_pl.ops import causal_mask, cope_position_logits
-
-NAMES = ("out", "dq", "dk", "dv", "dpos_emb", "dgate_k")
 
 
 def reference_probs(q, k, pos_emb, gate_k=None):

@@ -1,8 +1,12 @@
 """The benchmark CLI runs end to end on tiny sizes and writes its tables (no timing is asserted)."""
 
+import importlib.util
+
 import pandas as pd
+import pytest
 import torch
 
+from cope_pl.bench import gpu_check
 from cope_pl.bench.__main__ import main
 from cope_pl.bench.measure import peak_memory_here
 
@@ -36,3 +40,17 @@ def test_bench_runs_the_attention_op_in_the_chosen_dtype(tmp_path):
     )  # fmt: skip
     attention = pd.read_csv(tmp_path / "attention.csv")
     assert set(attention.dtype) == {"bfloat16"} and attention.fwd_bwd_ms.notna().all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gpu_check_runs_every_step_and_reports_the_targets(tmp_path):
+    # On CPU the fused op runs in Triton's interpreter (tests/conftest.py): the script a GPU lease runs, end to end.
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    for title, _ in gpu_check.STEPS.values():
+        assert f"## {title}" in summary
+    assert "FAILED" not in summary and "fwd+bwd throughput vs SDPA" in summary and "tokens/s vs RoPE" in summary
+    accuracy = pd.read_csv(tmp_path / "accuracy.csv")
+    assert accuracy.ok.all() and set(accuracy.backward) == {"two_pass", "atomic"}
+    assert set(pd.read_csv(tmp_path / "attention.csv").impl) == {"sdpa", "chunked", "triton", "triton_atomic"}
+    assert len(list(tmp_path.iterdir())) <= 8  # what a device lease brings back

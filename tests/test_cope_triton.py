@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
+from cope_pl.bench.accuracy import NAMES, outputs_and_grads
 from cope_pl.ops import cope_attention, cope_triton
 from cope_pl.ops.cope_triton import choose_backward, cope_attention_triton, triton_available
 from tests.conftest import TEST_DEVICE
@@ -29,7 +30,6 @@ needs_triton = pytest.mark.skipif(
     reason="triton is not installed, or TRITON_INTERPRET is off and there is no GPU",
 )
 BACKWARDS = ("two_pass", "atomic")
-NAMES = ("out", "dq", "dk", "dv", "dpos_emb", "dgate_k")
 
 
 def make_inputs(b, h, t, s, d, npos, sep_keys, dtype, gate_scale=1.0):
@@ -38,14 +38,6 @@ def make_inputs(b, h, t, s, d, npos, sep_keys, dtype, gate_scale=1.0):
     gate_k = torch.randn(b, h, s, d) * gate_scale if sep_keys else None
     inputs = [q, k, v, torch.randn(d, npos), gate_k]
     return [None if x is None else x.to(TEST_DEVICE, dtype) for x in inputs]
-
-
-def outputs_and_grads(fn, inputs, dtype, out_weights):
-    """The output and the gradient of (out * out_weights).sum() for every input, with inputs cast to dtype."""
-    leaves = [None if x is None else x.detach().to(dtype).requires_grad_() for x in inputs]
-    out = fn(*leaves[:4], gate_k=leaves[4])
-    given = [x for x in leaves if x is not None]
-    return [out, *torch.autograd.grad((out * out_weights.to(dtype)).sum(), given)]
 
 
 def compare(inputs, dtype, backward):

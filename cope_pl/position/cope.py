@@ -6,8 +6,8 @@ position table per layer, shared by its heads (paper, Appendix B). `cope_sepkeys
 key projection instead of the attention keys.
 
 `impl` chooses the op (cope_pl/ops/dispatch.py): `reference` adds `logit_term` to the logits in the
-explicit-softmax path of `PositionEncoding.attend`; `chunked` (and `auto`) call the memory-efficient exact op
-directly. Dropout on the attention probabilities always takes the reference path.
+explicit-softmax path of `PositionEncoding.attend`; `chunked` (and `auto`) and `triton` call the memory-efficient
+exact op, or the fused kernel, directly, attention dropout included.
 """
 
 from __future__ import annotations
