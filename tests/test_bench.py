@@ -54,3 +54,21 @@ def test_gpu_check_runs_every_step_and_reports_the_targets(tmp_path):
     assert accuracy.ok.all() and set(accuracy.backward) == {"two_pass", "atomic"}
     assert set(pd.read_csv(tmp_path / "attention.csv").impl) == {"sdpa", "chunked", "triton", "triton_atomic"}
     assert len(list(tmp_path.iterdir())) <= 8  # what a device lease brings back
+
+
+def test_gpu_check_lists_the_tiles_the_autotuner_chose_and_timed(monkeypatch):
+    from types import SimpleNamespace
+
+    from cope_pl.ops import cope_triton
+
+    tuned = SimpleNamespace(
+        cache={(64, 64): "BLOCK_M: 16"}, configs_timings={"BLOCK_M: 16": [0.5, 0.4, 0.6], "BLOCK_M: 64": 0.9}
+    )
+    monkeypatch.setattr(cope_triton, "_autotuning", lambda: True)
+    monkeypatch.setattr(cope_triton, "_kernels", lambda autotune: (tuned, SimpleNamespace(), SimpleNamespace()))
+    lines = gpu_check.autotuned_tiles().splitlines()
+    assert lines == [
+        "- forward, key (64, 64): BLOCK_M: 16",
+        "  - candidate BLOCK_M: 16: 0.5 ms",
+        "  - candidate BLOCK_M: 64: 0.9 ms",
+    ]

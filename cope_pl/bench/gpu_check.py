@@ -175,7 +175,16 @@ def autotuned_tiles() -> str:
     for name, kernel in zip(("forward", "backward query pass", "backward key pass"), cope_triton._kernels(True)):
         for key, config in getattr(kernel, "cache", {}).items():
             lines.append(f"- {name}, key {key}: {config}")
+        # Triton keeps the timings of the last key it tuned only: how much the tile choice matters there.
+        timings = getattr(kernel, "configs_timings", None) or {}
+        for config, ms in sorted(timings.items(), key=lambda item: _first(item[1])):
+            lines.append(f"  - candidate {config}: {_first(ms):.4g} ms")
     return "\n".join(lines) or "nothing tuned yet"
+
+
+def _first(ms) -> float:
+    """Triton's timing of a config: a float, or (median, 20th, 80th percentile)."""
+    return float(ms[0] if isinstance(ms, (list, tuple)) else ms)
 
 
 def targets(ctx: dict) -> str:
