@@ -38,6 +38,15 @@ def outputs_and_grads(fn: Callable, inputs: list, dtype: torch.dtype, out_weight
     return [out.detach(), *torch.autograd.grad((out * out_weights.to(dtype)).sum(), given)]
 
 
+def poison_free_memory(device: torch.device, nbytes: int) -> None:
+    """Fill what the CUDA caching allocator hands out next with NaN: an output element a kernel never writes then
+    shows as NaN, not as a stale copy of an earlier, correct result in reused memory."""
+    if device.type != "cuda":
+        return
+    torch.cuda.empty_cache()
+    torch.full((nbytes // 4,), float("nan"), device=device)  # freed at once, kept by the allocator
+
+
 def relative_error(got: Tensor, exact: Tensor) -> float:
     return ((got.double() - exact).norm() / exact.norm().clamp_min(1e-300)).item()
 
@@ -48,6 +57,7 @@ def accuracy_rows(shape: tuple, dtype: torch.dtype, backward: str, device: torch
     inputs = [None if x is None else x.to(dtype) for x in random_inputs(*shape, device)]  # rounded once
     weights = torch.randn(b, h, t, d).to(device)
     exact = outputs_and_grads(cope_attention, inputs, torch.float64, weights)
+    poison_free_memory(device, 8 * sum(x.numel() * 4 for x in inputs if x is not None))  # outputs, grads, scratch
     fused = outputs_and_grads(functools.partial(cope_attention_triton, backward=backward), inputs, dtype, weights)
     same_dtype = outputs_and_grads(cope_attention, inputs, dtype, weights)
     label = dict(B=b, H=h, T=t, S=s, D=d, P=npos, sep_keys=sep_keys, dtype=str(dtype).removeprefix("torch."))
@@ -61,7 +71,7 @@ def accuracy_rows(shape: tuple, dtype: torch.dtype, backward: str, device: torch
                 tensor=name,
                 fused_error=err,
                 reference_error=relative_error(r, e),
-                ok=bool(f.isfinite().all()) and err <= TOLERANCE[dtype],
+                ok=bool(f.isfinite().all()) and err <= TOLERANCE[dtype],  # NaN: unwritten (poisoned) memory
             )
         )
     return rows
