@@ -10,6 +10,7 @@ float16/bfloat16: within twice the error of the reference op run in the same dty
 
 import functools
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -105,6 +106,19 @@ def test_half_precision_is_as_accurate_as_reference_in_that_dtype(dtype, backwar
     inputs = make_inputs(1, 2, 20, 24, 32, 16, True, dtype)
     for name, err, ref_err, scale in compare(inputs, dtype, backward):
         assert err <= 2 * ref_err + 1e-3 * scale, f"{name}: error {err:.2e}, reference in {dtype} {ref_err:.2e}"
+
+
+@needs_triton
+def test_saves_nothing_quadratic_for_backward():
+    # Autograd keeps q, k, v, z (T x P), the output and two per-row floats: O(T (D + P)) per head, never (T, S).
+    b, h, t, d, npos = 1, 2, 96, 16, 8
+    q, k, v, e, _ = (
+        x if x is None else x.requires_grad_() for x in make_inputs(b, h, t, t, d, npos, False, torch.float32)
+    )
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
+        cope_attention_triton(q, k, v, e)
+    assert saved and max(math.prod(shape) for shape in saved) <= b * h * t * max(d, npos)
 
 
 def test_auto_backward_keeps_memory_linear():
