@@ -100,13 +100,11 @@ def bench_args(sizes: dict, out: Path, train: bool) -> argparse.Namespace:
 
 def attention_step(ctx: dict) -> str:
     df = bench.attention_table(bench_args(ctx["sizes"], ctx["out"], train=False), ctx["device"])
-    df.to_csv(ctx["out"] / "attention.csv", index=False)
-    ctx["attention"] = df
     op = ctx["sizes"]["op"]
     # Standard attention FLOPs (causal half of QK^T and PV, backward 2.5x forward): a rate both ops are judged on.
-    df = df.assign(
-        sdpa_equiv_tflops=3.5 * 2 * op["batch"] * op["heads"] * df["T"] ** 2 * op["head_dim"] / df.fwd_bwd_ms / 1e9
-    )
+    df["sdpa_equiv_tflops"] = 3.5 * 2 * op["batch"] * op["heads"] * df["T"] ** 2 * op["head_dim"] / df.fwd_bwd_ms / 1e9
+    df.to_csv(ctx["out"] / "attention.csv", index=False)
+    ctx["attention"] = df
     return markdown(df)
 
 
