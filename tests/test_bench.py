@@ -53,6 +53,7 @@ def test_gpu_check_runs_every_step_and_reports_the_targets(tmp_path):
     accuracy = pd.read_csv(tmp_path / "accuracy.csv")
     assert accuracy.ok.all() and set(accuracy.backward) == {"two_pass", "atomic"}
     assert set(pd.read_csv(tmp_path / "attention.csv").impl) == {"sdpa", "chunked", "triton", "triton_atomic"}
+    assert "## Kernel tests on the GPU" in summary and "exit 0: 1 passed" in summary  # the pytest subprocess ran
     assert len(list(tmp_path.iterdir())) <= 8  # what a device lease brings back
 
 
