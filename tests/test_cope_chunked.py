@@ -8,6 +8,7 @@ import torch
 
 from cope_pl.ops import causal_mask, cope_attention, cope_attention_chunked, resolve_cope_impl
 from cope_pl.ops import cope_chunked as chunked_module
+from cope_pl.ops.cope_chunked import MAX_BLOCK_ROWS, block_rows
 from tests.conftest import tiny_model
 from tests.cope_dropout import check_dropout_semantics, compare_with_masked_reference, dropout_inputs
 
@@ -204,3 +205,13 @@ def test_dropout_masks_follow_the_seed():
     assert torch.equal(first, again) and not torch.equal(first, other)
     with pytest.raises(ValueError, match="dropout must be in"):
         cope_attention_chunked(q, k, v, e, dropout_p=1.0)
+
+
+def test_blocks_are_even_so_no_block_is_a_stray_row():
+    # T = 129 used to run as 64 + 64 + 1 rows: the last block paid a whole block's op overhead for one query.
+    assert block_rows(1, 1, 129, 129) == 43 and block_rows(1, 1, 128, 128) == 64
+    for t in range(1, 300):
+        rows, fewest = block_rows(1, 1, t, t), math.ceil(t / MAX_BLOCK_ROWS)
+        assert rows <= MAX_BLOCK_ROWS and math.ceil(t / rows) == fewest  # as few blocks as before
+        assert fewest * rows - t < fewest  # the last block is short by less than one row per block
+    assert block_rows(64, 16, 4096, 4096) == 16  # the element budget still caps a block, at 16 rows at least

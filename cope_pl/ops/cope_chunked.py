@@ -32,8 +32,10 @@ MAX_BLOCK_ROWS = 64
 
 
 def block_rows(b: int, h: int, t: int, s: int, max_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
-    """Queries per block: at most MAX_BLOCK_ROWS, and a (B, H, block, S) tensor within max_elements (>= 16 rows)."""
-    return max(16, min(t, MAX_BLOCK_ROWS, max_elements // max(b * h * s, 1)))
+    """Queries per block: at most MAX_BLOCK_ROWS, and a (B, H, block, S) tensor within max_elements (>= 16 rows),
+    spread evenly over the blocks that takes (T=129: 3 x 43, not 64 + 64 + a one-row block of full overhead)."""
+    most = max(16, min(t, MAX_BLOCK_ROWS, max_elements // max(b * h * s, 1)))
+    return math.ceil(t / math.ceil(t / most))
 
 
 def block_scores(qb, k_rev, gk_rev, pos_emb, rel_emb, first_row: int):
