@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from cope_pl.bench.accuracy import NAMES
+from cope_pl.bench.accuracy import NAMES, outputs_and_grads
 from cope_pl.ops import causal_mask, cope_position_logits
 
 
@@ -56,13 +56,8 @@ def compare_with_masked_reference(op, inputs, p, seed, dtype=torch.float32):
     def seeded_op(q, k, v, pos_emb, gate_k=None):
         return op(q, k, v, pos_emb, gate_k=gate_k, dropout_p=p, dropout_seed=seed)
 
-    results = []
-    for fn, dt in ((masked_reference, torch.float64), (seeded_op, dtype)):
-        leaves = [None if x is None else x.detach().to(dt).requires_grad_() for x in inputs]
-        out = fn(*leaves[:4], gate_k=leaves[4])
-        given = [x for x in leaves if x is not None]
-        results.append([out, *torch.autograd.grad((out * weights.to(dt)).sum(), given)])
-    exact, got = results
+    exact = outputs_and_grads(masked_reference, inputs, torch.float64, weights)
+    got = outputs_and_grads(seeded_op, inputs, dtype, weights)
     return [(n, (g.double() - e).abs().max().item(), e.abs().max().item()) for n, e, g in zip(NAMES, exact, got)]
 
 

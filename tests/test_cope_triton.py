@@ -150,7 +150,7 @@ def test_bfloat16_gate_sums_are_kept_in_float32():
 
 @needs_triton
 def test_bf16_autocast_leaves_the_fused_op_unchanged():
-    # bf16-mixed training runs attention under autocast, which would otherwise round z = q E to bf16 (0.01 off here).
+    # bf16-mixed training runs attention under autocast, which rounded z = q E to bf16 (about 0.01 off at this shape).
     q, k, v, e, _ = make_inputs(1, 2, 20, 20, 32, 16, False, torch.bfloat16)
     plain = cope_attention_triton(q, k, v, e)
     with torch.autocast(TEST_DEVICE.type, dtype=torch.bfloat16):

@@ -154,7 +154,8 @@ def kernel_tests_step(ctx: dict) -> str:
     cuda = ctx["device"].type == "cuda"
     env = {**os.environ, "COPE_TEST_DEVICE": ctx["device"].type, "TRITON_INTERPRET": "0" if cuda else "1"}
     repo = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pytest", "tests/test_cope_triton.py", "-p", "no:cacheprovider"]  # -q: pyproject
+    # No -q here: pyproject's addopts has one, and a second would drop the "N passed" line the summary quotes.
+    cmd = [sys.executable, "-m", "pytest", "tests/test_cope_triton.py", "-p", "no:cacheprovider"]
     cmd += ["-k", ctx["sizes"]["tests"]] if ctx["sizes"]["tests"] else []
     left = max(60.0, ctx["deadline"] - time.monotonic())
     try:
