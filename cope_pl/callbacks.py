@@ -37,3 +37,8 @@ class TokenThroughputMonitor(ThroughputMonitor):
         )
         for logger in trainer.loggers:
             logger.log_metrics({"train/global_batch_tokens": tokens}, step=trainer.global_step)
+
+    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        # Not logged: a test of a finished run would add test/time, test/samples ... at batch indices as steps
+        # beside the test metrics, which belong to the checkpoint's step.
+        return

@@ -1,5 +1,5 @@
-"""`cope-pl fit|validate|test --config a.yaml --config b.yaml ...` through LightningCLI, and the tools
-that work on finished runs (`cope-pl eval-context|sweep|report|position-maps`, see TOOLS).
+"""`cope-pl fit|validate|test --config a.yaml --config b.yaml ...` through LightningCLI, `cope-pl test RUN_DIR`
+to test a finished run in place, and the tools that work on finished runs (see TOOLS).
 
 Configs combine: a trainer file, a data file, a model file and a position-encoding file, later ones
 overriding earlier ones. The vocabulary size flows from the data module to the model, and the full
@@ -13,18 +13,21 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from cope_pl.callbacks import TokenThroughputMonitor
 from cope_pl.data import LMDataModule
 from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteError, NonFiniteGuard
-from cope_pl.results import ResultsWriter
+from cope_pl.results import RESULTS_FILE, ResultsWriter, fit_finished, read_results
 from cope_pl.resume import CheckedCheckpointIO, RngState, resolve_resume
+from cope_pl.runs import resolve_run
 
 # Tools that work on finished runs; each module has its own argparse `main(argv)`.
 TOOLS = {
@@ -34,6 +37,18 @@ TOOLS = {
     "position-maps": "cope_pl.position_maps",
     "launch": "cope_pl.launch",
 }
+# What `cope-pl --help` lists, one line each.
+COMMANDS = {
+    "fit": "train a model: cope-pl fit --config trainer.yaml --config data.yaml --config position.yaml ...",
+    "validate": "score a checkpoint on the validation sets (same options as fit, plus --ckpt_path)",
+    "test": "test a finished run in place: cope-pl test RUN_DIR [--ckpt_path=FILE] (metrics join its results.json)",
+    "eval-context": "score a run at other context lengths: cope-pl eval-context RUN_DIR --lengths 1x 2x 4x",
+    "sweep": "run an ablation grid: cope-pl sweep configs/sweeps/FILE.yaml [--slurm]",
+    "report": "tables and figures from finished runs: cope-pl report RUNS_DIR --out reports/",
+    "position-maps": "draw CoPE gates, positions and attention of a run: cope-pl position-maps RUN_DIR",
+    "launch": "write (and submit) a SLURM job or print a torchrun command for multi-node training",
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
 DEFAULT_RUN_NAME = "auto"  # replaced by "<data>-<position>" so TensorBoard runs are told apart
 
 
@@ -65,6 +80,11 @@ class CopeCLI(LightningCLI):
             config.ckpt_path, version = resolve_resume(config.ckpt_path, run_root)
             init_args["version"] = version
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # `predict` is left out: the LM has no prediction step to offer.
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS}
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a checkpoint IO a config chose
@@ -72,13 +92,27 @@ class CopeCLI(LightningCLI):
         return trainer
 
 
+class FitConfigSaver(SaveConfigCallback):
+    """Saves the config beside a run's logs when it is trained; validate and test leave the fit's config.yaml
+    as it is (and write none into the working directory when logging is off)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
+
 def check_writable(directory: Path) -> None:
-    """Fail before training, not at the first checkpoint, when the log directory cannot be written."""
+    """Fail before training, not at the first checkpoint, when the log directory cannot be written.
+
+    Directories made for the probe are removed again, so a run that fails later (a bad option) leaves nothing."""
+    created = [d for d in (directory, *directory.parents) if not d.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write_test.{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
+        for made in created:  # innermost first
+            made.rmdir()
     except OSError as err:
         raise OSError(
             err.errno,
@@ -104,25 +138,71 @@ def trainer_defaults() -> dict:
     }
 
 
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: cope-pl COMMAND [options]   (cope-pl COMMAND --help for a command's options)", "", "commands:"]
+    return "\n".join(lines + [f"  {name.ljust(width)}  {text}" for name, text in COMMANDS.items()])
+
+
+def test_in_place_args(target: str, rest: list[str]) -> list[str]:
+    """`test RUN_DIR [overrides]` -> LightningCLI arguments that test the run's last checkpoint with its own config
+    and log into the run's own directory (a later --ckpt_path in `rest` wins)."""
+    run, ckpt = resolve_run(target)
+    results = read_results(run / RESULTS_FILE) if (run / RESULTS_FILE).is_file() else {}
+    if not fit_finished(results):
+        raise ValueError(
+            f"{run} has not finished training (no finished fit in its {RESULTS_FILE}); "
+            f"finish it first: cope-pl fit --config {run / 'config.yaml'} --ckpt_path last"
+        )
+    version = int(run.name.removeprefix("version_")) if run.name.removeprefix("version_").isdigit() else run.name
+    logger = {"save_dir": run.parent.parent, "name": run.parent.name, "version": version}
+    return (
+        ["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}"]
+        + [f"--trainer.logger.init_args.{key}={value}" for key, value in logger.items()]
+        + rest
+    )
+
+
 def main(args: list[str] | None = None) -> CopeCLI | None:
-    """`cope-pl fit|validate|test ...` (LightningCLI) or `cope-pl eval-context|sweep|report|position-maps ...`."""
+    """`cope-pl fit|validate|test ...` (LightningCLI), `cope-pl test RUN_DIR` or one of TOOLS."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in TOOLS:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return None
+    if argv[0] in TOOLS:
         importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
         return None
+    if argv[0] not in LIGHTNING_COMMANDS:
+        raise ValueError(f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (cope-pl --help)")
+    if argv[0] == "test" and len(argv) > 1 and not argv[1].startswith("-"):
+        argv = test_in_place_args(argv[1], argv[2:])
+    no_exit = {"exit_on_error": False}  # parse errors reach entry() and become one line
     return CopeCLI(
         LanguageModel,
         LMDataModule,
         subclass_mode_data=True,
         trainer_defaults=trainer_defaults(),
+        save_config_callback=FitConfigSaver,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
-        args=args,
+        parser_kwargs={**no_exit, **{name: no_exit for name in LIGHTNING_COMMANDS}},
+        args=argv,
     )
 
 
 # Errors that are about the user's input or environment: shown as one line, not a traceback.
-USER_ERRORS = (ValueError, OSError, NonFiniteError)
+USER_ERRORS = (ValueError, OSError, NonFiniteError, ArgumentError, MisconfigurationException)
+# Lines of a jsonargparse error that only frame the real complaint.
+FRAMING = ("Does not validate against", "Subtypes:", "Errors:", "Given value type", "Expected a <class 'NoneType'>")
+
+
+def one_line(err: BaseException) -> str:
+    """An error message on one line; a parse error keeps only the lines that say what is wrong."""
+    lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")]
+    if isinstance(err, ArgumentError):
+        lines = [line for line in lines if not line.startswith(FRAMING)]
+        lines.append("see the command's --help")
+    return "; ".join(line.rstrip(":") for line in lines)
 
 
 def entry() -> None:
@@ -132,7 +212,7 @@ def entry() -> None:
     except USER_ERRORS as err:
         if os.environ.get("COPE_PL_TRACEBACK"):
             raise
-        sys.exit(f"cope-pl: error: {err}")
+        sys.exit(f"cope-pl: error: {one_line(err)}")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class LanguageModel(L.LightningModule):
             position_options=position_options,
         )
         self._eval_sums: dict[str, EvalSums] = {}
+        self.checkpoint_step: int | None = None  # the global step of a loaded checkpoint (`cope-pl test`)
         self.num_params = sum(p.numel() for p in self.model.parameters())
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -92,6 +93,7 @@ class LanguageModel(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, in one line, a checkpoint of another model instead of a long state_dict mismatch."""
+        self.checkpoint_step = int(checkpoint.get("global_step", 0))
         saved = checkpoint.get("hyper_parameters", {})
 
         def options(hp: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +132,16 @@ class LanguageModel(L.LightningModule):
         ratios = getattr(self.trainer.datamodule, "tokens_per_word", None) if self._trainer else None
         return (ratios or {}).get(stage, {}).get(set_name)
 
+    def evaluated_step(self) -> int:
+        """The training step the evaluated weights come from: a tested checkpoint's, else the trainer's."""
+        if self._trainer is not None and self.trainer.state.fn != "fit" and self.checkpoint_step is not None:
+            return self.checkpoint_step
+        return self.trainer.global_step if self._trainer is not None else 0
+
     def _eval_epoch_end(self, stage: str) -> None:
+        # Outside fit, Lightning would log at step 0; the metrics belong to the checkpoint's step instead.
+        to_logger = self.trainer.state.fn == "fit"
+        logged: dict[str, float] = {}
         first = True
         for key in [k for k in self._eval_sums if k.startswith(stage + ":")]:
             set_name = key.split(":", 1)[1]
@@ -139,10 +150,15 @@ class LanguageModel(L.LightningModule):
             if ratio is not None:  # word-level perplexity: the same summed NLL over the split's original words
                 values["word_ppl"] = perplexity(values["loss"], ratio)
             for metric, value in values.items():
-                self.log(metric_key(stage, metric, set_name), value, sync_dist=False, prog_bar=metric == "loss")
+                name = metric_key(stage, metric, set_name)
+                self.log(name, value, sync_dist=False, prog_bar=metric == "loss", logger=to_logger)
+                logged[name] = value
                 if first and set_name:  # the first set also answers to the plain name, for checkpoint monitors
-                    self.log(metric_key(stage, metric), value, sync_dist=False)
+                    self.log(metric_key(stage, metric), value, sync_dist=False, logger=to_logger)
             first = False
+        if not to_logger and logged and self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(logged, step=self.evaluated_step())
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, batch_idx, dataloader_idx)

@@ -37,6 +37,12 @@ def read_results(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({err}); delete it and re-run the stage") from err
 
 
+def fit_finished(results: dict[str, Any]) -> bool:
+    """Whether a results.json records a finished fit; files written before `fit_finished` existed count when
+    they hold final validation metrics."""
+    return bool(results.get("fit_finished") or any(k.startswith("val/") for k in results.get("metrics", {})))
+
+
 def public(hparams: dict[str, Any]) -> dict[str, Any]:
     """Drop LightningCLI's bookkeeping entries (_class_path, _instantiator)."""
     return {k: v for k, v in hparams.items() if not k.startswith("_")}
@@ -101,9 +107,12 @@ class ResultsWriter(L.Callback):
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         metrics = eval_metrics(trainer)
-        if not metrics:
+        if not metrics and stage != "fit":  # a finished fit is recorded even when it never validated
             return
-        print(f"\nFinal {stage} metrics (step {trainer.global_step}):\n{format_summary(metrics)}")
+        step = pl_module.evaluated_step() if hasattr(pl_module, "evaluated_step") else trainer.global_step
+        if metrics:
+            label = "validation" if stage == "fit" else stage
+            print(f"\nFinal {label} metrics (step {step}):\n{format_summary(metrics)}")
         directory = run_dir(trainer)
         if directory is None:
             return
@@ -119,6 +128,10 @@ class ResultsWriter(L.Callback):
             # `cope-pl test` on a checkpoint starts at step 0; keep the step the model was trained to.
             global_step=max(trainer.global_step, result.get("global_step", 0)),
         )
+        if stage == "fit":
+            result["fit_finished"] = True
+        else:
+            result.setdefault("steps", {})[stage] = step  # the checkpoint step each stage's metrics belong to
         result.setdefault("metrics", {}).update(metrics)
         write_json_atomic(path, result)
         log_hparams_with_metrics(trainer, result)
@@ -126,7 +139,7 @@ class ResultsWriter(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(trainer, pl_module, "validation")
+        self._write(trainer, pl_module, "fit")
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -24,6 +24,32 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 LAST_CHECKPOINT = "last.ckpt"
+# What torch.load raises on a truncated or overwritten file.
+CORRUPT = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def is_intact(path: Path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return True
+    except CORRUPT:
+        return False
+
+
+def recovery_hint(bad: Path) -> str:
+    """What to do about a corrupt checkpoint: resume from the newest intact one beside it, named exactly."""
+    others = sorted((p for p in bad.parent.glob("*.ckpt") if p != bad), key=lambda p: p.stat().st_mtime, reverse=True)
+    intact = next((p for p in others if is_intact(p)), None)
+    run = bad.parent.parent if bad.parent.name == "checkpoints" else bad.parent
+    if intact is None:
+        return (
+            f"no intact checkpoint is left in {bad.parent}; delete {bad.name} and train again from scratch "
+            "(drop --ckpt_path)"
+        )
+    return (
+        f"the newest intact checkpoint beside it is {intact.name}; resume from it with: "
+        f"cope-pl fit --config {run / 'config.yaml'} --ckpt_path {intact}"
+    )
 
 
 class RngState(L.Callback):
@@ -72,11 +98,8 @@ class CheckedCheckpointIO(TorchCheckpointIO):
             raise FileNotFoundError(f"checkpoint {path} does not exist; check --ckpt_path")
         try:
             return super().load_checkpoint(path, *args, **kwargs)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-            raise ValueError(
-                f"checkpoint {path} is corrupt or truncated ({str(err).splitlines()[0]}); "
-                "delete it and resume from another checkpoint in the same directory"
-            ) from err
+        except CORRUPT as err:
+            raise ValueError(f"checkpoint {path} is corrupt or truncated; {recovery_hint(Path(path))}") from err
 
     def remove_checkpoint(self, path: Any) -> None:
         Path(path).unlink(missing_ok=True)
@@ -90,17 +113,26 @@ def _version_of(path: Path) -> int | None:
 def resolve_resume(ckpt_path: str | None, run_root: Path) -> tuple[str | None, int | None]:
     """(checkpoint file, logger version) for a `--ckpt_path` value.
 
-    run_root is `<save_dir>/<name>`. "last" picks the newest `version_N/checkpoints/last.ckpt` under it and
-    continues in that version; a path inside `version_N/checkpoints/` continues in version N; anything else
+    run_root is `<save_dir>/<name>`. "last" picks the newest `version_N/checkpoints/last.ckpt` under it (the
+    newest other checkpoint there when no last.ckpt is left) and continues in that version; a path inside
+    `version_N/checkpoints/` continues in version N; anything else
     is passed through with a new version. With "last" and no checkpoint yet, training starts from scratch
     (so the same command can be resubmitted, e.g. by a SLURM requeue).
     """
     if not ckpt_path:
         return ckpt_path, None
     if ckpt_path == "last":
-        found = sorted(run_root.glob(f"version_*/checkpoints/{LAST_CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
+
+        def newest(pattern: str) -> list[Path]:
+            return sorted(run_root.glob(f"version_*/checkpoints/{pattern}"), key=lambda p: p.stat().st_mtime)
+
+        found = newest(LAST_CHECKPOINT)
         if not found:
-            print(f"No {LAST_CHECKPOINT} under {run_root}: starting from scratch.")
+            found = newest("*.ckpt")  # last.ckpt was deleted (e.g. corrupt): continue from the newest other one
+            if found:
+                print(f"No {LAST_CHECKPOINT} under {run_root}: resuming from {found[-1]}.")
+        if not found:
+            print(f"No checkpoint under {run_root}: starting from scratch.")
             return None, None
         return str(found[-1]), _version_of(found[-1].parent.parent)
     path = Path(ckpt_path)

@@ -191,10 +191,8 @@ def step_command(sweep: Sweep, cell: Cell, step: str, extra: dict[str, Any] | No
     run = sweep.run_dir(cell)
     if step == "fit":  # a cell killed mid-fit continues from its last checkpoint when the sweep is re-run
         return lightning_command(sweep, cell, "fit", {"ckpt_path": "last", **(extra or {})})
-    if step == "test":
-        return lightning_command(
-            sweep, cell, "test", {"ckpt_path": str(run / "checkpoints" / "last.ckpt"), **(extra or {})}
-        )
+    if step == "test":  # in place: the run's own config, checkpoint and directory (`cope-pl test RUN_DIR`)
+        return [sweep.python, "-m", "cope_pl.cli", "test", str(run)] + override_args(extra or {})
     options = sweep.eval_context or {}
     cmd = [sweep.python, "-m", "cope_pl.cli", "eval-context", str(run)]
     cmd += ["--lengths", *[str(x) for x in options.get("lengths", ["1x", "2x"])]]

@@ -30,10 +30,13 @@ opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--trainer.logger"
 if step == "eval-context":
     Path(args[1], "eval_context.json").write_text("[]")
     sys.exit(0)
-name = opts["--trainer.logger.init_args.name"[2:]]
-if "bad" in name:
-    sys.exit(3)
-run = Path(opts["trainer.logger.init_args.save_dir"], name, "version_0")
+if step == "test":  # `test RUN_DIR`: in place
+    run = Path(args[1])
+else:
+    name = opts["--trainer.logger.init_args.name"[2:]]
+    if "bad" in name:
+        sys.exit(3)
+    run = Path(opts["trainer.logger.init_args.save_dir"], name, "version_0")
 run.mkdir(parents=True, exist_ok=True)
 results = run / "results.json"
 data = json.loads(results.read_text()) if results.exists() else {{"metrics": {{}}}}

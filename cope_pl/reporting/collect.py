@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from cope_pl.eval_context import RESULTS_FILE as EVAL_CONTEXT_FILE
-from cope_pl.results import RESULTS_FILE
+from cope_pl.results import RESULTS_FILE, fit_finished
 from cope_pl.runs import CONFIG_FILE, load_config, run_label
 from cope_pl.sweep import MANIFEST
 
@@ -38,8 +38,15 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(d for d in dirs if d.name != "checkpoints")
 
 
-def run_row(run_dir: Path) -> dict[str, Any]:
-    """One run: its settings and final metrics (status 'ok'), or 'incomplete' without results.json."""
+def is_retest(results: dict[str, Any]) -> bool:
+    """A directory that only tested another run's checkpoint (the old `cope-pl test --config ...` form made a
+    new version_N): it trained nothing, so it is no replicate of anything."""
+    return not fit_finished(results)
+
+
+def run_row(run_dir: Path) -> dict[str, Any] | None:
+    """One run: its settings and final metrics (status 'ok'), 'incomplete' without results.json, or None for
+    a directory that only re-tested another run."""
     row: dict[str, Any] = {"run": run_label(run_dir), "run_dir": str(run_dir)}
     config = load_config(run_dir) if (run_dir / CONFIG_FILE).is_file() else {}
     row["seed"] = config.get("seed_everything")
@@ -52,6 +59,8 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         row["seq_len"] = (data.get("init_args") or {}).get("seq_len")
         return row
     results = json.loads(results_path.read_text())
+    if is_retest(results):
+        return None
     row.update(status="ok", reason="", step=results.get("global_step"))
     row.update(position=results["model"].get("position"), data=results["data"].get("class"))
     row["seq_len"] = results["data"].get("seq_len")
@@ -73,7 +82,9 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     root = Path(root)
     rows: dict[str, dict[str, Any]] = {}
     for run_dir in find_run_dirs(root):
-        rows[str(run_dir.resolve())] = run_row(run_dir)
+        row = run_row(run_dir)
+        if row is not None:
+            rows[str(run_dir.resolve())] = row
     for manifest in find_manifests(root):
         save_dir = Path(manifest["save_dir"])
         for cell in manifest["cells"]:
