@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
@@ -177,6 +178,8 @@ def main(args: list[str] | None = None) -> CopeCLI | None:
     if argv[0] == "test" and len(argv) > 1 and not argv[1].startswith("-"):
         argv = test_in_place_args(argv[1], argv[2:])
     no_exit = {"exit_on_error": False}  # parse errors reach entry() and become one line
+    # The arguments are sys.argv's, possibly rewritten (test RUN_DIR): Lightning's warning about both is noise.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
     return CopeCLI(
         LanguageModel,
         LMDataModule,

@@ -139,9 +139,6 @@ class LanguageModel(L.LightningModule):
         return self.trainer.global_step if self._trainer is not None else 0
 
     def _eval_epoch_end(self, stage: str) -> None:
-        # Outside fit, Lightning would log at step 0; the metrics belong to the checkpoint's step instead.
-        to_logger = self.trainer.state.fn == "fit"
-        logged: dict[str, float] = {}
         first = True
         for key in [k for k in self._eval_sums if k.startswith(stage + ":")]:
             set_name = key.split(":", 1)[1]
@@ -150,15 +147,14 @@ class LanguageModel(L.LightningModule):
             if ratio is not None:  # word-level perplexity: the same summed NLL over the split's original words
                 values["word_ppl"] = perplexity(values["loss"], ratio)
             for metric, value in values.items():
-                name = metric_key(stage, metric, set_name)
-                self.log(name, value, sync_dist=False, prog_bar=metric == "loss", logger=to_logger)
-                logged[name] = value
+                self.log(metric_key(stage, metric, set_name), value, sync_dist=False, prog_bar=metric == "loss")
                 if first and set_name:  # the first set also answers to the plain name, for checkpoint monitors
-                    self.log(metric_key(stage, metric), value, sync_dist=False, logger=to_logger)
+                    self.log(metric_key(stage, metric), value, sync_dist=False)
             first = False
-        if not to_logger and logged and self.trainer.is_global_zero:
-            for logger in self.loggers:
-                logger.log_metrics(logged, step=self.evaluated_step())
+        if self.trainer.state.fn != "fit":
+            # Lightning logs metrics outside fit at step 0 unless a `step` value says otherwise: they belong
+            # to the evaluated checkpoint's step.
+            self.log("step", float(self.evaluated_step()), sync_dist=False)
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, batch_idx, dataloader_idx)

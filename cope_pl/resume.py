@@ -36,16 +36,23 @@ def is_intact(path: Path) -> bool:
         return False
 
 
+def set_aside(bad: Path) -> str:
+    """Rename a corrupt checkpoint to `<name>.corrupt` (kept, but no longer found by `--ckpt_path last` nor in
+    the way of the next last.ckpt); returns the clause saying so, or '' when it cannot be renamed."""
+    try:
+        os.replace(bad, bad.with_name(bad.name + ".corrupt"))
+    except OSError:
+        return ""
+    return f" (kept as {bad.name}.corrupt)"
+
+
 def recovery_hint(bad: Path) -> str:
     """What to do about a corrupt checkpoint: resume from the newest intact one beside it, named exactly."""
-    others = sorted((p for p in bad.parent.glob("*.ckpt") if p != bad), key=lambda p: p.stat().st_mtime, reverse=True)
+    others = sorted(bad.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
     intact = next((p for p in others if is_intact(p)), None)
     run = bad.parent.parent if bad.parent.name == "checkpoints" else bad.parent
     if intact is None:
-        return (
-            f"no intact checkpoint is left in {bad.parent}; delete {bad.name} and train again from scratch "
-            "(drop --ckpt_path)"
-        )
+        return f"no intact checkpoint is left in {bad.parent}; train again from scratch (drop --ckpt_path)"
     return (
         f"the newest intact checkpoint beside it is {intact.name}; resume from it with: "
         f"cope-pl fit --config {run / 'config.yaml'} --ckpt_path {intact}"
@@ -99,7 +106,9 @@ class CheckedCheckpointIO(TorchCheckpointIO):
         try:
             return super().load_checkpoint(path, *args, **kwargs)
         except CORRUPT as err:
-            raise ValueError(f"checkpoint {path} is corrupt or truncated; {recovery_hint(Path(path))}") from err
+            raise ValueError(
+                f"checkpoint {path} is corrupt or truncated{set_aside(Path(path))}; {recovery_hint(Path(path))}"
+            ) from err
 
     def remove_checkpoint(self, path: Any) -> None:
         Path(path).unlink(missing_ok=True)

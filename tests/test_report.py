@@ -23,7 +23,9 @@ def write_run(run_dir, position, seed, errors, eval_rows=None):
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     metrics = {"test/error@in_dist": errors[0], "test/error@ood": errors[1], "test/error": errors[0]}
     results = {"model": {"position": position}, "data": {"class": "TaskDataModule", "seq_len": 32}}
-    (run_dir / "results.json").write_text(json.dumps({**results, "global_step": 10, "metrics": metrics}))
+    (run_dir / "results.json").write_text(
+        json.dumps({**results, "global_step": 10, "fit_finished": True, "metrics": metrics})
+    )
     if eval_rows is not None:
         (run_dir / "eval_context.json").write_text(json.dumps(eval_rows))
 

@@ -107,5 +107,35 @@ def test_truncated_checkpoint_is_refused_in_one_line(tmp_path):
     )
     assert done.returncode == 1
     last_line = done.stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f"cope-pl: error: checkpoint {last} is corrupt or truncated")
-    assert "Traceback" not in done.stderr
+    assert last_line.startswith(
+        f"cope-pl: error: checkpoint {last} is corrupt or truncated (kept as last.ckpt.corrupt)"
+    )
+    assert "Traceback" not in done.stderr and "weights_only" not in done.stderr
+
+
+def test_corrupt_checkpoint_advice_names_the_intact_one_and_following_it_resumes(tmp_path):
+    fit(tmp_path, "--trainer.max_steps=8", "--checkpoint.save_top_k=-1")  # steps 4 and 8, last.ckpt at 8
+    checkpoints = tmp_path / "copy-rope" / "version_0" / "checkpoints"
+    (checkpoints / "epoch=1-step=8.ckpt").write_bytes(b"not a checkpoint")  # corrupt too: skipped
+    last = checkpoints / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    done = fit(tmp_path, "--ckpt_path=last", "--trainer.max_steps=12", check=False)
+    advice = done.stderr.strip().splitlines()[-1]
+    intact = checkpoints / "epoch=0-step=4.ckpt"
+    assert f"the newest intact checkpoint beside it is {intact.name}" in advice
+    command = advice.split("resume from it with: ", 1)[1]
+    assert command.endswith(f"--ckpt_path {intact}")
+
+    resumed = fit(tmp_path, f"--ckpt_path={intact}", "--trainer.max_steps=12")
+    assert "Restored all states" in resumed.stdout + resumed.stderr  # not a silent restart from scratch
+    assert torch.load(last, weights_only=False)["global_step"] == 12
+    assert (checkpoints / "last.ckpt.corrupt").stat().st_size == 1000  # kept, out of the way
+
+
+def test_resume_last_without_last_ckpt_continues_from_the_newest_checkpoint(tmp_path):
+    fit(tmp_path, "--trainer.max_steps=8")
+    checkpoints = tmp_path / "copy-rope" / "version_0" / "checkpoints"
+    (checkpoints / "last.ckpt").unlink()
+    resumed = fit(tmp_path, "--ckpt_path=last", "--trainer.max_steps=12")
+    assert "resuming from" in resumed.stdout and "starting from scratch" not in resumed.stdout
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 12

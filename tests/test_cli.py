@@ -1,0 +1,118 @@
+"""The `cope-pl` command line: testing a finished run in place, the command list, one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cope_pl.cli import main
+from cope_pl.reporting.collect import load_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+FIT = [
+    "fit",
+    *("--config", str(CONFIGS / "trainer/smoke.yaml")),
+    *("--config", str(CONFIGS / "data/copy.yaml")),
+    *("--config", str(CONFIGS / "model/tiny.yaml")),
+]
+
+
+def cope_pl(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cope_pl.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    main([*FIT, f"--trainer.logger.init_args.save_dir={runs}"])  # 4 steps
+    return runs / "copy-rope" / "version_0"
+
+
+def scalar_steps(run: Path, tag: str) -> list[int]:
+    steps = []
+    for events in run.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            steps += [e.step for e in acc.Scalars(tag)]
+    return steps
+
+
+def test_test_of_a_run_dir_adds_test_metrics_to_that_run_at_its_step(finished_run, tmp_path):
+    config = (finished_run / "config.yaml").read_bytes()
+    done = cope_pl("test", str(finished_run), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((finished_run / "results.json").read_text())
+    assert {"test/loss", "test/error", "val/loss"} <= set(results["metrics"])
+    assert results["global_step"] == 4 and results["steps"]["test"] == 4
+    assert "Final test metrics (step 4)" in done.stdout
+    assert scalar_steps(finished_run, "test/loss") == [4]
+    assert (finished_run / "config.yaml").read_bytes() == config  # the fit's config, byte for byte
+    assert list(tmp_path.iterdir()) == []  # nothing written outside the run directory
+    assert sorted(p.name for p in finished_run.parent.iterdir()) == ["version_0"]  # no new version
+
+
+def test_a_retest_is_not_counted_as_another_seed(finished_run):
+    assert cope_pl("test", str(finished_run)).returncode == 0
+    runs = load_runs(finished_run.parent.parent)
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "ok"
+
+
+def test_report_skips_a_directory_that_only_tested_another_run(finished_run, tmp_path):
+    retest = tmp_path / "copy-rope" / "version_1"  # what the old `cope-pl test --config ...` form left
+    retest.mkdir(parents=True)
+    results = json.loads((finished_run / "results.json").read_text())
+    results.pop("fit_finished", None)
+    results["metrics"] = {k: v for k, v in results["metrics"].items() if k.startswith("test/")}
+    (retest / "results.json").write_text(json.dumps(results))
+    assert load_runs(tmp_path).empty
+
+
+def test_testing_a_run_that_never_finished_fit_is_refused(finished_run, tmp_path):
+    unfinished = tmp_path / "copy-rope" / "version_0"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    (unfinished / "config.yaml").write_bytes((finished_run / "config.yaml").read_bytes())
+    (unfinished / "checkpoints" / "last.ckpt").write_bytes((finished_run / "checkpoints/last.ckpt").read_bytes())
+    done = cope_pl("test", str(unfinished))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"cope-pl: error: {unfinished} has not finished training")
+
+
+def test_help_lists_every_command():
+    done = cope_pl("--help")
+    listed = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ")]
+    assert listed == ["fit", "validate", "test", "eval-context", "sweep", "report", "position-maps", "launch"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fitt"], "cope-pl: error: unknown command 'fitt'; the commands are fit, validate, test"),
+        (["predict"], "cope-pl: error: unknown command 'predict'"),
+        ([*FIT, "--trainer.max_steps=-5"], "cope-pl: error: `max_steps` must be a non-negative integer"),
+        ([*FIT, "--trainer.max_steps=abc"], 'cope-pl: error: Parser key "trainer.max_steps"; Expected a <class'),
+    ],
+    ids=["unknown-command", "predict", "lightning-misconfiguration", "parse-error"],
+)
+def test_misuse_is_one_line(args, message, tmp_path):
+    done = cope_pl(*args, *(["--trainer.logger=false"] if args[0] == "fit" else []), cwd=tmp_path)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("Seed set")]
+    assert len(lines) == 1 and lines[0].startswith(message), done.stderr[-1000:]
+
+
+def test_a_mistyped_position_leaves_no_run_directory(tmp_path):
+    done = cope_pl(*FIT, "--model.position=ropee", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}")
+    assert "unknown position encoding 'ropee'" in done.stderr
+    assert not (tmp_path / "runs").exists()
