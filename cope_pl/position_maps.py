@@ -75,6 +75,7 @@ def position_maps(model, input_ids: Tensor) -> list[dict[str, Tensor | None]]:
     return maps
 
 
+IMPLEMENTATION_OPTIONS = ("compile", "impl")  # how an encoding is computed, not what it computes
 TOKEN_LABELS_UP_TO = 48  # longer sequences get numeric position ticks
 
 
@@ -125,13 +126,13 @@ def plot_position_maps(maps: list[dict], tokens: list[str] | None, path: Path, l
 
 def map_title(run: Path, encoding: str, sample: str, length: int, train_len: int) -> str:
     """'copy-cope/version_0: cope, test sample 0, 256 tokens (2x the training length 128)'."""
-    scale = f" ({length / train_len:g}x the training length {train_len})" if train_len else ""
+    scale = f" ({length / train_len:.3g}x the training length {train_len})" if train_len else ""
     return f"{run_label(run)}: {encoding}, {sample}, {length} tokens{scale}"
 
 
 def encoding_name(hparams) -> str:
     """'relative (p_max=64)': the encoding and its options, from a model's hyperparameters."""
-    options = hparams.get("position_options") or {}
+    options = {k: v for k, v in (hparams.get("position_options") or {}).items() if k not in IMPLEMENTATION_OPTIONS}
     settings = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
     return f"{hparams.get('position', '?')}" + (f" ({settings})" if settings else "")
 

@@ -244,7 +244,7 @@ def test_each_data_set_gets_its_own_panel_with_a_y_label(tmp_path, drawn):
     table = table_of(list(values), ["in_dist", "ood"], values, row_name="data / position")
     fig = drawn(plot_bars, table, tmp_path / "b.png", "test/error")
     axes = data_axes(fig)
-    assert [ax.get_title() for ax in axes] == ["flipflop", "counting"]
+    assert [ax.get_title() for ax in axes] == ["counting", "flipflop"]  # sorted by name
     assert all(ax.get_ylabel() == "test error (%)" for ax in axes)
 
 

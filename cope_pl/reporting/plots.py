@@ -20,6 +20,7 @@ from cope_pl.reporting.style import (
     is_perplexity,
     jitter,
     metric_label,
+    natural,
     panels_of,
     plain_axis,
     pyplot,
@@ -38,11 +39,12 @@ def panel_grid(count: int, rows: int = 1, width: float = 5.0, height: float = 3.
 def finish(fig, axes, path: Path, title: str, handles: dict | None = None) -> Path:
     """Shared legend under the title (encodings only), then save."""
     plt = pyplot()
+    height = fig.get_figheight()  # inches; the title and legend take a fixed strip on top
     if handles:
         fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(len(handles), 6), fontsize=8,
-                   bbox_to_anchor=(0.5, 0.93), frameon=False)  # fmt: skip
+                   bbox_to_anchor=(0.5, 1 - 0.3 / height), frameon=False)  # fmt: skip
     fig.suptitle(textwrap.fill(title, 110), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.86 if handles else 0.94))
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.65 if handles else 0.35) / height))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -66,7 +68,8 @@ def plot_extrapolation(table: Table, path: Path, metric: str, train_len: dict[st
         for i, (name, row) in enumerate(rows):
             points = [(int(c), table.mean[(row, c)] * factor, table.std[(row, c)] * factor)
                       for c in table.columns if table.n.get((row, c))]  # fmt: skip
-            absent += [f"{name} at {c}" for c in table.columns if not table.n.get((row, c))]
+            gaps = [c for c in table.columns if not table.n.get((row, c))]
+            absent += [f"{name} at {', '.join(gaps)}"] if gaps else []
             if not points:
                 continue
             x, y, s = zip(*points)
@@ -87,8 +90,9 @@ def plot_extrapolation(table: Table, path: Path, metric: str, train_len: dict[st
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9)
         if absent:
-            note = textwrap.fill("n/a or missing: " + ", ".join(absent), 70)
-            ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=6, color="dimgrey", va="bottom")
+            note = textwrap.fill("no result (n/a or missing): " + "; ".join(absent), 80)
+            ax.annotate(note, (0, 0), xytext=(0, -34), xycoords="axes fraction", textcoords="offset points",
+                        fontsize=7, color="dimgrey", va="top")  # fmt: skip
     return finish(fig, axes, path, table.title, handles)
 
 
@@ -115,18 +119,24 @@ def plot_bars(table: Table, path: Path, metric: str) -> Path:
                 handles.setdefault(name, bars)
             for j, c in enumerate(columns):
                 if not table.n.get((row, c)):
-                    text = "n/a" if (row, c) in table.not_applicable else "missing"
-                    ax.text(j + offset, 0, text, rotation=90, ha="center", va="bottom", fontsize=6,
-                            bbox={"boxstyle": "square,pad=0.2", "facecolor": "none", "edgecolor": "grey",
-                                  "hatch": "////"})  # fmt: skip
+                    missing_marker(ax, j + offset, width, "n/a" if (row, c) in table.not_applicable else "missing")
         ax.set_xticks(range(len(columns)), columns)
         ax.set_xlabel("test set")
         ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)
-        ax.margins(y=0.15)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.1)  # room for the value labels
         plain_axis(ax.yaxis)
         ax.set_title(title, fontsize=9)
     return finish(fig, axes, path, table.title, handles)
+
+
+def missing_marker(ax, x: float, width: float, text: str) -> None:
+    """A hatched full-height column with a label where a bar would be: no result, not a value of zero."""
+    from matplotlib.transforms import blended_transform_factory
+
+    ax.axvspan(x - width / 2, x + width / 2, facecolor="none", edgecolor="silver", hatch="///", linewidth=0)
+    transform = blended_transform_factory(ax.transData, ax.transAxes)
+    ax.text(x, 0.5, text, transform=transform, rotation=90, ha="center", va="center", fontsize=7,
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # fmt: skip
 
 
 def seed_band(frames: list[pd.DataFrame], x: str, y: str) -> pd.DataFrame:
@@ -142,7 +152,7 @@ def labelled_groups(runs: pd.DataFrame, row_keys: list[str]):
     titles = runs[panel].astype(str).agg(" / ".join, axis=1) if panel else pd.Series("", index=runs.index)
     names = runs[legend].astype(str) if legend else pd.Series("", index=runs.index)
     groups = {key: group for key, group in runs.groupby([titles, names], sort=True)}
-    return groups, sorted(set(titles))
+    return groups, sorted(set(titles), key=natural)
 
 
 def plot_learning_curves(
@@ -150,6 +160,8 @@ def plot_learning_curves(
 ) -> Path:
     """One row per validation metric, one panel per data set, one line per encoding: the mean over seeds
     with a min/max band, against the training step."""
+    from matplotlib.ticker import MaxNLocator
+
     ok = runs[runs["status"] == "ok"]
     groups, titles = labelled_groups(ok, row_keys)
     curves = {key: [load_curves(d, tuple(tags)) for d in group["run_dir"]] for key, group in groups.items()}
@@ -166,10 +178,15 @@ def plot_learning_curves(
                 if group_title != panel or not frames:
                     continue
                 band = seed_band(frames, "step", "value") * factor
-                style = {**styles[name], "marker": None}
+                style = {**styles[name], "marker": styles[name]["marker"] if len(band) <= 12 else None}
                 (line,) = ax.plot(band.index, band["mean"], label=name, **style)
                 ax.fill_between(band.index, band["min"], band["max"], alpha=0.15, color=style["color"])
                 handles.setdefault(name, line)
+            steps = sorted({int(x) for line in ax.lines for x in line.get_xdata()})
+            if 0 < len(steps) <= 6:
+                ax.set_xticks(steps)
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("training step")
             ax.set_ylabel(ylabel)
             ax.set_title(panel, fontsize=9)

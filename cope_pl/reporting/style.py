@@ -4,6 +4,7 @@ offset such as `+2.161e2`), one marker and line style per encoding, and the labe
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 
 import pandas as pd
@@ -90,7 +91,7 @@ def encoding_styles(encodings: Iterable[str]) -> dict[str, dict]:
 
 def jitter(index: int, count: int, spacing: float) -> float:
     """A small horizontal shift for series `index` of `count`, so equal values stay visible side by side."""
-    return 0.0 if count < 2 else (index - (count - 1) / 2) * 0.04 * spacing / (count - 1)
+    return 0.0 if count < 2 else (index - (count - 1) / 2) * 0.12 * spacing / (count - 1)
 
 
 def train_length_line(ax, length: int) -> None:
@@ -119,11 +120,18 @@ def panels_of(labels: Iterable[str], row_name: str) -> dict[str, list[tuple[str,
     keys = row_name.split(" / ")
     panel, legend = panel_keys(keys)
     groups: dict[str, list[tuple[str, str]]] = {}
+    labels = list(labels)
+    order = {name: i for i, name in enumerate(dict.fromkeys(split_label(row_name, r).get(legend, r) for r in labels))}
     for row in labels:
         values = split_label(row_name, row)
         title = " / ".join(values[k] for k in panel)
         groups.setdefault(title, []).append((values.get(legend, row) if legend else row, row))
-    return groups
+    return {title: sorted(groups[title], key=lambda entry: order[entry[0]]) for title in sorted(groups, key=natural)}
+
+
+def natural(text: str) -> list:
+    """Sort key that puts 'train64' before 'train128'."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(text))]
 
 
 def frame_panels(frame: pd.DataFrame, keys: list[str]) -> tuple[list[str], str | None]:
