@@ -6,7 +6,9 @@ logit_term, CoPE's gate_logits) then give the logits, and p_ij follows the refer
 `cope_pl.ops.cope` (reverse cumulative sum of sigmoid gates, clamped at npos_max - 1). Nothing in the
 position encodings changes, whatever attention implementation they use.
 
-`cope-pl position-maps RUN --out DIR` draws them as PNGs for a test-set sample of the run's data.
+`cope-pl position-maps RUN --out DIR` draws them as PNGs (`layer<L>_len<T>.png`) for a test-set sample of
+the run's data; `--length 2x` draws them at twice the training length, where encodings diverge most. The
+default DIR, `<run>/position_maps/`, is where `cope-pl report` looks for maps to show.
 """
 
 from __future__ import annotations
@@ -73,69 +75,124 @@ def position_maps(model, input_ids: Tensor) -> list[dict[str, Tensor | None]]:
     return maps
 
 
+IMPLEMENTATION_OPTIONS = ("compile", "impl")  # how an encoding is computed, not what it computes
+TOKEN_LABELS_UP_TO = 48  # longer sequences get numeric position ticks
+
+
+def row_normalised(attention: Tensor) -> Tensor:
+    """(..., T, S) causal attention -> each query row divided by its maximum (paper Figure 4); NaN above the
+    diagonal, so masked keys are drawn as blank rather than as zero attention."""
+    t, s = attention.shape[-2:]
+    scaled = attention / attention.amax(-1, keepdim=True).clamp_min(1e-30)
+    return scaled.masked_fill(~causal_mask(t, s, attention.device), float("nan"))
+
+
 def plot_position_maps(maps: list[dict], tokens: list[str] | None, path: Path, layer: int, title: str = "") -> Path:
-    """One PNG for one layer: p_ij (top row, CoPE only) and attention (bottom row), one column per head."""
+    """One PNG for one layer: p_ij (top row, CoPE only) and attention scaled to its row maximum (bottom row),
+    one column per head. Axes carry the token strings up to TOKEN_LABELS_UP_TO tokens, positions beyond."""
     from cope_pl.reporting.plots import pyplot
 
     plt = pyplot()
     attention = maps[layer]["attention"][0].float().cpu()  # (H, T, T)
     positions = maps[layer]["positions"]
-    panels = [("attention", attention)]
+    panels = [("attention", row_normalised(attention), "attention / row max", (0.0, 1.0))]
     if positions is not None:
         p = positions[0].float().cpu().masked_fill(~causal_mask(*positions.shape[-2:]), float("nan"))
-        panels.insert(0, ("position p_ij", p))
+        panels.insert(0, ("position p_ij", p, "contextual position p_ij", (0.0, None)))
     heads, t = attention.size(0), attention.size(-1)
-    size = max(2.5, min(6.0, t / 8))
+    size = max(3.0, min(6.0, t / 8))
     fig, axes = plt.subplots(len(panels), heads, figsize=(size * heads, size * len(panels)), squeeze=False)
-    for r, (name, values) in enumerate(panels):
+    cmap = plt.get_cmap("viridis").with_extremes(bad="whitesmoke")  # masked (future) keys
+    for r, (name, values, bar_label, (vmin, vmax)) in enumerate(panels):
         for head in range(heads):
             ax = axes[r][head]
-            image = ax.imshow(values[head], cmap="viridis", interpolation="nearest")
+            image = ax.imshow(values[head], cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
             ax.set_title(f"{name}, head {head}", fontsize=8)
-            fig.colorbar(image, ax=ax, fraction=0.046)
-            if tokens is not None and t <= 64:
+            fig.colorbar(image, ax=ax, fraction=0.046).set_label(bar_label, fontsize=7)
+            if tokens is not None and t <= TOKEN_LABELS_UP_TO:
                 ax.set_xticks(range(t), tokens, fontsize=5, rotation=90)
                 ax.set_yticks(range(t), tokens, fontsize=5)
-            ax.set_xlabel("key j", fontsize=7)
-            ax.set_ylabel("query i", fontsize=7)
-    fig.suptitle(f"{title} layer {layer}".strip(), fontsize=10)
+                ax.set_xlabel("key token j", fontsize=7)
+                ax.set_ylabel("query token i", fontsize=7)
+            else:
+                ax.set_xlabel("key position j", fontsize=7)
+                ax.set_ylabel("query position i", fontsize=7)
+    fig.suptitle(f"{title}, layer {layer}".lstrip(", "), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
+def map_title(run: Path, encoding: str, sample: str, length: int, train_len: int) -> str:
+    """'copy-cope/version_0: cope, test sample 0, 256 tokens (2x the training length 128)'."""
+    scale = f" ({length / train_len:.3g}x the training length {train_len})" if train_len else ""
+    return f"{run_label(run)}: {encoding}, {sample}, {length} tokens{scale}"
+
+
+def encoding_name(hparams) -> str:
+    """'relative (p_max=64)': the encoding and its options, from a model's hyperparameters."""
+    options = {k: v for k, v in (hparams.get("position_options") or {}).items() if k not in IMPLEMENTATION_OPTIONS}
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
+    return f"{hparams.get('position', '?')}" + (f" ({settings})" if settings else "")
+
+
+def token_strings(dm, ids: list[int]) -> list[str]:
+    """Token strings from the data module's tokenizer (text corpora; a leading space shows as '_'), else ids."""
+    tokenizer_path = Path(getattr(dm, "directory", "")) / "tokenizer.json"
+    if not getattr(dm, "directory", None) or not tokenizer_path.is_file():
+        return [str(i) for i in ids]
+    from cope_pl.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    return [(tokenizer.id_to_token(i) or str(i)).replace("\u0120", "_") for i in ids]
+
+
+def load_sample(run: Path, index: int, seq_len: int) -> tuple[Tensor, list[str]]:
+    """(1, T) token ids of sample `index` of the run's test data at seq_len, and their strings."""
+    from cope_pl.eval_context import datamodule_at, test_loaders
+
+    dm = datamodule_at(load_config(run), seq_len, batch_size=index + 1)
+    batch = next(iter(next(iter(test_loaders(dm).values()))))
+    ids = batch["input_ids"][index : index + 1]
+    return ids, token_strings(dm, ids[0].tolist())
+
+
 def sample_input(run: Path, index: int, seq_len: int | None) -> Tensor:
     """(1, T) token ids: sample `index` of the run's test data (optionally at another length)."""
-    from cope_pl.eval_context import datamodule_at, test_loaders
     from cope_pl.runs import train_seq_len
 
-    config = load_config(run)
-    dm = datamodule_at(config, seq_len or train_seq_len(config), batch_size=index + 1)
-    batch = next(iter(next(iter(test_loaders(dm).values()))))
-    return batch["input_ids"][index : index + 1]
+    return load_sample(run, index, seq_len or train_seq_len(load_config(run)))[0]
 
 
 def main(argv: list[str] | None = None) -> None:
+    from cope_pl.eval_context import parse_lengths
     from cope_pl.lm import LanguageModel
+    from cope_pl.runs import train_seq_len
 
     parser = argparse.ArgumentParser(prog="cope-pl position-maps", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run directory or checkpoint file")
     parser.add_argument("--sample", type=int, default=0, help="index of the test sample to show")
-    parser.add_argument("--length", type=int, default=None, help="sequence length (default: the training length)")
+    parser.add_argument(
+        "--length", default=None, help="sequence length, e.g. 256 or 2x (the training length times 2); default 1x"
+    )
     parser.add_argument("--tokens", default=None, help="space-separated token ids instead of a test sample")
     parser.add_argument("--out", type=Path, default=None, help="default: <run>/position_maps/")
     args = parser.parse_args(argv)
     run, ckpt = resolve_run(args.run)
     model = LanguageModel.load_from_checkpoint(ckpt, map_location="cpu")
+    train_len = train_seq_len(load_config(run))
     if args.tokens:
         input_ids = torch.tensor([[int(t) for t in args.tokens.split()]])
+        tokens, sample = [str(t) for t in input_ids[0].tolist()], "given tokens"
     else:
-        input_ids = sample_input(run, args.sample, args.length)
+        length = parse_lengths([args.length or "1x"], train_len)[0]
+        input_ids, tokens = load_sample(run, args.sample, length)
+        sample = f"test sample {args.sample}"
     maps = position_maps(model, input_ids)
     out = args.out or run / "position_maps"
     out.mkdir(parents=True, exist_ok=True)
-    tokens = [str(t) for t in input_ids[0].tolist()]
+    length = input_ids.size(1)
+    title = map_title(run, encoding_name(model.hparams), sample, length, train_len)
     for layer in range(len(maps)):
-        path = plot_position_maps(maps, tokens, out / f"layer{layer}.png", layer, f"{run_label(run)}")
-        print(path)
+        print(plot_position_maps(maps, tokens, out / f"layer{layer}_len{length}.png", layer, title))

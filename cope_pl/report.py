@@ -14,19 +14,26 @@ Which tables a sweep gets is set by the `report:` section of its sweep file, for
         - {name: test_error, metric: test/error, scale: 100, digits: 1, lower_is_better: true,
            paper: {cope: {ood_dense: 4.9}}}   # reference numbers, shown as "(paper)" rows
       extrapolation: {metrics: [ppl, error]} # eval-context tables and Figure-3 plots (first: extrapolation.*)
+      position_loss: {all_lengths: false, log_x: false}  # loss by token position: longest length, or all
+
+Figures (PNG, one panel per data set or training length, one series per encoding): `extrapolation*.png`
+(metric vs evaluated length), `error_by_set.png`, `learning_curves.png` (validation error % and loss vs
+step), `loss_by_position.png` (from each run's eval_context_positions.csv) and any position maps found in
+a run's `position_maps/` folder (copied to `position_maps/<run>/`).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from cope_pl.reporting.collect import find_manifests, load_eval_context, load_runs
-from cope_pl.reporting.plots import plot_bars, plot_extrapolation, plot_learning_curves
-from cope_pl.reporting.tables import Table, extrapolation_table, metric_table
+from cope_pl.reporting.collect import find_manifests, load_eval_context, load_eval_context_positions, load_runs
+from cope_pl.reporting.plots import plot_bars, plot_extrapolation, plot_learning_curves, plot_loss_by_position
+from cope_pl.reporting.tables import Table, extrapolation_table, metric_table, row_labels, varying
 
 DEFAULT_ROW_KEYS = ["data", "position", "seq_len"]
 
@@ -48,7 +55,7 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
     title = spec.get("title") or (runs["sweep"].dropna().iloc[0] if runs["sweep"].notna().any() else "runs")
     written: list[Path] = []
     sections = [f"# {title}", "", f"{int((runs['status'] == 'ok').sum())} of {len(runs)} runs have results."]
-    first_error: Table | None = None
+    first_error: tuple[Table, str] | None = None
     for entry in spec.get("tables") or default_tables(runs):
         options = {k: entry[k] for k in ("scale", "digits", "paper") if k in entry}
         metric = entry["metric"]
@@ -60,9 +67,9 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
         written += table.write(out, entry.get("name", metric.replace("/", "_")))
         sections += ["", table.markdown()]
         if first_error is None and metric.endswith("/error") and len(table.columns) > 0:
-            first_error = table
+            first_error = (table, metric)
     if first_error is not None:
-        written.append(plot_bars(first_error, out / "error_by_set.png", first_error.title.split(": ")[-1]))
+        written.append(plot_bars(first_error[0], out / "error_by_set.png", first_error[1]))
         sections += ["", "![error per test set](error_by_set.png)"]
     ec = load_eval_context(runs)
     if not ec.empty:
@@ -77,13 +84,27 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
             )
             name = "extrapolation" if metric == wanted[0] else f"extrapolation_{metric}"
             written += table.write(out, name)
-            train_lens = sorted(pd.to_numeric(ec["train_seq_len"], errors="coerce").dropna().astype(int).unique())
-            written.append(plot_extrapolation(table, out / f"{name}.png", metric, train_lens))
+            lengths = train_lengths(ec, runs, row_keys)
+            written.append(plot_extrapolation(table, out / f"{name}.png", f"test/{metric}", lengths))
             sections += ["", table.markdown(), f"![{metric} vs context length]({name}.png)"]
+    positions = load_eval_context_positions(runs)
+    if not positions.empty:
+        options = spec.get("position_loss") or {}
+        path = out / "loss_by_position.png"
+        plot_loss_by_position(
+            positions, row_keys, path, bool(options.get("all_lengths")), bool(options.get("log_x")), title
+        )
+        written.append(path)
+        sections += ["", "![loss by token position](loss_by_position.png)"]
     ok = runs[runs["status"] == "ok"]
     if len(ok):
-        written.append(plot_learning_curves(runs, row_keys, out / "learning_curves.png"))
+        written.append(plot_learning_curves(runs, row_keys, out / "learning_curves.png", title=title))
         sections += ["", "![learning curves](learning_curves.png)"]
+    maps = copy_position_maps(ok, out / "position_maps")
+    if maps:
+        sections += ["", "## Position maps", ""]
+        sections += [f"![{p.parent.name} {p.stem}]({p.relative_to(out).as_posix()})" for p in maps]
+        written += maps
     missing = runs[runs["status"] != "ok"]
     if len(missing):
         missing[["run", "run_dir", "status", "reason"]].to_csv(out / "missing.csv", index=False)
@@ -92,6 +113,24 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
         sections += [f"- {r.run}: {r.status} — {r.reason}" for r in missing.itertuples()]
     (out / "README.md").write_text("\n".join(sections) + "\n")
     return written + [out / "README.md"]
+
+
+def train_lengths(ec: pd.DataFrame, runs: pd.DataFrame, row_keys: list[str]) -> dict[str, int]:
+    """Extrapolation table row label -> the training length of its runs."""
+    labels = row_labels(ec, varying(runs, row_keys))
+    lengths = pd.to_numeric(ec["train_seq_len"], errors="coerce")
+    return {row: int(v) for row, v in lengths.groupby(labels).max().dropna().items()}
+
+
+def copy_position_maps(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """PNGs from each run's position_maps/ folder (`cope-pl position-maps RUN`), copied to out/<run>/."""
+    copied = []
+    for run in runs.itertuples():
+        for png in sorted((Path(run.run_dir) / "position_maps").rglob("*.png")):
+            target = out / str(run.run).replace("/", "_") / png.relative_to(Path(run.run_dir) / "position_maps")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            copied.append(Path(shutil.copyfile(png, target)))
+    return copied
 
 
 def build_report(runs_root: str | Path, out_dir: str | Path) -> list[Path]:

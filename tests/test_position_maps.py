@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cope_pl.position_maps import contextual_positions, plot_position_maps, position_maps
+from cope_pl.position_maps import contextual_positions, map_title, plot_position_maps, position_maps, row_normalised
 from tests.conftest import tiny_model
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -59,11 +59,53 @@ def test_positions_are_sums_of_gates_from_key_to_query():
     assert contextual_positions(gates, npos_max=2).max() <= 1
 
 
-def test_position_maps_png_is_written(tmp_path):
-    model = tiny_model("cope")
-    maps = position_maps(model, torch.randint(0, 23, (1, 6)))
-    path = plot_position_maps(maps, [str(t) for t in range(6)], tmp_path / "layer0.png", layer=0)
+def draw_maps(monkeypatch, tmp_path, t, tokens=True, title="copy-cope/version_0: cope, test sample 0"):
+    """plot_position_maps for a tiny CoPE model on t tokens; the figure is drawn and returned unclosed."""
+    from cope_pl.reporting.plots import pyplot
+
+    plt = pyplot()
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    maps = position_maps(tiny_model("cope"), torch.randint(0, 23, (1, t)))
+    names = [f"tok{i}" for i in range(t)] if tokens else None
+    path = plot_position_maps(maps, names, tmp_path / "layer0.png", layer=0, title=title)
     assert path.read_bytes()[:4] == b"\x89PNG"
+    figures[-1].canvas.draw()
+    return figures[-1]
+
+
+def panels(fig):
+    return [ax for ax in fig.axes if ax.get_title()]
+
+
+def test_every_colourbar_is_labelled(monkeypatch, tmp_path):
+    fig = draw_maps(monkeypatch, tmp_path, 6)
+    bars = [ax for ax in fig.axes if not ax.get_title()]
+    assert bars and {ax.get_ylabel() for ax in bars} == {"contextual position p_ij", "attention / row max"}
+
+
+def test_attention_rows_are_scaled_to_their_maximum():
+    attention = torch.softmax(torch.randn(2, 5, 5).masked_fill(~torch.ones(5, 5).bool().tril(), -torch.inf), -1)
+    scaled = row_normalised(attention)
+    torch.testing.assert_close(torch.nan_to_num(scaled, nan=0.0).amax(-1), torch.ones(2, 5))
+    assert torch.isnan(scaled[0, 0, 1]) and not torch.isnan(scaled[0, 4, 0])  # masked keys are blank, not 0
+
+
+def test_short_sequences_are_labelled_with_tokens_long_ones_with_positions(monkeypatch, tmp_path):
+    short = panels(draw_maps(monkeypatch, tmp_path, 6))[0]
+    assert [t.get_text() for t in short.get_xticklabels()] == [f"tok{i}" for i in range(6)]
+    assert short.get_xlabel() == "key token j" and short.get_ylabel() == "query token i"
+    long = panels(draw_maps(monkeypatch, tmp_path, 50))[0]
+    assert long.get_xlabel() == "key position j" and long.get_ylabel() == "query position i"
+    assert "tok0" not in [t.get_text() for t in long.get_xticklabels()]
+
+
+def test_title_names_run_encoding_layer_and_sample(monkeypatch, tmp_path):
+    run = tmp_path / "copy-cope" / "version_0"
+    title = map_title(run, "cope", "test sample 3", 256, 128)
+    assert title == "copy-cope/version_0: cope, test sample 3, 256 tokens (2x the training length 128)"
+    fig = draw_maps(monkeypatch, tmp_path, 6, title=title)
+    assert fig._suptitle.get_text() == title + ", layer 0"
 
 
 def test_notebook_code_cells_compile():

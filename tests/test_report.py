@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from cope_pl.report import build_report
-from cope_pl.reporting.collect import load_runs
-from cope_pl.reporting.tables import metric_table
+from cope_pl.reporting.collect import load_eval_context_positions, load_runs
+from cope_pl.reporting.plots import plot_bars, plot_extrapolation, plot_learning_curves, plot_loss_by_position
+from cope_pl.reporting.tables import Table, metric_table
 
 ERRORS = {  # position -> seed -> (test/error@in_dist, test/error@ood)
     "rope": {0: (0.10, 0.50), 1: (0.20, 0.70)},
@@ -164,3 +165,176 @@ def test_fit_logs_hparams_with_final_metrics_for_tensorboard(tmp_path):
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     assert "val/loss" in [m.name.tag for m in experiment.metric_infos]
     assert session.session_start_info.hparams["model/position"].string_value == "cope"
+
+
+# Figures -------------------------------------------------------------------------------------------------
+def table_of(rows, columns, values, row_name="train_len / position", **options):
+    """A Table with given means (None = no result for that cell, std 0, one seed each)."""
+    cells = {(r, c): values[r][i] for r in rows for i, c in enumerate(columns)}
+    n = {k: int(v is not None) for k, v in cells.items()}
+    mean = {k: (math.nan if v is None else v) for k, v in cells.items()}
+    table = Table("demo", row_name, rows, columns, mean, dict.fromkeys(cells, 0.0), n, dict.fromkeys(cells, 1))
+    for option, value in options.items():
+        setattr(table, option, value)
+    return table
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Call a plot function and get its figure back (drawn, not closed)."""
+    from cope_pl.reporting import plots
+
+    plt = plots.pyplot()
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+
+    def draw(plot, *args, **kwargs):
+        plot(*args, **kwargs)
+        figures[-1].canvas.draw()
+        return figures[-1]
+
+    return draw
+
+
+def data_axes(fig):
+    return [ax for ax in fig.axes if ax.get_ylabel()]
+
+
+PPL = {  # two encodings that coincide, one that cannot go past the training length
+    "train128 / relative": [216.14, 216.16, 216.18],
+    "train128 / relative_capped": [216.14, 216.16, 216.18],
+    "train128 / absolute": [216.12, None, None],
+}
+
+
+def test_extrapolation_axes_show_plain_numbers_on_a_log_scale(tmp_path, drawn):
+    fig = drawn(plot_extrapolation, table_of(list(PPL), ["128", "192", "256"], PPL), tmp_path / "e.png", "test/ppl")
+    (ax,) = data_axes(fig)
+    assert ax.get_yscale() == "log"
+    for axis in (ax.xaxis, ax.yaxis):
+        assert axis.get_major_formatter().get_offset() == ""
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert labels and all("e" not in t for t in labels) and len(set(labels)) == len(labels)
+    assert ax.get_ylabel() == "test perplexity (per token)"
+
+
+def test_extrapolation_ticks_sit_at_the_evaluated_lengths_with_a_labelled_train_line(tmp_path, drawn):
+    table = table_of(list(PPL), ["128", "192", "256"], PPL)
+    fig = drawn(plot_extrapolation, table, tmp_path / "e.png", "test/ppl", dict.fromkeys(PPL, 128))
+    (ax,) = data_axes(fig)
+    assert list(ax.get_xticks()) == [128, 192, 256]
+    vertical = [line for line in ax.lines if line.get_label() == "train length 128"]
+    assert vertical and list(vertical[0].get_xdata()) == [128, 128]
+    assert "train length 128" in [t.get_text().strip() for t in ax.texts]
+
+
+def test_legend_names_encodings_and_coinciding_series_stay_apart(tmp_path, drawn):
+    fig = drawn(plot_extrapolation, table_of(list(PPL), ["128", "192", "256"], PPL), tmp_path / "e.png", "test/ppl")
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["relative", "relative_capped", "absolute"]
+    (ax,) = data_axes(fig)
+    series = {line.get_label(): line for line in ax.lines if line.get_label() in PPL_NAMES}
+    a, b = series["relative"], series["relative_capped"]
+    assert (a.get_marker(), a.get_linestyle()) != (b.get_marker(), b.get_linestyle())
+    assert list(a.get_xdata()) != list(b.get_xdata())  # jittered side by side, not on top of each other
+
+
+PPL_NAMES = {"relative", "relative_capped", "absolute"}
+
+
+def test_each_data_set_gets_its_own_panel_with_a_y_label(tmp_path, drawn):
+    values = {"flipflop / cope": [0.01, 0.2], "flipflop / rope": [0.02, 0.3], "counting / cope": [0.5, 0.9]}
+    table = table_of(list(values), ["in_dist", "ood"], values, row_name="data / position")
+    fig = drawn(plot_bars, table, tmp_path / "b.png", "test/error")
+    axes = data_axes(fig)
+    assert [ax.get_title() for ax in axes] == ["counting", "flipflop"]  # sorted by name
+    assert all(ax.get_ylabel() == "test error (%)" for ax in axes)
+
+
+def test_error_bars_are_in_percent_and_a_missing_cell_is_no_bar(tmp_path, drawn):
+    values = {"cope": [0.0, 0.25], "alibi": [0.5, None]}
+    table = table_of(list(values), ["in_dist", "ood"], values, row_name="position")
+    fig = drawn(plot_bars, table, tmp_path / "b.png", "test/error")
+    (ax,) = data_axes(fig)
+    heights = {b.get_label(): [r.get_height() for r in b] for b in ax.containers if hasattr(b, "patches")}
+    assert heights == {"cope": [0.0, 25.0], "alibi": [50.0]}  # the true 0 % is a bar; the missing cell is not
+    assert "missing" in [t.get_text() for t in ax.texts]
+    assert ax.yaxis.get_major_formatter().get_offset() == ""
+
+
+def test_learning_curves_have_a_panel_per_data_set_and_a_line_per_encoding(tmp_path, drawn):
+    from torch.utils.tensorboard import SummaryWriter
+
+    runs = []
+    for data in ("flipflop", "counting"):
+        for position in ("cope", "rope"):
+            for seed in (0, 1):
+                run_dir = tmp_path / f"{data}-{position}-{seed}"
+                with SummaryWriter(run_dir) as writer:
+                    for step in (10, 20):
+                        writer.add_scalar("val/error", 0.1 * seed + 0.01 * step, step)
+                        writer.add_scalar("val/loss", 1.0 / step, step)
+                runs.append({"run_dir": str(run_dir), "status": "ok", "data": data, "position": position})
+    fig = drawn(plot_learning_curves, pd.DataFrame(runs), ["data", "position"], tmp_path / "c.png")
+    axes = data_axes(fig)
+    assert [ax.get_title() for ax in axes] == ["counting", "flipflop"] * 2
+    assert [ax.get_ylabel() for ax in axes] == ["val error (%)"] * 2 + ["val loss (nats per token)"] * 2
+    mean = {line.get_label(): list(line.get_ydata()) for line in axes[0].lines}
+    assert mean["cope"] == pytest.approx([15.0, 25.0])  # seeds 0 and 1 averaged, in percent
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["cope", "rope"]
+
+
+def test_ties_are_all_bold():
+    values = {"relative": [2.5], "relative_capped": [2.5], "cope": [2.7]}
+    table = table_of(list(values), ["128"], values, row_name="position")
+    assert "| relative | **2.500** |" in table.markdown()
+    assert "| relative_capped | **2.500** |" in table.markdown()
+    assert "| cope | 2.700 |" in table.markdown()
+
+
+def write_positions(run_dir, position, losses, train_len=32):
+    """eval_context_positions.csv: per evaluated length, buckets of 16 tokens with the given losses."""
+    rows = [
+        {"run": run_dir.name, "position": position, "train_seq_len": train_len, "seq_len": length, "set": "",
+         "bucket_start": 16 * b, "bucket_end": 16 * (b + 1), "tokens": 100, "loss": loss}
+        for length, per_bucket in losses.items()
+        for b, loss in enumerate(per_bucket)
+    ]  # fmt: skip
+    pd.DataFrame(rows).to_csv(run_dir / "eval_context_positions.csv", index=False)
+
+
+def test_position_losses_are_loaded_with_the_run_labels(tmp_path):
+    save_dir = write_sweep(tmp_path, with_missing=False)
+    write_positions(save_dir / "cope-seed0" / "version_0", "cope", {64: [2.0, 1.5, 1.4, 1.3]})
+    positions = load_eval_context_positions(load_runs(tmp_path))
+    assert len(positions) == 4 and set(positions["position"]) == {"cope"} and set(positions["seed"]) == {0}
+    assert list(positions["seq_len"]) == [64] * 4 and positions["set"].iloc[0] == ""
+
+
+def test_loss_by_position_report_figure(tmp_path, drawn):
+    save_dir = write_sweep(tmp_path, with_missing=False)
+    for position, seed, loss in (("cope", 0, 1.0), ("cope", 1, 2.0), ("rope", 0, 3.0)):
+        write_positions(save_dir / f"{position}-seed{seed}" / "version_0", position, {32: [loss] * 2, 64: [loss] * 4})
+    files = build_report(tmp_path, tmp_path / "out")
+    assert tmp_path / "out" / "demo" / "loss_by_position.png" in files
+    assert "loss_by_position.png" in (tmp_path / "out" / "demo" / "README.md").read_text()
+    positions = load_eval_context_positions(load_runs(tmp_path))
+    fig = drawn(plot_loss_by_position, positions, ["position"], tmp_path / "p.png", all_lengths=True, log_x=True)
+    axes = data_axes(fig)
+    assert [ax.get_title() for ax in axes] == ["evaluated at 32 tokens", "evaluated at 64 tokens"]
+    cope = next(line for line in axes[1].lines if line.get_label() == "cope")
+    assert list(cope.get_xdata()) == [8, 24, 40, 56] and list(cope.get_ydata()) == [1.5] * 4  # mean of seeds
+    assert axes[1].get_xscale() == "log" and axes[1].xaxis.get_major_formatter().get_offset() == ""
+    assert any(line.get_label() == "train length 32" for line in axes[1].lines)
+
+
+def test_report_readme_shows_every_figure_it_wrote(tmp_path):
+    save_dir = write_sweep(tmp_path, with_missing=False)
+    maps = save_dir / "cope-seed0" / "version_0" / "position_maps"
+    maps.mkdir()
+    (maps / "layer0.png").write_bytes(b"\x89PNG")
+    files = build_report(tmp_path, tmp_path / "out")
+    readme = (tmp_path / "out" / "demo" / "README.md").read_text()
+    pngs = [p for p in files if p.suffix == ".png"]
+    assert any(p.name == "layer0.png" for p in pngs)
+    for png in pngs:
+        assert f"]({png.relative_to(tmp_path / 'out' / 'demo').as_posix()})" in readme

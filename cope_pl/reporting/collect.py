@@ -1,7 +1,8 @@
 """Read finished runs from disk into pandas DataFrames: one row per run, per eval-context length, per curve point.
 
 Sources, in order of trust: each run's `results.json` (final metrics, model and data settings) and
-`config.yaml` (seed, full config), `eval_context.json` (scores per context length), the sweep manifest
+`config.yaml` (seed, full config), `eval_context.json` (scores per context length),
+`eval_context_positions.csv` (loss per token-position bucket at each length), the sweep manifest
 `sweep.json` (the swept keys of each cell, and which cells should exist), and the TensorBoard event files
 (learning curves only). A run a sweep expects but that has no results is kept as a row with status
 "missing" or "failed", so a table can say what it lacks instead of silently averaging fewer seeds.
@@ -20,6 +21,9 @@ from cope_pl.results import RESULTS_FILE, fit_finished
 from cope_pl.runs import CONFIG_FILE, load_config, run_label
 from cope_pl.sweep import MANIFEST
 
+POSITIONS_FILE = (
+    "eval_context_positions.csv"  # run,position,train_seq_len,seq_len,set,bucket_start,bucket_end,tokens,loss
+)
 RUN_COLUMNS = ["sweep", "cell", "run", "run_dir", "status", "reason", "data", "position", "seed", "seq_len", "step"]
 
 
@@ -109,6 +113,12 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     return frame[RUN_COLUMNS + others + metrics]
 
 
+def grid_labels(run: pd.Series) -> dict[str, Any]:
+    """What a per-length row inherits from its run: settings and swept keys, not metrics or the run's seq_len."""
+    skip = ("status", "reason", "seq_len")
+    return {k: v for k, v in run.items() if not str(k).startswith(("val/", "test/")) and k not in skip}
+
+
 def load_eval_context(runs: pd.DataFrame) -> pd.DataFrame:
     """Rows of every run's eval_context.json, with the run's swept keys and seed attached."""
     frames = []
@@ -117,9 +127,24 @@ def load_eval_context(runs: pd.DataFrame) -> pd.DataFrame:
         if not path.is_file():
             continue
         frame = pd.DataFrame(json.loads(path.read_text())).drop(columns=["run", "position"], errors="ignore")
-        for column, value in run.items():
-            if not str(column).startswith(("val/", "test/")) and column not in ("status", "reason", "seq_len"):
-                frame[column] = value
+        for column, value in grid_labels(run).items():
+            frame[column] = value
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_eval_context_positions(runs: pd.DataFrame) -> pd.DataFrame:
+    """Rows of every run's eval_context_positions.csv (loss per position bucket), with the run's swept keys
+    and seed attached; runs without the file are skipped."""
+    frames = []
+    for _, run in runs.iterrows():
+        path = Path(run["run_dir"]) / POSITIONS_FILE
+        if not path.is_file():
+            continue
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""]).drop(columns=["run", "position"])
+        frame["set"] = frame["set"].fillna("").astype(str)
+        for column, value in grid_labels(run).items():
+            frame[column] = value
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

@@ -1,5 +1,10 @@
-"""PNG figures for a report (matplotlib, no display): perplexity vs context length (paper Figure 3),
-learning curves per encoding, and error per test set."""
+"""PNG figures for a report (matplotlib, no display): the metric vs evaluation context length (paper Figure 3),
+error per test set, learning curves, and loss by token position.
+
+Every figure has one panel per data set (or other non-encoding row key, e.g. the training length), so tasks
+with different scales never share an axis, and one series per encoding, styled alike in every figure. A value
+that is missing or not applicable is drawn as a labelled gap, never as zero.
+"""
 
 from __future__ import annotations
 
@@ -9,81 +14,226 @@ from pathlib import Path
 import pandas as pd
 
 from cope_pl.reporting.collect import load_curves
-from cope_pl.reporting.tables import Table, row_labels, varying
+from cope_pl.reporting.style import (
+    encoding_styles,
+    frame_panels,
+    is_perplexity,
+    jitter,
+    metric_label,
+    natural,
+    panels_of,
+    plain_axis,
+    pyplot,
+    train_length_line,
+)
+from cope_pl.reporting.tables import Table, varying
 
 
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; works without a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_extrapolation(table: Table, path: Path, ylabel: str, train_len: list[int] | None = None) -> Path:
-    """One line per row of an extrapolation table (mean, with a ±std band over seeds)."""
+def panel_grid(count: int, rows: int = 1, width: float = 5.0, height: float = 3.6):
+    """(figure, axes[row][panel]) for `count` panels per row of metrics."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in table.rows:
-        points = [(int(c), table.mean[(row, c)], table.std[(row, c)]) for c in table.columns if table.n.get((row, c))]
-        if not points:
-            continue
-        x, y, s = zip(*points)
-        (line,) = ax.plot(x, y, marker="o", label=row)
-        ax.fill_between(
-            x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)], alpha=0.2, color=line.get_color()
-        )
-    for length in train_len or []:
-        ax.axvline(length, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("evaluation context length (tokens)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(textwrap.fill(table.title, 70), fontsize=8)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig, axes = plt.subplots(rows, max(count, 1), figsize=(width * max(count, 1), height * rows), squeeze=False)
+    return fig, axes
+
+
+def finish(fig, axes, path: Path, title: str, handles: dict | None = None) -> Path:
+    """Shared legend under the title (encodings only), then save."""
+    plt = pyplot()
+    height = fig.get_figheight()  # inches; the title and legend take a fixed strip on top
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(len(handles), 6), fontsize=8,
+                   bbox_to_anchor=(0.5, 1 - 0.3 / height), frameon=False)  # fmt: skip
+    fig.suptitle(textwrap.fill(title, 110), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.65 if handles else 0.35) / height))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def plot_learning_curves(runs: pd.DataFrame, row_keys: list[str], path: Path, tags=("train/loss", "val/loss")) -> Path:
-    """Per tag one panel; per encoding the mean curve over its seeds."""
-    plt = pyplot()
+def plot_extrapolation(table: Table, path: Path, metric: str, train_len: dict[str, int] | None = None) -> Path:
+    """Per panel, one line per encoding: mean with a ±std band over seeds, at the evaluated lengths only.
+
+    train_len: row label -> the length its runs were trained at (a labelled vertical line per panel).
+    """
+    ylabel, factor = metric_label(metric)
+    log = is_perplexity(metric)
+    lengths = [int(c) for c in table.columns]
+    spacing = min((b - a for a, b in zip(lengths, lengths[1:])), default=max(lengths[0], 1) if lengths else 1)
+    panels = panels_of(table.rows, table.row_name)
+    styles = encoding_styles(name for rows in panels.values() for name, _ in rows)
+    fig, axes = panel_grid(len(panels))
+    handles = {}
+    for ax, (title, rows) in zip(axes[0], panels.items()):
+        values, absent = [], []
+        for i, (name, row) in enumerate(rows):
+            points = [(int(c), table.mean[(row, c)] * factor, table.std[(row, c)] * factor)
+                      for c in table.columns if table.n.get((row, c))]  # fmt: skip
+            gaps = [c for c in table.columns if not table.n.get((row, c))]
+            absent += [f"{name} at {', '.join(gaps)}"] if gaps else []
+            if not points:
+                continue
+            x, y, s = zip(*points)
+            x = [v + jitter(i, len(rows), spacing) for v in x]
+            style = styles[name]
+            (line,) = ax.plot(x, y, label=name, fillstyle="none", markersize=6, **style)
+            lower = [max(a - b, 1e-12) if log else a - b for a, b in zip(y, s)]
+            ax.fill_between(x, lower, [a + b for a, b in zip(y, s)], alpha=0.12, color=style["color"])
+            handles.setdefault(name, line)
+            values += list(y)
+        for length in sorted({train_len[r] for _, r in rows if r in (train_len or {})}):
+            train_length_line(ax, length)
+        if log:
+            ax.set_yscale("log")
+        plain_axis(ax.yaxis, log=log, values=values)
+        ax.set_xticks(lengths, [str(t) for t in lengths])
+        ax.set_xlabel("evaluation context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        if absent:
+            note = textwrap.fill("no result (n/a or missing): " + "; ".join(absent), 80)
+            ax.annotate(note, (0, 0), xytext=(0, -34), xycoords="axes fraction", textcoords="offset points",
+                        fontsize=7, color="dimgrey", va="top")  # fmt: skip
+    return finish(fig, axes, path, table.title, handles)
+
+
+def plot_bars(table: Table, path: Path, metric: str) -> Path:
+    """Per panel, grouped bars: one group per test set, one bar per encoding (std as error bars); a cell
+    without results gets a hatched 'missing' / 'n/a' marker instead of a bar."""
+    ylabel, factor = metric_label(metric)
+    panels = panels_of(table.rows, table.row_name)
+    styles = encoding_styles(name for rows in panels.values() for name, _ in rows)
+    fig, axes = panel_grid(len(panels), width=max(4.5, 1.4 * len(table.columns)))
+    handles = {}
+    for ax, (title, rows) in zip(axes[0], panels.items()):
+        columns = [c for c in table.columns if any(table.n.get((r, c)) for _, r in rows)] or table.columns
+        width = 0.8 / max(len(rows), 1)
+        for i, (name, row) in enumerate(rows):
+            offset = (i - (len(rows) - 1) / 2) * width
+            present = [(j, c) for j, c in enumerate(columns) if table.n.get((row, c))]
+            if present:
+                x = [j + offset for j, _ in present]
+                y = [table.mean[(row, c)] * factor for _, c in present]
+                err = [table.std[(row, c)] * factor for _, c in present]
+                bars = ax.bar(x, y, width, yerr=err, capsize=2, label=name, color=styles[name]["color"])
+                ax.bar_label(bars, fmt="%.1f" if factor == 100 else "%.3g", fontsize=6, padding=1)
+                handles.setdefault(name, bars)
+            for j, c in enumerate(columns):
+                if not table.n.get((row, c)):
+                    missing_marker(ax, j + offset, width, "n/a" if (row, c) in table.not_applicable else "missing")
+        ax.set_xticks(range(len(columns)), columns)
+        ax.set_xlabel("test set")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.1)  # room for the value labels
+        plain_axis(ax.yaxis)
+        ax.set_title(title, fontsize=9)
+    return finish(fig, axes, path, table.title, handles)
+
+
+def missing_marker(ax, x: float, width: float, text: str) -> None:
+    """A hatched full-height column with a label where a bar would be: no result, not a value of zero."""
+    from matplotlib.transforms import blended_transform_factory
+
+    ax.axvspan(x - width / 2, x + width / 2, facecolor="none", edgecolor="silver", hatch="///", linewidth=0)
+    transform = blended_transform_factory(ax.transData, ax.transAxes)
+    ax.text(x, 0.5, text, transform=transform, rotation=90, ha="center", va="center", fontsize=7,
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # fmt: skip
+
+
+def seed_band(frames: list[pd.DataFrame], x: str, y: str) -> pd.DataFrame:
+    """Per x: mean, min and max of y over the given per-seed frames."""
+    joined = pd.concat(frames, ignore_index=True)
+    return joined.groupby(x)[y].agg(["mean", "min", "max"])
+
+
+def labelled_groups(runs: pd.DataFrame, row_keys: list[str]):
+    """(panel title, encoding) -> the runs of that series, and the sorted panel titles."""
+    keys = varying(runs, row_keys)
+    panel, legend = frame_panels(runs, keys)
+    titles = runs[panel].astype(str).agg(" / ".join, axis=1) if panel else pd.Series("", index=runs.index)
+    names = runs[legend].astype(str) if legend else pd.Series("", index=runs.index)
+    groups = {key: group for key, group in runs.groupby([titles, names], sort=True)}
+    return groups, sorted(set(titles), key=natural)
+
+
+def plot_learning_curves(
+    runs: pd.DataFrame, row_keys: list[str], path: Path, tags=("val/error", "val/loss"), title: str = ""
+) -> Path:
+    """One row per validation metric, one panel per data set, one line per encoding: the mean over seeds
+    with a min/max band, against the training step."""
+    from matplotlib.ticker import MaxNLocator
+
     ok = runs[runs["status"] == "ok"]
-    labels = row_labels(ok, varying(ok, row_keys))
-    fig, axes = plt.subplots(1, len(tags), figsize=(5 * len(tags), 3.5), squeeze=False)
-    for label in dict.fromkeys(labels):
-        curves = pd.concat([load_curves(d, tags) for d in ok[labels == label]["run_dir"]], ignore_index=True)
-        for ax, tag in zip(axes[0], tags):
-            curve = curves[curves["tag"] == tag].groupby("step")["value"].mean()
-            if len(curve):
-                ax.plot(curve.index, curve.values, label=label)
-    for ax, tag in zip(axes[0], tags):
-        ax.set_title(tag)
-        ax.set_xlabel("step")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    groups, titles = labelled_groups(ok, row_keys)
+    curves = {key: [load_curves(d, tuple(tags)) for d in group["run_dir"]] for key, group in groups.items()}
+    present = [t for t in tags if any((c["tag"] == t).any() for cs in curves.values() for c in cs)] or list(tags)
+    styles = encoding_styles(name for _, name in groups)
+    fig, axes = panel_grid(len(titles), rows=len(present))
+    handles = {}
+    for r, tag in enumerate(present):
+        ylabel, factor = metric_label(tag)
+        for p, panel in enumerate(titles):
+            ax = axes[r][p]
+            for (group_title, name), frames in curves.items():
+                frames = [f[f["tag"] == tag] for f in frames if (f["tag"] == tag).any()]
+                if group_title != panel or not frames:
+                    continue
+                band = seed_band(frames, "step", "value") * factor
+                style = {**styles[name], "marker": styles[name]["marker"] if len(band) <= 12 else None}
+                (line,) = ax.plot(band.index, band["mean"], label=name, **style)
+                ax.fill_between(band.index, band["min"], band["max"], alpha=0.15, color=style["color"])
+                handles.setdefault(name, line)
+            steps = sorted({int(x) for line in ax.lines for x in line.get_xdata()})
+            if 0 < len(steps) <= 6:
+                ax.set_xticks(steps)
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("training step")
+            ax.set_ylabel(ylabel)
+            ax.set_title(panel, fontsize=9)
+            plain_axis(ax.yaxis)
+            if not ax.lines:
+                ax.text(0.5, 0.5, f"no {tag} logged", transform=ax.transAxes, ha="center", color="dimgrey")
+    title = title or "learning curves"
+    return finish(fig, axes, path, f"{title} (mean over seeds, band: min to max)", handles)
 
 
-def plot_bars(table: Table, path: Path, ylabel: str) -> Path:
-    """Grouped bars: one group per column (test set), one bar per row (encoding), std as error bars."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(table.columns) * max(1, len(table.rows)) / 3), 3.5))
-    width = 0.8 / max(len(table.rows), 1)
-    for i, row in enumerate(table.rows):
-        x = [j + i * width for j in range(len(table.columns))]
-        y = [table.mean[(row, c)] * table.scale if table.n.get((row, c)) else 0.0 for c in table.columns]
-        err = [table.std[(row, c)] * table.scale if table.n.get((row, c)) else 0.0 for c in table.columns]
-        ax.bar(x, y, width, yerr=err, label=row, capsize=2)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(table.columns))], table.columns)
-    ax.set_ylabel(ylabel)
-    ax.set_title(textwrap.fill(table.title, 70), fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def plot_loss_by_position(
+    positions: pd.DataFrame, row_keys: list[str], path: Path, all_lengths: bool = False, log_x: bool = False,
+    title: str = "",
+) -> Path:  # fmt: skip
+    """Loss vs token position (bucket midpoint), one line per encoding (mean over seeds). One panel per data
+    set / training length and evaluated length: the longest only, or every length with all_lengths."""
+    frame = positions.copy()
+    frame["midpoint"] = (frame["bucket_start"] + frame["bucket_end"]) / 2
+    sets = frame["set"].fillna("").astype(str)
+    groups, titles = labelled_groups(frame.assign(set=sets), [*row_keys, "set"] if sets.nunique() > 1 else row_keys)
+    panels = []
+    for panel in titles:
+        in_panel = [g for (t, _), g in groups.items() if t == panel]
+        lengths = sorted(set().union(*(set(g["seq_len"].astype(int)) for g in in_panel)))
+        panels += [(panel, length) for length in (lengths if all_lengths else lengths[-1:])]
+    styles = encoding_styles(name for _, name in groups)
+    fig, axes = panel_grid(len(panels))
+    handles = {}
+    ylabel, _ = metric_label("test/loss")
+    for ax, (panel, length) in zip(axes[0], panels):
+        train_lens = set()
+        for (group_title, name), group in groups.items():
+            rows = group[group["seq_len"].astype(int) == length]
+            if group_title != panel or rows.empty:
+                continue
+            curve = rows.groupby("midpoint")["loss"].mean()
+            (line,) = ax.plot(curve.index, curve.values, label=name, markersize=4, fillstyle="none", **styles[name])
+            handles.setdefault(name, line)
+            train_lens |= set(pd.to_numeric(rows["train_seq_len"], errors="coerce").dropna().astype(int))
+        for train in sorted(train_lens):
+            train_length_line(ax, train)
+        if log_x:
+            ax.set_xscale("log")
+        plain_axis(ax.xaxis, log=log_x, values=[max(length, 1), 1])
+        plain_axis(ax.yaxis)
+        ax.set_xlabel("token position (bucket midpoint)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{panel}, evaluated at {length} tokens".lstrip(", "), fontsize=9)
+    title = title or "loss by token position"
+    return finish(fig, axes, path, f"{title} (mean over seeds)", handles)

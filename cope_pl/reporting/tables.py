@@ -1,5 +1,5 @@
 """Paper-shaped tables from run DataFrames: one row per encoding (or swept setting), one column per test set
-or context length, mean ± std over seeds, the best value bold, optional paper numbers as reference rows.
+or context length, mean ± std over seeds, every best value bold (ties too), optional paper numbers as reference rows.
 
 A cell whose runs are all missing says "missing"; one whose encoding cannot represent the length says
 "n/a" (the reason goes under the table); a cell averaged over fewer seeds than expected says so, e.g. (2/3).
@@ -30,13 +30,14 @@ class Table:
     not_applicable: dict[tuple[str, str], str] = field(default_factory=dict)
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def best(self) -> dict[str, str]:
-        """Per column, the row with the best mean (ties: the first)."""
+    def best(self) -> dict[str, set[str]]:
+        """Per column, every row whose mean as printed (scaled, rounded to `digits`) equals the best one."""
         best = {}
         for col in self.columns:
-            scored = [(self.mean[(r, col)], r) for r in self.rows if self.n.get((r, col), 0) > 0]
-            if scored:
-                best[col] = (min if self.lower_is_better else max)(scored, key=lambda x: x[0])[1]
+            shown = {r: round(self.mean[(r, col)] * self.scale, self.digits) for r in self.rows if self.n.get((r, col))}
+            if shown:
+                top = (min if self.lower_is_better else max)(shown.values())
+                best[col] = {r for r, v in shown.items() if v == top}
         return best
 
     def cell(self, row: str, col: str) -> str:
@@ -75,7 +76,7 @@ class Table:
         out = [[escape(self.row_name)] + [escape(c) for c in self.columns]]
         for row in self.rows:
             cells = [escape(self.cell(row, c)) for c in self.columns]
-            cells = [bold.format(t) if best.get(c) == row else t for t, c in zip(cells, self.columns)]
+            cells = [bold.format(t) if row in best.get(c, ()) else t for t, c in zip(cells, self.columns)]
             out.append([escape(row)] + cells)
         for row, values in self.paper.items():
             cells = [f"{values[c]:.{self.digits}f}" if c in values else "" for c in self.columns]
