@@ -8,6 +8,7 @@
 #   make report RUNS=runs/ OUT=reports/                           tables and figures from finished runs
 #   make test | lint | install | clean
 #   make data-wikitext | data-code  prepare the LM corpora (DATA_CONFIG="configs/data/....yaml" to choose)
+#   make data-wikitext ARGS="--data-dir /data/wikitext-103"   flags of data_prep/prepare_*.py override the config
 
 PYTHON ?= python3
 VENV := .venv
@@ -49,10 +50,10 @@ train: $(STAMP)
 
 # Tokenize a language-modelling corpus into data_cache/ once, e.g. on a login node before a cluster job.
 data-wikitext: $(STAMP)
-	$(BIN)/python data_prep/prepare_wikitext.py --config $(or $(DATA_CONFIG),configs/data/wikitext103.yaml)
+	$(BIN)/python data_prep/prepare_wikitext.py --config $(or $(DATA_CONFIG),configs/data/wikitext103.yaml) $(ARGS)
 
 data-code: $(STAMP)
-	$(BIN)/python data_prep/prepare_code.py --config $(or $(DATA_CONFIG),configs/data/code.yaml)
+	$(BIN)/python data_prep/prepare_code.py --config $(or $(DATA_CONFIG),configs/data/code.yaml) $(ARGS)
 # SLURM=1 writes an array job script (one task per cell) and submits it when sbatch is on PATH.
 ablation: $(STAMP)
 	@test -n "$(SWEEP)" || { echo "usage: make ablation SWEEP=configs/sweeps/<file>.yaml [SLURM=1]"; exit 2; }

@@ -3,7 +3,9 @@
 `cope-pl eval-context RUN --lengths 1x 2x 4x` re-creates the run's data module from its saved config with
 `seq_len` set to each length, scores its test split with the checkpoint, and writes one row per
 (run, length, eval set): loss, token perplexity, word perplexity (when the data knows its tokens per word)
-and token error. Windows do not overlap unless `--stride` asks for a sliding window over a flat token stream.
+and token error, merged into the run's eval_context.json. The same NLL by token position, in buckets of
+`--bucket` positions, goes to eval_context_positions.csv beside it (see cope_pl/eval_positions.py). Windows
+do not overlap unless `--stride` asks for a sliding window over a flat token stream.
 
 An encoding that cannot represent a length (a learned absolute table, or an uncapped relative table shorter
 than the context) raises ValueError from `position.check_length`; that row is reported as "n/a" with the
@@ -13,9 +15,10 @@ reason, never scored with wrapped or clipped positions.
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
 import json
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from cope_pl.data.base import IGNORE_INDEX
+from cope_pl.eval_positions import bucket_rows, save_position_rows
 from cope_pl.metrics import batch_sums, perplexity
+from cope_pl.results import write_csv_atomic, write_text_atomic
 from cope_pl.runs import build_datamodule, import_class, load_config, resolve_run, run_label, train_seq_len
 
 RESULTS_FILE = "eval_context.json"
@@ -48,6 +53,7 @@ COLUMNS = (
 # Bytes per (query, key) pair of one head that the explicit-softmax path keeps alive at once (logits, mask,
 # CoPE gates, positions, their floor/ceil indices, interpolation): a deliberate over-estimate.
 LOGIT_BYTES_PER_PAIR = 48
+BUCKET = 32  # positions per bucket of the per-position loss
 
 
 def parse_lengths(specs: Iterable[str | int | float], train_len: int) -> list[int]:
@@ -135,11 +141,13 @@ def fitting_batch_size(model, seq_len: int, batch_size: int, device: torch.devic
     return min(batch_size, fits)
 
 
-def score_batch(model, batch: dict[str, Tensor], ignore_index: int) -> dict[str, float]:
-    """Sums for one batch; on out-of-memory the batch is split in two (sums add up exactly)."""
+def score_batch(model, batch: dict[str, Tensor], ignore_index: int) -> dict[str, float | Tensor]:
+    """Sums for one batch, the per-position ones as float64 (T,) tensors on the CPU; on out-of-memory the
+    batch is split in two (sums add up exactly)."""
     try:
         logits = model(batch["input_ids"])  # (B, T, V)
-        return {k: float(v) for k, v in batch_sums(logits, batch["labels"], ignore_index).items()}
+        sums = batch_sums(logits, batch["labels"], ignore_index, by_position=True)
+        return {k: v.double().cpu() if v.dim() else float(v) for k, v in sums.items()}
     except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
         size = batch["input_ids"].size(0)
         if not is_oom(err):
@@ -154,8 +162,10 @@ def score_batch(model, batch: dict[str, Tensor], ignore_index: int) -> dict[str,
         return {k: parts[0][k] + parts[1][k] for k in parts[0]}
 
 
-def score_loader(model, loader: DataLoader, device: torch.device, limit_batches: int | None) -> dict[str, float]:
-    totals = dict.fromkeys(("nll", "tokens", "token_errors"), 0.0)
+def score_loader(
+    model, loader: DataLoader, device: torch.device, limit_batches: int | None
+) -> dict[str, float | Tensor]:
+    totals = dict.fromkeys(("nll", "tokens", "token_errors", "position_nll", "position_tokens"), 0.0)
     ignore_index = model.hparams.get("ignore_index", IGNORE_INDEX)
     for i, batch in enumerate(loader):
         if limit_batches is not None and i >= limit_batches:
@@ -209,10 +219,14 @@ def evaluate_context(
     device: str | None = None,
     limit_batches: int | None = None,
     memory_gb: float | None = None,
+    bucket: int = BUCKET,
 ) -> list[dict[str, Any]]:
-    """One row per (length, eval set) for one run (a run directory or a checkpoint file)."""
+    """One row per (length, eval set) for one run (a run directory or a checkpoint file); the loss by
+    position of each goes to the run's positions CSV. Progress goes to stderr, a line per length."""
     from cope_pl.lm import LanguageModel
 
+    if bucket < 1:
+        raise ValueError(f"--bucket must be >= 1 positions, got {bucket}")
     run, ckpt = resolve_run(path)
     config = load_config(run)
     train_len = train_seq_len(config)
@@ -220,18 +234,23 @@ def evaluate_context(
     model = LanguageModel.load_from_checkpoint(ckpt, map_location=dev).eval()
     budget = memory_gb * 2**30 if memory_gb else None
     base = {"run": run_label(run), "position": model.hparams.position, "train_seq_len": train_len, "stride": stride}
-    rows = []
-    for seq_len in parse_lengths(lengths, train_len):
+    rows, position_rows = [], []
+    todo = parse_lengths(lengths, train_len)
+    for step, seq_len in enumerate(todo, 1):
+        start = time.perf_counter()
+        tag = f"[{step}/{len(todo)}] {base['run']} seq_len {seq_len}"
         row = {**base, "seq_len": seq_len, "factor": round(seq_len / train_len, 3) if train_len else None}
         try:
             model.model.position.check_length(seq_len)
         except ValueError as err:
             rows.append({**row, "set": "", "status": "n/a", "reason": str(err)})
+            progress(f"{tag}: n/a, {err}")
             continue
         try:
             dm = datamodule_at(config, seq_len, batch_size)
         except ValueError as err:  # the data itself cannot be made at this length (e.g. odd copy length)
             rows.append({**row, "set": "", "status": "invalid", "reason": str(err)})
+            progress(f"{tag}: invalid data at this length")
             continue
         size = fitting_batch_size(model, seq_len, batch_size or dm.batch_size, dev, budget)
         if stride is not None:
@@ -240,14 +259,25 @@ def evaluate_context(
             if size != dm.batch_size:
                 dm = datamodule_at(config, seq_len, size)
             loaders = test_loaders(dm)
+        progress(f"{tag}: scoring {len(loaders)} set{'s' * (len(loaders) != 1)}, batch size {size} ...")
         tokens_per_word = (getattr(dm, "tokens_per_word", None) or {}).get("test", {})  # [stage][set name]
         for set_name, loader in loaders.items():
             with torch.inference_mode():
                 totals = score_loader(model, loader, dev, limit_batches)
             metrics = metrics_from_sums(totals, tokens_per_word.get(set_name))
             rows.append({**row, "set": set_name, "status": "ok", "reason": "", **metrics})
+            if isinstance(totals["position_nll"], Tensor):  # no batch scored: no positions
+                position_rows += bucket_rows(
+                    {**row, "set": set_name}, totals["position_nll"], totals["position_tokens"], bucket
+                )
+        progress(f"{tag}: done in {time.perf_counter() - start:.1f} s")
     save_rows(run, rows)
+    save_position_rows(run, position_rows)
     return rows
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def row_key(row: dict[str, Any]) -> tuple:
@@ -260,17 +290,12 @@ def save_rows(run: Path, rows: list[dict[str, Any]]) -> None:
     old = json.loads(path.read_text()) if path.exists() else []
     merged = {row_key(r): r for r in old}
     merged.update({row_key(r): r for r in rows})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(sorted(merged.values(), key=lambda r: row_key(r)[:2]), indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(sorted(merged.values(), key=lambda r: row_key(r)[:2]), indent=2))
 
 
 def write_csv(rows: list[dict[str, Any]], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_atomic(out, COLUMNS, rows)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> Iterator[str]:
@@ -293,12 +318,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--limit-batches", type=int, default=None, help="score only this many batches per set")
     parser.add_argument("--memory-gb", type=float, default=None, help="memory budget for the attention logits")
+    parser.add_argument("--bucket", type=int, default=BUCKET, help="positions per bucket of the loss by position")
     parser.add_argument("--out", type=Path, default=None, help="also write all rows to this CSV file")
     args = parser.parse_args(argv)
     rows = []
     for run in args.runs:
         rows += evaluate_context(
-            run, args.lengths, args.stride, args.batch_size, args.device, args.limit_batches, args.memory_gb
+            run,
+            args.lengths,
+            args.stride,
+            args.batch_size,
+            args.device,
+            args.limit_batches,
+            args.memory_gb,
+            args.bucket,
         )
     print("\n".join(format_rows(rows)))
     if args.out is not None:

@@ -21,19 +21,28 @@ def metric_key(stage: str, metric: str, set_name: str = "") -> str:
     return f"{stage}/{metric}@{set_name}" if set_name else f"{stage}/{metric}"
 
 
-def batch_sums(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> dict[str, Tensor]:
-    """Per-batch sums from logits (B, T, V) and labels (B, T); labels == ignore_index are not scored."""
+def batch_sums(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, by_position: bool = False
+) -> dict[str, Tensor]:
+    """Per-batch sums from logits (B, T, V) and labels (B, T); labels == ignore_index are not scored.
+
+    by_position adds "position_nll" and "position_tokens", the same sums per position t of the window (T,).
+    """
     scored = labels != ignore_index  # (B, T)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index, reduction="sum")
+    flat = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index, reduction="none")
+    token_nll = flat.view_as(labels).detach()  # (B, T), 0 where not scored
     wrong = (logits.argmax(-1) != labels) & scored  # (B, T)
     has_scored = scored.any(-1)  # (B,)
-    return {
-        "nll": nll.detach(),
+    sums = {
+        "nll": token_nll.sum(),
         "tokens": scored.sum(),
         "token_errors": wrong.sum(),
         "sequences": has_scored.sum(),
         "sequence_errors": (wrong.any(-1) & has_scored).sum(),
     }
+    if by_position:
+        sums.update(position_nll=token_nll.sum(0), position_tokens=scored.sum(0))  # (T,), (T,)
+    return sums
 
 
 def perplexity(loss: float, tokens_per_word: float = 1.0) -> float:

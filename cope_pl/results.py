@@ -6,8 +6,11 @@ read many runs with pandas without parsing event files. Also prints the final ev
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +27,23 @@ def run_dir(trainer: L.Trainer) -> Path | None:
     return Path(trainer.log_dir) if trainer.logger is not None and trainer.log_dir else None
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.write_text(text)
     os.replace(tmp, path)  # readers never see a half-written file
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
+
+
+def write_csv_atomic(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
+    """A CSV file with exactly these columns (keys of a row outside them are left out, missing ones empty)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def read_results(path: Path) -> dict[str, Any]:

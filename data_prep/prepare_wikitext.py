@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from cope_pl.data.prepare import prepare_from_cli
+from cope_pl.data.prepare import WORD_COUNTS, prepare_from_cli
 from cope_pl.data.wikitext import WikiTextDataModule
 
 
@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--detokenize", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--vocab-size", type=int, help="BPE vocabulary size to train")
     parser.add_argument("--tokenizer-file", help="use this tokenizer.json (e.g. GPT-2's) instead of training one")
+    parser.add_argument("--word-count", choices=WORD_COUNTS, help="W of word ppl: merity (default) or whitespace")
     parser.add_argument("--cache-dir", help="cache directory (default data_cache)")
     return parser.parse_args(argv)
 

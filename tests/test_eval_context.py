@@ -112,3 +112,54 @@ def test_an_out_of_memory_batch_is_split_and_sums_still_add_up():
         split = score_batch(model, batch, -100)
     assert split["tokens"] == whole["tokens"] == 24
     assert split["nll"] == pytest.approx(whole["nll"], rel=1e-5)
+
+
+# Loss by token position: eval_context_positions.csv
+
+
+def read_positions(run):
+    import pandas as pd
+
+    return pd.read_csv(run / "eval_context_positions.csv", keep_default_na=False, na_values=[""])
+
+
+def test_loss_by_position_buckets_average_back_to_the_loss_of_each_length(tmp_path):
+    run, *_ = tiny_run(tmp_path, "cope")
+    rows = evaluate_context(run, ["1x", "2x"], bucket=3)
+    positions = read_positions(run)
+    assert list(positions.columns) == [
+        "run", "position", "train_seq_len", "seq_len", "set", "bucket_start", "bucket_end", "tokens", "loss"
+    ]  # fmt: skip
+    for row in rows:
+        buckets = positions[positions.seq_len == row["seq_len"]]
+        assert buckets.bucket_start.tolist() == list(range(0, row["seq_len"], 3))  # [start, end): 0..seq_len
+        assert buckets.bucket_end.tolist() == [min(s + 3, row["seq_len"]) for s in buckets.bucket_start]
+        assert buckets.tokens.sum() == row["tokens"]
+        scored = buckets[buckets.tokens > 0]
+        assert (scored.loss * scored.tokens).sum() / scored.tokens.sum() == pytest.approx(row["loss"], abs=1e-5)
+        assert buckets[buckets.tokens == 0].loss.isna().all()  # the copy prefix is not scored: no loss
+    assert (positions.run == rows[0]["run"]).all() and (positions.position == "cope").all()
+
+
+def test_re_evaluating_a_length_replaces_only_its_position_rows(tmp_path):
+    run, *_ = tiny_run(tmp_path, "rope")
+    evaluate_context(run, ["1x", "2x"], bucket=3)
+    evaluate_context(run, ["2x"], bucket=4)
+    positions = read_positions(run)
+    assert positions[positions.seq_len == 8].bucket_start.tolist() == [0, 3, 6]  # kept from the first call
+    assert positions[positions.seq_len == 16].bucket_start.tolist() == [0, 4, 8, 12]  # replaced, not appended
+
+
+def test_a_length_the_encoding_cannot_represent_has_no_position_rows(tmp_path):
+    run, *_ = tiny_run(tmp_path, "absolute", max_seq_len=8)
+    evaluate_context(run, ["8", "16"], bucket=4)
+    assert read_positions(run).seq_len.unique().tolist() == [8]
+
+
+def test_progress_shows_a_line_per_length_on_stderr(tmp_path, capsys):
+    run, *_ = tiny_run(tmp_path, "absolute", max_seq_len=8)
+    evaluate_context(run, ["8", "16"])
+    lines = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("[1/2] ") and "seq_len 8: scoring 1 set" in line for line in lines)
+    assert any(line.startswith("[1/2] ") and "seq_len 8: done in" in line for line in lines)
+    assert any(line.startswith("[2/2] ") and "seq_len 16: n/a" in line for line in lines)

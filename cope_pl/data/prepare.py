@@ -8,6 +8,11 @@ A corpus is a `TextSource`: three splits of documents in order. Everything lands
 where the tokenizer tag is `bpe<vocab size>` for a tokenizer trained here and `file-<hash>` for a supplied
 one. The directory does not depend on the context length, so every seq_len reuses the same arrays. Arrays
 whose metadata matches (source id, tokenizer hash) are reused; any other is rebuilt.
+
+Each split's metadata counts its whitespace-separated `words` and its `lines` (end-of-lines, a last line
+without a newline included). Word-level perplexity divides by W = words + lines by default, the WikiText
+convention (Merity et al. 2016: one `<eos>` per line, so W = 245,569 on WikiText-103's test split), or by the
+whitespace words alone with word_count="whitespace".
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -31,18 +37,24 @@ from cope_pl.data.token_array import mismatch, read_meta, write_token_array
 from cope_pl.data.tokenizer import end_of_text_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_bpe
 
 SPLITS = ("train", "valid", "test")
+WORD_COUNTS = ("merity", "whitespace")  # W = words + lines (the WikiText convention), or words alone
 ENCODE_BATCH = 1024  # documents per encode_batch call
 
 
 class TextSource(ABC):
     """A corpus as three splits (train/valid/test) of documents, each split read in its original order."""
 
-    corpus: str  # cache subdirectory, e.g. "wikitext103"
+    corpus: str  # cache subdirectory, e.g. "wikitext103": a cache key, not a description of the data
     separate_documents: bool = False  # append the end-of-text token after every document
 
     @abstractmethod
     def describe(self) -> str:
         """Where the text comes from, for people: 'dir:/data/wikitext-103', 'hf:Salesforce/wikitext/...'."""
+
+    @property
+    def label(self) -> str:
+        """A short name for progress bars: the last component of describe() ('valid.txt', 'wikitext-103-v1')."""
+        return Path(self.describe().split(":", 1)[-1].split(",")[0]).name or self.describe()
 
     @abstractmethod
     def source_id(self) -> str:
@@ -75,9 +87,30 @@ def tokenizer_tag(vocab_size: int, tokenizer_file: str | Path | None) -> str:
     return f"file-{hashlib.sha256(path.read_bytes()).hexdigest()[:10]}"
 
 
+def end_of_lines(text: str) -> int:
+    """Lines of a text, each counted by its end: newlines, plus one for a last line that lacks its newline."""
+    return text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+
+
+def check_word_count(word_count: str) -> None:
+    if word_count not in WORD_COUNTS:
+        raise ValueError(
+            f"data.word_count must be one of {', '.join(WORD_COUNTS)}, got {word_count!r}; "
+            "merity (the default) counts one end-of-line per line as a word, as WikiText papers do"
+        )
+
+
+def word_total(meta: dict[str, Any], word_count: str = "merity") -> int:
+    """W, the word count of a split that word-level perplexity divides by (see the module docstring)."""
+    check_word_count(word_count)
+    return meta["words"] + (meta["lines"] if word_count == "merity" else 0)
+
+
 @dataclass
 class PrepareStats:
     directory: Path
+    source: str = ""  # TextSource.describe()
+    word_count: str = "merity"  # which W the table shows
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> metadata
     built: list[str] = field(default_factory=list)  # splits (re)written this time
     tokenizer_seconds: float = 0.0  # time spent training (or loading) the tokenizer
@@ -89,11 +122,20 @@ class PrepareStats:
         return tokens / self.encode_seconds if self.encode_seconds > 0 else float("nan")
 
     def summary(self) -> str:
-        lines = [f"{self.directory}", f"{'split':6} {'tokens':>12} {'words':>12} {'tokens/word':>11}  status"]
+        w = f"W ({self.word_count})"
+        lines = [
+            f"source: {self.source}",
+            f"cache:  {self.directory}",
+            f"{'split':6} {'tokens':>12} {'words':>12} {'lines':>9} {w:>14} {'tokens/W':>9}  status",
+        ]
         for split, meta in self.splits.items():
             status = "written" if split in self.built else "reused"
-            ratio = meta["num_tokens"] / max(meta["words"], 1)
-            lines.append(f"{split:6} {meta['num_tokens']:12,d} {meta['words']:12,d} {ratio:11.4f}  {status}")
+            total = word_total(meta, self.word_count)
+            ratio = meta["num_tokens"] / max(total, 1)
+            lines.append(
+                f"{split:6} {meta['num_tokens']:12,d} {meta['words']:12,d} {meta['lines']:9,d} {total:14,d} "
+                f"{ratio:9.4f}  {status}"
+            )
         lines.append(f"tokenizer: {self.tokenizer_seconds:.1f} s")
         if self.built:
             lines.append(
@@ -136,15 +178,17 @@ def obtain_tokenizer(
 def encode_split(
     source: TextSource, split: str, tokenizer: Tokenizer, counts: dict[str, Any], show_progress: bool
 ) -> Iterator[np.ndarray]:
-    """Token chunks of one split, in order; sets counts["words"] (whitespace-separated) and ["documents"]."""
+    """Token chunks of one split, in order; sets counts["words"] (whitespace-separated), ["lines"] and
+    ["documents"]."""
     eot = end_of_text_id(tokenizer) if source.separate_documents else None
-    counts.update(words=0, documents=0)
-    bar = tqdm(desc=f"{source.corpus} {split}", unit=" docs", disable=not show_progress, mininterval=1.0)
+    counts.update(words=0, lines=0, documents=0)
+    bar = tqdm(desc=f"{source.label} {split}", unit=" docs", disable=not show_progress, mininterval=1.0)
 
     def encode(batch: list[str]) -> np.ndarray:
         encodings = tokenizer.encode_batch([source.model_text(d) for d in batch], add_special_tokens=False)
         ids = [e.ids + [eot] if eot is not None else e.ids for e in encodings]
         counts["words"] += sum(len(d.split()) for d in batch)
+        counts["lines"] += sum(end_of_lines(d) for d in batch)
         counts["documents"] += len(batch)
         bar.update(len(batch))
         return np.fromiter((t for doc in ids for t in doc), dtype=np.int64)
@@ -166,13 +210,14 @@ def prepare_corpus(
     vocab_size: int,
     tokenizer_file: str | Path | None = None,
     show_progress: bool = True,
+    word_count: str = "merity",
 ) -> PrepareStats:
     """Make sure the tokenizer and all three token arrays exist and match; build what is missing."""
     directory = corpus_dir(cache_dir, source) / tokenizer_tag(vocab_size, tokenizer_file)
     start = time.perf_counter()
     tokenizer = obtain_tokenizer(source, directory, vocab_size, tokenizer_file, show_progress)
     expected = {"source_id": source.source_id(), "tokenizer_hash": tokenizer_hash(tokenizer)}
-    stats = PrepareStats(directory, tokenizer_seconds=time.perf_counter() - start)
+    stats = PrepareStats(directory, source.describe(), word_count, tokenizer_seconds=time.perf_counter() - start)
     for split in SPLITS:
         meta = read_meta(directory, split)
         if meta is not None and mismatch(meta, expected) is None:
@@ -180,7 +225,7 @@ def prepare_corpus(
             continue
         start = time.perf_counter()
         info = {**expected, "source": source.describe(), "split": split, "vocab_size": tokenizer.get_vocab_size()}
-        chunks = encode_split(source, split, tokenizer, info, show_progress)  # adds word and document counts
+        chunks = encode_split(source, split, tokenizer, info, show_progress)  # adds word, line, document counts
         meta = write_token_array(directory, split, chunks, tokenizer.get_vocab_size(), info)
         stats.encode_seconds += time.perf_counter() - start
         stats.splits[split] = meta
@@ -189,7 +234,15 @@ def prepare_corpus(
 
 
 def prepare_from_cli(module_class: type, args: dict[str, Any]) -> None:
-    """data_prep/ scripts: options from `--config` (a data YAML), overridden by the flags given, then prepare."""
-    options = data_config_args(args.pop("config"))
-    options.update({k: v for k, v in args.items() if v is not None})
-    print(module_class(**options).prepare_data().summary())
+    """data_prep/ scripts: options from `--config` (a data YAML), overridden by the flags given, then prepare.
+
+    Bad input (a missing, empty or non-text file, an unreadable config, no network for the hub) ends the
+    script with one `error:` line on stderr and exit status 1, not a traceback.
+    """
+    try:
+        options = data_config_args(args.pop("config"))
+        options.update({k: v for k, v in args.items() if v is not None})
+        summary = module_class(**options).prepare_data().summary()
+    except (OSError, ValueError, yaml.YAMLError) as err:  # FileNotFoundError, ConnectionError, UnicodeError too
+        sys.exit(f"error: {err}")
+    print(summary)

@@ -1,8 +1,8 @@
 """A tokenized split on disk: a flat memory-mapped token array `<split>.bin` and its metadata `<split>.json`.
 
 The array holds every token of the split in order (uint16 when the vocabulary fits, else uint32). The
-metadata records where the tokens came from (source id, tokenizer hash) and how many tokens and original
-words the split has. Writes are atomic: the old metadata is removed first, the array is written under a
+metadata records where the tokens came from (source id, tokenizer hash) and how many tokens, original
+words and lines the split has. Writes are atomic: the old metadata is removed first, the array is written under a
 temporary name and renamed, and the metadata is written last, so a half-written cache is never used.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: metadata counts lines too; arrays of an older format are rebuilt
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -6,7 +6,8 @@ tokenizer. Subclasses only say where the text comes from (`make_source`).
 
 Evaluation sets are named by context length: "" is data.seq_len, and each of `eval_seq_lens` adds a set
 named by its length, so metrics read `val/ppl` and `val/ppl@2048`. `tokens_per_word[stage][set name]` is the
-split's ratio of BPE tokens to original whitespace-separated words, which the LM uses for word-level ppl.
+split's ratio of BPE tokens to its word count W (`word_count`, see cope_pl/data/prepare.py), which the LM
+uses for word-level ppl.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from cope_pl.data.base import LMDataModule
-from cope_pl.data.prepare import SPLITS, PrepareStats, TextSource, corpus_dir, prepare_corpus, tokenizer_tag
+from cope_pl.data.prepare import (
+    SPLITS,
+    PrepareStats,
+    TextSource,
+    check_word_count,
+    corpus_dir,
+    prepare_corpus,
+    tokenizer_tag,
+    word_total,
+)
 from cope_pl.data.token_array import TokenArray, array_paths, mismatch, read_meta
 from cope_pl.data.tokenizer import load_tokenizer, tokenizer_hash
 from cope_pl.data.windows import EvalWindows, RandomWindows
@@ -36,6 +46,8 @@ class TokenArrayDataModule(LMDataModule):
         cache_dir: where prepared tokenizers and token arrays live (see cope_pl/data/prepare.py).
         eval_seq_lens: extra validation/test context lengths, each its own evaluation set.
         train_windows: training windows per epoch; default: training tokens // seq_len.
+        word_count: the W of word-level perplexity: "merity" (default, the WikiText convention: whitespace
+            words plus one end-of-line per line) or "whitespace" (whitespace words alone).
         show_progress: progress bars while preparing.
     """
 
@@ -48,6 +60,7 @@ class TokenArrayDataModule(LMDataModule):
         cache_dir: str = "data_cache",
         eval_seq_lens: list[int] | None = None,
         train_windows: int | None = None,
+        word_count: str = "merity",
         num_workers: int = 0,
         seed: int = 0,
         show_progress: bool = True,
@@ -55,6 +68,8 @@ class TokenArrayDataModule(LMDataModule):
         super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, seed=seed)
         if any(n < 1 for n in eval_seq_lens or []):
             raise ValueError(f"data.eval_seq_lens must hold lengths >= 1, got {eval_seq_lens}")
+        check_word_count(word_count)
+        self.word_count = word_count
         self.tokenizer_file = tokenizer_file
         self.bpe_vocab_size = vocab_size
         self.cache_dir = cache_dir
@@ -89,7 +104,12 @@ class TokenArrayDataModule(LMDataModule):
 
     def prepare_data(self) -> PrepareStats:
         return prepare_corpus(
-            self.source, self.cache_dir, self.bpe_vocab_size, self.tokenizer_file, show_progress=self.show_progress
+            self.source,
+            self.cache_dir,
+            self.bpe_vocab_size,
+            self.tokenizer_file,
+            show_progress=self.show_progress,
+            word_count=self.word_count,
         )
 
     def _open(self, split: str, expected: dict[str, str]) -> tuple[TokenArray, dict]:
@@ -136,7 +156,7 @@ class TokenArrayDataModule(LMDataModule):
         self.eval_sets = {name: EvalWindows(valid, n) for name, n in lengths.items()}
         self.test_sets = {name: EvalWindows(test, n) for name, n in lengths.items()}
         self.tokens_per_word = {
-            stage_name: {name: meta["num_tokens"] / max(meta["words"], 1) for name in lengths}
+            stage_name: {name: meta["num_tokens"] / max(word_total(meta, self.word_count), 1) for name in lengths}
             for stage_name, meta in (("val", valid_meta), ("test", test_meta))
         }
 

@@ -2,8 +2,9 @@
 
 Lines are paragraphs, ` = Title = ` / ` = = Section = = ` headings and blank lines; each split is read in
 order, line by line, so articles stay whole and in sequence. Word counts (for word-level perplexity) are
-taken on the original text: whitespace-separated tokens, Moses-style `@-@` included. With `detokenize`
-the tokenizer sees `-`, `,` and `.` in place of ` @-@ `, ` @,@ ` and ` @.@ `.
+taken on the original text: whitespace-separated tokens, Moses-style `@-@` included, plus one end-of-line
+per line, blank lines too (the WikiText convention; `word_count: whitespace` leaves the end-of-lines out).
+With `detokenize` the tokenizer sees `-`, `,` and `.` in place of ` @-@ `, ` @,@ ` and ` @.@ `.
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ class WikiTextDataModule(TokenArrayDataModule):
         cache_dir: str = "data_cache",
         eval_seq_lens: list[int] | None = None,
         train_windows: int | None = None,
+        word_count: str = "merity",
         num_workers: int = 0,
         seed: int = 0,
         show_progress: bool = True,
@@ -180,6 +182,7 @@ class WikiTextDataModule(TokenArrayDataModule):
             cache_dir=cache_dir,
             eval_seq_lens=eval_seq_lens,
             train_windows=train_windows,
+            word_count=word_count,
             num_workers=num_workers,
             seed=seed,
             show_progress=show_progress,
