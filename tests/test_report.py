@@ -283,6 +283,21 @@ def test_learning_curves_have_a_panel_per_data_set_and_a_line_per_encoding(tmp_p
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["cope", "rope"]
 
 
+def test_learning_curves_of_named_evaluation_sets_get_a_column_each(tmp_path, drawn):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = tmp_path / "flipflop-cope"
+    with SummaryWriter(run_dir) as writer:
+        for set_name, error in (("in_dist", 0.1), ("ood_sparse", 0.4)):
+            writer.add_scalar(f"val/error@{set_name}", error, 10)
+        writer.add_scalar("val/error", 0.1, 10)  # the alias of the first set: no column of its own
+    runs = pd.DataFrame([{"run_dir": str(run_dir), "status": "ok", "data": "flipflop", "position": "cope"}])
+    fig = drawn(plot_learning_curves, runs, ["data", "position"], tmp_path / "c.png", tags=("val/error",))
+    axes = data_axes(fig)
+    assert [ax.get_title() for ax in axes] == ["flipflop · in_dist", "flipflop · ood_sparse"]
+    assert [list(ax.lines[0].get_ydata()) for ax in axes] == [pytest.approx([10.0]), pytest.approx([40.0])]
+
+
 def test_ties_are_all_bold():
     values = {"relative": [2.5], "relative_capped": [2.5], "cope": [2.7]}
     table = table_of(list(values), ["128"], values, row_name="position")

@@ -150,7 +150,8 @@ def load_eval_context_positions(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_curves(run_dir: str | Path, tags: tuple[str, ...] = ("train/loss", "val/loss")) -> pd.DataFrame:
-    """(tag, step, value) scalars from a run's TensorBoard event files."""
+    """(tag, step, value) scalars from a run's TensorBoard event files; a tag also brings its per-set variants
+    (`val/error` -> `val/error@in_dist`, ...)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     points = []
@@ -158,7 +159,6 @@ def load_curves(run_dir: str | Path, tags: tuple[str, ...] = ("train/loss", "val
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
         available = set(acc.Tags().get("scalars", []))
-        for tag in tags:
-            if tag in available:
-                points += [(tag, e.step, e.value) for e in acc.Scalars(tag)]
+        for tag in sorted(a for a in available if a in tags or a.split("@")[0] in tags):
+            points += [(tag, e.step, e.value) for e in acc.Scalars(tag)]
     return pd.DataFrame(points, columns=["tag", "step", "value"])

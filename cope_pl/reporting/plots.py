@@ -43,7 +43,7 @@ def finish(fig, axes, path: Path, title: str, handles: dict | None = None) -> Pa
     if handles:
         fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(len(handles), 6), fontsize=8,
                    bbox_to_anchor=(0.5, 1 - 0.3 / height), frameon=False)  # fmt: skip
-    fig.suptitle(textwrap.fill(title, 110), fontsize=9)
+    fig.suptitle(textwrap.fill(title, int(14 * fig.get_figwidth())), fontsize=9)  # about 14 characters per inch
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.65 if handles else 0.35) / height))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -165,13 +165,18 @@ def plot_learning_curves(
     ok = runs[runs["status"] == "ok"]
     groups, titles = labelled_groups(ok, row_keys)
     curves = {key: [load_curves(d, tuple(tags)) for d in group["run_dir"]] for key, group in groups.items()}
-    present = [t for t in tags if any((c["tag"] == t).any() for cs in curves.values() for c in cs)] or list(tags)
+    logged = {t for cs in curves.values() for c in cs for t in c["tag"]}
+    # Tasks with named evaluation sets get a column per set (their plain tag is an alias of the first set).
+    sets = sorted({t.split("@", 1)[1] for t in logged if "@" in t}, key=lambda n: (n != "in_dist", n))
+    present = [t for t in tags if t in logged or any(x.startswith(t + "@") for x in logged)] or list(tags)
+    columns = [(panel, s) for panel in titles for s in (sets or [""])]
     styles = encoding_styles(name for _, name in groups)
-    fig, axes = panel_grid(len(titles), rows=len(present))
+    fig, axes = panel_grid(len(columns), rows=len(present), width=4.2 if sets else 5.0)
     handles = {}
-    for r, tag in enumerate(present):
-        ylabel, factor = metric_label(tag)
-        for p, panel in enumerate(titles):
+    for r, base in enumerate(present):
+        ylabel, factor = metric_label(base)
+        for p, (panel, set_name) in enumerate(columns):
+            tag = f"{base}@{set_name}" if set_name else base
             ax = axes[r][p]
             for (group_title, name), frames in curves.items():
                 frames = [f[f["tag"] == tag] for f in frames if (f["tag"] == tag).any()]
@@ -189,7 +194,7 @@ def plot_learning_curves(
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("training step")
             ax.set_ylabel(ylabel)
-            ax.set_title(panel, fontsize=9)
+            ax.set_title(" · ".join(x for x in (panel, set_name) if x), fontsize=9)
             plain_axis(ax.yaxis)
             if not ax.lines:
                 ax.text(0.5, 0.5, f"no {tag} logged", transform=ax.transAxes, ha="center", color="dimgrey")
