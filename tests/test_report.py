@@ -294,7 +294,7 @@ def test_learning_curves_of_named_evaluation_sets_get_a_column_each(tmp_path, dr
     runs = pd.DataFrame([{"run_dir": str(run_dir), "status": "ok", "data": "flipflop", "position": "cope"}])
     fig = drawn(plot_learning_curves, runs, ["data", "position"], tmp_path / "c.png", tags=("val/error",))
     axes = data_axes(fig)
-    assert [ax.get_title() for ax in axes] == ["flipflop · in_dist", "flipflop · ood_sparse"]
+    assert [ax.get_title() for ax in axes] == ["in_dist", "ood_sparse"]
     assert [list(ax.lines[0].get_ydata()) for ax in axes] == [pytest.approx([10.0]), pytest.approx([40.0])]
 
 

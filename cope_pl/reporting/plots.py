@@ -19,6 +19,7 @@ from cope_pl.reporting.style import (
     frame_panels,
     is_perplexity,
     jitter,
+    keep_scale_honest,
     metric_label,
     natural,
     panels_of,
@@ -84,6 +85,7 @@ def plot_extrapolation(table: Table, path: Path, metric: str, train_len: dict[st
             train_length_line(ax, length)
         if log:
             ax.set_yscale("log")
+        keep_scale_honest(ax, values, log)
         plain_axis(ax.yaxis, log=log, values=values)
         ax.set_xticks(lengths, [str(t) for t in lengths])
         ax.set_xlabel("evaluation context length (tokens)")
@@ -210,6 +212,9 @@ def plot_loss_by_position(
     set / training length and evaluated length: the longest only, or every length with all_lengths."""
     frame = positions.copy()
     frame["midpoint"] = (frame["bucket_start"] + frame["bucket_end"]) / 2
+    # Here seq_len is the evaluated length (a panel of its own); runs are told apart by their training length.
+    frame["train_len"] = "train " + pd.to_numeric(frame["train_seq_len"], errors="coerce").astype("Int64").astype(str)
+    row_keys = ["train_len" if key == "seq_len" else key for key in row_keys]
     sets = frame["set"].fillna("").astype(str)
     groups, titles = labelled_groups(frame.assign(set=sets), [*row_keys, "set"] if sets.nunique() > 1 else row_keys)
     panels = []

@@ -140,3 +140,20 @@ def frame_panels(frame: pd.DataFrame, keys: list[str]) -> tuple[list[str], str |
     if ENCODING_KEY in frame and ENCODING_KEY not in present:
         present.append(ENCODING_KEY)
     return panel_keys(present)
+
+
+def keep_scale_honest(ax, values: Iterable[float], log: bool, min_ratio: float = 1.25) -> None:
+    """Widen a y-axis whose data span is tiny, so that a difference of 0.01 % does not fill the panel and read
+    as a cliff: a log axis spans at least a factor of min_ratio, a linear one at least min_ratio - 1 of its
+    centre (and one unit)."""
+    finite = [v for v in values if math.isfinite(v) and (v > 0 or not log)]
+    if not finite:
+        return
+    low, high = min(finite), max(finite)
+    if log and high / low < min_ratio:
+        centre = math.sqrt(low * high)
+        ax.set_ylim(centre / math.sqrt(min_ratio), centre * math.sqrt(min_ratio))
+    elif not log and high - low < max((min_ratio - 1) * abs(low + high) / 2, 1.0):
+        half = max((min_ratio - 1) * abs(low + high) / 2, 1.0) / 2
+        centre = (low + high) / 2
+        ax.set_ylim(centre - half, centre + half)

@@ -139,9 +139,10 @@ def row_labels(frame: pd.DataFrame, keys: list[str]) -> pd.Series:
 
 
 def varying(frame: pd.DataFrame, keys: list[str]) -> list[str]:
-    """Keys that tell rows apart: those with more than one value (or the first key when none vary)."""
+    """Keys that tell rows apart: those with more than one value, and the encoding always (a legend names
+    encodings, also for a single run); the first key when neither applies."""
     present = [k for k in keys if k in frame]
-    keep = [k for k in present if frame[k].astype(str).nunique() > 1]
+    keep = [k for k in present if frame[k].astype(str).nunique() > 1 or k == "position"]
     return keep or present[:1]
 
 
