@@ -218,6 +218,16 @@ def test_extrapolation_axes_show_plain_numbers_on_a_log_scale(tmp_path, drawn):
     assert ax.get_ylabel() == "test perplexity (per token)"
 
 
+def test_a_change_of_hundredths_of_a_perplexity_point_does_not_fill_the_axis(tmp_path, drawn):
+    values = {"cope": [169.285, 169.280, 169.297]}
+    fig = drawn(
+        plot_extrapolation, table_of(list(values), ["128", "256", "512"], values), tmp_path / "e.png", "test/ppl"
+    )
+    (ax,) = data_axes(fig)
+    low, high = ax.get_ylim()
+    assert high / low >= 1.2  # the 0.01 % spread stays a flat line
+
+
 def test_extrapolation_ticks_sit_at_the_evaluated_lengths_with_a_labelled_train_line(tmp_path, drawn):
     table = table_of(list(PPL), ["128", "192", "256"], PPL)
     fig = drawn(plot_extrapolation, table, tmp_path / "e.png", "test/ppl", dict.fromkeys(PPL, 128))
