@@ -5,6 +5,10 @@ is the sum of the gates between them, and q_i . e[p_ij] (interpolated) is added 
 position table per layer, shared by its heads (paper, Appendix B). `cope_sepkeys` gates with a separate
 key projection instead of the attention keys.
 
+Two ablations of the official code (facebookresearch/RAM, projects/cope): `divide_by_sqrt_d` divides the
+CoPE term by sqrt(D) together with the content logits (that code's default; the paper's listing adds it
+unscaled, this project's default), and `shared_table` uses one position table for every layer.
+
 `impl` chooses the op (cope_pl/ops/dispatch.py): `reference` adds `logit_term` to the logits in the
 explicit-softmax path of `PositionEncoding.attend`; `chunked` (and `auto`) and `triton` call the memory-efficient
 exact op, or the fused kernel, directly, attention dropout included.
@@ -28,7 +32,15 @@ class ContextualPositionEncoding(PositionEncoding):
     adds_logit_term = True
 
     def __init__(
-        self, dims: ModelDims, *, npos_max: int = 64, sep_keys: bool = False, impl: str = "auto", compile: bool = False
+        self,
+        dims: ModelDims,
+        *,
+        npos_max: int = 64,
+        sep_keys: bool = False,
+        divide_by_sqrt_d: bool = False,
+        shared_table: bool = False,
+        impl: str = "auto",
+        compile: bool = False,
     ):
         super().__init__(dims)
         if npos_max < 1:
@@ -36,13 +48,20 @@ class ContextualPositionEncoding(PositionEncoding):
         self.npos_max = npos_max
         self.impl = check_cope_impl(impl)
         self.compile_blocks = compile  # torch.compile the chunked op's block functions
-        # (L, D, P), zero-initialised as in the paper's code.
-        self.pos_emb = nn.Parameter(torch.zeros(dims.n_layers, dims.d_head, npos_max))
+        # Dividing q . e by sqrt(D) is the same as a table scaled by 1 / sqrt(D): every op stays as it is.
+        self.term_scale = 1 / math.sqrt(dims.d_head) if divide_by_sqrt_d else 1.0
+        # (L, D, P), or (1, D, P) when shared by the layers; zero-initialised as in the paper's code.
+        self.pos_emb = nn.Parameter(torch.zeros(1 if shared_table else dims.n_layers, dims.d_head, npos_max))
         self.gate_proj = None
         if sep_keys:
             self.gate_proj = nn.ModuleList(
                 nn.Linear(dims.d_model, dims.d_model, bias=False) for _ in range(dims.n_layers)
             )
+
+    def table(self, layer: int, dtype: torch.dtype) -> Tensor:
+        """(D, P) position embeddings of a layer, as the op multiplies them with q."""
+        shared = self.pos_emb.size(0) == 1
+        return (self.pos_emb[0 if shared else layer] * self.term_scale).to(dtype)
 
     def gate_keys(self, layer: int, x: Tensor) -> Tensor | None:
         """Sep-keys: (B, H, S, D) keys for the gates from the layer input; None when gates use the attention keys."""
@@ -60,7 +79,7 @@ class ContextualPositionEncoding(PositionEncoding):
 
     def logit_term(self, layer: int, x: Tensor, q: Tensor, k: Tensor, logits: Tensor) -> Tensor:
         gates = self.gate_logits(layer, x, q, logits)
-        return cope_position_logits(q, gates, self.pos_emb[layer].to(q.dtype))
+        return cope_position_logits(q, gates, self.table(layer, q.dtype))
 
     def runs_fused(self, device: torch.device, relative: bool = False) -> bool:
         """True when attention calls the CoPE op directly instead of adding `logit_term` to explicit logits."""
@@ -72,7 +91,7 @@ class ContextualPositionEncoding(PositionEncoding):
         """Causal CoPE attention on already transformed q, k (B, H, T, D); rel_emb (D, R) adds q_i . r[i - j]."""
         impl = resolve_cope_impl(self.impl, q.device, relative=rel_emb is not None)
         gate_k = self.gate_keys(layer, x)
-        pos_emb = self.pos_emb[layer].to(q.dtype)
+        pos_emb = self.table(layer, q.dtype)
         return run_cope_attention(
             impl, q, k, v, pos_emb, gate_k, rel_emb, compiled=self.compile_blocks, dropout_p=dropout_p
         )
@@ -85,6 +104,20 @@ class ContextualPositionEncoding(PositionEncoding):
 
 @register("cope_sepkeys")
 def cope_sepkeys(
-    dims: ModelDims, *, npos_max: int = 64, impl: str = "auto", compile: bool = False
+    dims: ModelDims,
+    *,
+    npos_max: int = 64,
+    divide_by_sqrt_d: bool = False,
+    shared_table: bool = False,
+    impl: str = "auto",
+    compile: bool = False,
 ) -> ContextualPositionEncoding:
-    return ContextualPositionEncoding(dims, npos_max=npos_max, sep_keys=True, impl=impl, compile=compile)
+    return ContextualPositionEncoding(
+        dims,
+        npos_max=npos_max,
+        sep_keys=True,
+        divide_by_sqrt_d=divide_by_sqrt_d,
+        shared_table=shared_table,
+        impl=impl,
+        compile=compile,
+    )

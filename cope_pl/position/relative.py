@@ -1,7 +1,8 @@
 """Learned relative position embeddings: q_i . r[i - j] added to the logit, one table per layer.
 
 `relative` has one embedding per distance up to max_distance; `relative_capped` lets every distance
->= p_max - 1 share the last embedding, so it extends to any length.
+>= p_max - 1 share the last embedding, so it extends to any length. `shared_table` uses one table for every
+layer, as the relative baseline of the CoPE paper's official code does.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ class RelativePositionEncoding(PositionEncoding):
     name = "relative"
     adds_logit_term = True
 
-    def __init__(self, dims: ModelDims, *, max_distance: int | None = None):
+    def __init__(self, dims: ModelDims, *, max_distance: int | None = None, shared_table: bool = False):
         super().__init__(dims)
         self.num_embeddings = dims.max_seq_len if max_distance is None else max_distance
         if self.num_embeddings < 1:
             raise ValueError(f"model.position_options.max_distance must be >= 1, got {self.num_embeddings}")
-        # (L, D, P): per layer, one embedding per distance, shared by the heads.
-        self.tables = nn.Parameter(torch.randn(dims.n_layers, dims.d_head, self.num_embeddings) * 0.02)
+        # (L, D, P): per layer (or (1, D, P) for all layers), one embedding per distance, shared by the heads.
+        layers = 1 if shared_table else dims.n_layers
+        self.tables = nn.Parameter(torch.randn(layers, dims.d_head, self.num_embeddings) * 0.02)
+
+    def table(self, layer: int) -> Tensor:
+        return self.tables[0 if self.tables.size(0) == 1 else layer]  # (D, P)
 
     def check_length(self, seq_len: int) -> None:
         if seq_len > self.num_embeddings:
@@ -41,10 +46,10 @@ class RelativePositionEncoding(PositionEncoding):
     def relative_table(self, layer: int, s: int) -> Tensor:
         """(D, R) table whose logit term is q_i . r[clamp(i - j, 0, R - 1)]: what a fused attention op adds."""
         self.check_length(s)
-        return self.tables[layer]
+        return self.table(layer)
 
     def logit_term(self, layer: int, x: Tensor, q: Tensor, k: Tensor, logits: Tensor) -> Tensor:
-        z = q @ self.tables[layer].to(q.dtype)  # (B, H, T, P): q_i . r[p] for every distance p
+        z = q @ self.table(layer).to(q.dtype)  # (B, H, T, P): q_i . r[p] for every distance p
         return gather_positions(z, self.distance_index(q.size(-2), k.size(-2), q.device))
 
 
@@ -52,8 +57,8 @@ class RelativePositionEncoding(PositionEncoding):
 class CappedRelativePositionEncoding(RelativePositionEncoding):
     name = "relative_capped"
 
-    def __init__(self, dims: ModelDims, *, p_max: int = 64):
-        super().__init__(dims, max_distance=p_max)
+    def __init__(self, dims: ModelDims, *, p_max: int = 64, shared_table: bool = False):
+        super().__init__(dims, max_distance=p_max, shared_table=shared_table)
 
     def check_length(self, seq_len: int) -> None:
         pass  # distances beyond the table reuse its last embedding

@@ -1,0 +1,65 @@
+"""Ablation options of the CoPE paper's official code: the CoPE term divided by sqrt(D) with the content
+logits, one CoPE table for all layers, and a relative baseline with one table for all layers."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cope_pl.ops import causal_mask, cope_position_logits
+from cope_pl.position import ModelDims, build_position_encoding
+from tests.conftest import tiny_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "position"
+DIMS = ModelDims(n_layers=3, n_heads=2, d_model=16, max_seq_len=32)
+
+
+def random_qk(t=7):
+    q, k = torch.randn(2, 2, t, 8, dtype=torch.float64), torch.randn(2, 2, t, 8, dtype=torch.float64)
+    logits = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~causal_mask(t, t, q.device), float("-inf"))
+    return q, k, logits
+
+
+def test_divided_cope_term_is_the_listing_term_over_sqrt_d():
+    cope = build_position_encoding("cope", DIMS, {"npos_max": 5, "divide_by_sqrt_d": True}).double()
+    torch.nn.init.normal_(cope.pos_emb)
+    q, k, logits = random_qk()
+    # Official code: (q.k + q.e[p]) / sqrt(D), gates from q.k / sqrt(D) as in the listing.
+    expected = cope_position_logits(q, logits, cope.pos_emb[1]) / math.sqrt(8)
+    torch.testing.assert_close(cope.logit_term(1, None, q, k, logits), expected)
+
+
+def test_a_shared_cope_table_is_one_parameter_for_every_layer():
+    cope = build_position_encoding("cope", DIMS, {"npos_max": 5, "shared_table": True}).double()
+    assert cope.pos_emb.shape == (1, 8, 5)
+    torch.nn.init.normal_(cope.pos_emb)
+    q, k, logits = random_qk()
+    terms = [cope.logit_term(layer, None, q, k, logits) for layer in range(DIMS.n_layers)]
+    torch.testing.assert_close(terms[0], terms[2])
+
+
+@pytest.mark.parametrize("position", ["relative", "relative_capped"])
+def test_a_shared_relative_table_serves_every_layer(position):
+    rel = build_position_encoding(position, DIMS, {"shared_table": True})
+    assert rel.tables.shape[0] == 1
+    assert rel.relative_table(0, 16) is not None and torch.equal(rel.relative_table(0, 16), rel.relative_table(2, 16))
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_the_options_take_every_op_path(impl):
+    options = {"npos_max": 8, "divide_by_sqrt_d": True, "shared_table": True, "impl": impl}
+    model = tiny_model("cope_sepkeys", position_options=options).double().eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.position.pos_emb)
+    x = torch.randint(0, 23, (2, 20))
+    reference = tiny_model("cope_sepkeys", position_options={**options, "impl": "reference"}).double().eval()
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(x), reference(x))
+
+
+@pytest.mark.parametrize("name", ["cope_divided", "cope_shared_table", "relative_shared"])
+def test_each_ablation_has_a_config_that_builds(name):
+    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]
+    build_position_encoding(config["position"], DIMS, config.get("position_options"))
