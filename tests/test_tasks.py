@@ -11,7 +11,7 @@ import yaml
 
 from cope_pl.cli import main
 from cope_pl.data import IGNORE_INDEX, CountingDataModule, FlipFlopDataModule, SelectiveCopyDataModule
-from cope_pl.data.counting import VOCAB
+from cope_pl.data.counting import OFFICIAL_VOCAB, VOCAB
 from cope_pl.data.flipflop import BOS, decode, flipflop_tokens
 from cope_pl.data.selective_copy import BLANK, SEP
 from cope_pl.lm import LanguageModel
@@ -182,6 +182,24 @@ def test_counting_ood_programs_are_longer_than_training():
     assert min(statements) > 20 >= max(train) and max(statements) <= 40 and min(train) >= 3
 
 
+def test_official_tokens_fuse_pass_and_increment_with_their_semicolon():
+    separate = CountingDataModule(num_vars=3, max_steps=40, ood_max_steps=80, train_size=200, eval_size=20)
+    official = CountingDataModule(
+        num_vars=3, max_steps=40, ood_max_steps=80, train_size=200, eval_size=20, tokens="official"
+    )
+    separate.setup("fit"), official.setup("fit")
+    assert official.vocab_size == len(VOCAB) + 2 and separate.vocab_size == len(VOCAB)
+    statements = tokens = 0
+    for a, b in zip(separate.train_set.programs, official.train_set.programs):
+        spaced = " ".join(b).replace("pass;", "pass ;").replace("++;", "++ ;").split()
+        assert spaced == list(a)  # the same program, only tokenised differently
+        ids = official.train_set[0]["input_ids"]
+        assert int(ids.max()) < official.vocab_size and OFFICIAL_VOCAB[int(ids[0])] in ("a", "b", "c", "pass;")
+        statements += a.count(";")
+        tokens += len(b) - 3  # without `print x answer`
+    assert 1.1 < tokens / statements < 1.3  # the official text's ~1.17 tokens per statement (ours: ~2.2)
+
+
 def test_counting_is_deterministic_and_test_programs_are_not_in_training():
     a = CountingDataModule(max_steps=10, ood_max_steps=20, train_size=300, eval_size=100)
     b = CountingDataModule(max_steps=10, ood_max_steps=20, train_size=300, eval_size=100)
@@ -303,6 +321,7 @@ def test_paper_task_configs_fit_their_model(data, model):
         (lambda: FlipFlopDataModule(p_sparse=1.0), r"data.p_sparse must be in \[0, 1\)"),
         (lambda: SelectiveCopyDataModule(num_tokens=0), "data.num_tokens and data.num_symbols must be >= 1"),
         (lambda: CountingDataModule(num_vars=6), "data.num_vars must be between 1 and 5"),
+        (lambda: CountingDataModule(tokens="words"), "data.tokens must be one of"),
         (lambda: CountingDataModule(max_steps=64, ood_max_steps=32), "max_steps < ood_max_steps"),
     ],
 )

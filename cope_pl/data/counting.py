@@ -7,6 +7,11 @@ min_steps and max_steps statements (uniform) and ends with `print x` and the ans
 variable). Whitespace tokenisation; only the answer is scored. The out-of-distribution set (`ood_long`) has
 longer programs than training: max_steps + 1 to ood_max_steps statements.
 
+`tokens` chooses how statements become tokens. `separate` (default): every symbol is a token, `pass ;` two,
+`a ++ ;` three, `a = 0 ;` four (about 2.2 tokens per statement at the generator's weights). `official`: the
+text of the official generator (facebookresearch/RAM, projects/cope) split on whitespace, where `pass;` is one
+token and `a ++;` two (about 1.17 per statement), so a program of the same statements is about half as long.
+
 Programs are generated once per split in `setup` (10k train, 1k valid, 1k test in the paper) from
 (seed, split, index); evaluation programs that also occur in the training set are drawn again. Each split is
 right-padded to its longest sequence with PAD, whose labels are not scored; padding after the answer is
@@ -29,18 +34,22 @@ WEIGHTS = {SET: 1, PASS: 50, INCREMENT: 7}
 OPS, CUM_WEIGHTS = list(WEIGHTS), list(itertools.accumulate(WEIGHTS.values()))
 LETTERS = "abcde"
 VOCAB = ["<pad>", "=", ";", "pass", "++", "print"] + [str(v) for v in range(MAX_VALUE + 1)] + list(LETTERS)
-TOKEN_ID = {t: i for i, t in enumerate(VOCAB)}
+# The official generator writes `pass;` and `a ++;`: after whitespace splitting, two more words (ids appended,
+# so `separate` runs keep their vocabulary and checkpoints).
+OFFICIAL_VOCAB = VOCAB + ["pass;", "++;"]
+TOKEN_ID = {t: i for i, t in enumerate(OFFICIAL_VOCAB)}
 PAD = TOKEN_ID["<pad>"]
+TOKENIZATIONS = ("separate", "official")
 
 
 class GenerationFailed(Exception):
     """The drawn statement or program is impossible in the current state; draw again."""
 
 
-def draw_statement(rng: random.Random, names: str, values: dict[str, int]) -> list[str]:
+def draw_statement(rng: random.Random, names: str, values: dict[str, int], official: bool = False) -> list[str]:
     op = rng.choices(OPS, cum_weights=CUM_WEIGHTS)[0]
     if op == PASS:
-        return ["pass", ";"]
+        return ["pass;"] if official else ["pass", ";"]
     if op == SET:
         var = rng.choice(names)
         values[var] = 0
@@ -51,10 +60,12 @@ def draw_statement(rng: random.Random, names: str, values: dict[str, int]) -> li
     if values[var] + 1 > MAX_VALUE:
         raise GenerationFailed
     values[var] += 1
-    return [var, "++", ";"]
+    return [var, "++;"] if official else [var, "++", ";"]
 
 
-def draw_program(rng: random.Random, num_vars: int, min_steps: int, max_steps: int) -> list[str]:
+def draw_program(
+    rng: random.Random, num_vars: int, min_steps: int, max_steps: int, official: bool = False
+) -> list[str]:
     """Whitespace tokens of one program, ending with `print x` and x's value."""
     names = LETTERS[:num_vars]
     while True:
@@ -63,7 +74,7 @@ def draw_program(rng: random.Random, num_vars: int, min_steps: int, max_steps: i
         for _ in range(rng.randint(min_steps, max_steps)):
             for _ in range(100):
                 try:
-                    words += draw_statement(rng, names, values)
+                    words += draw_statement(rng, names, values, official)
                     break
                 except GenerationFailed:
                     continue
@@ -83,13 +94,14 @@ class CountingPrograms(Dataset):
         max_steps: int,
         seed: int,
         exclude: frozenset[tuple[str, ...]] = frozenset(),
+        official: bool = False,
     ):
         self.programs: list[tuple[str, ...]] = []
         for index in range(num_programs):
             rng = random.Random(seed * 1_000_003 + index)
-            program = tuple(draw_program(rng, num_vars, min_steps, max_steps))
+            program = tuple(draw_program(rng, num_vars, min_steps, max_steps, official))
             while program in exclude:
-                program = tuple(draw_program(rng, num_vars, min_steps, max_steps))
+                program = tuple(draw_program(rng, num_vars, min_steps, max_steps, official))
             self.programs.append(program)
         self.length = max(len(p) for p in self.programs) - 1  # input tokens per padded sequence
 
@@ -113,6 +125,8 @@ class CountingDataModule(LMDataModule):
         min_steps, max_steps: statements per training and in-distribution program (3 and 512 in the paper).
         ood_max_steps: the longest out-of-distribution program.
         train_size, eval_size: programs in the training split and in each evaluation split (10k and 1k).
+        tokens: `separate` (every symbol a token) or `official` (the official generator's text split on
+            whitespace: `pass;` and `++;` are single tokens).
     """
 
     def __init__(
@@ -124,9 +138,13 @@ class CountingDataModule(LMDataModule):
         ood_max_steps: int = 1024,
         train_size: int = 10_000,
         eval_size: int = 1000,
+        tokens: str = "separate",
         num_workers: int = 0,
         seed: int = 0,
     ):
+        if tokens not in TOKENIZATIONS:
+            raise ValueError(f"data.tokens must be one of {list(TOKENIZATIONS)}, got {tokens!r}")
+        self.official = tokens == "official"
         # Longest possible input: every statement a set (4 tokens) plus `print x`.
         super().__init__(seq_len=4 * ood_max_steps + 2, batch_size=batch_size, num_workers=num_workers, seed=seed)
         if not 1 <= num_vars <= len(LETTERS):
@@ -144,19 +162,22 @@ class CountingDataModule(LMDataModule):
 
     @property
     def vocab_size(self) -> int:
-        return len(VOCAB)
+        return len(OFFICIAL_VOCAB if self.official else VOCAB)
 
     def setup(self, stage: str | None = None) -> None:
         # Seeds per split: 0 train, 1-2 valid, 3-4 test (the paper's separate valid and test sets).
         base = 8 * self.seed
         first_eval = base + (3 if stage == "test" else 1)
-        self.train_set = CountingPrograms(self.train_size, self.num_vars, self.min_steps, self.max_steps, seed=base)
+        official = self.official
+        self.train_set = CountingPrograms(
+            self.train_size, self.num_vars, self.min_steps, self.max_steps, seed=base, official=official
+        )
         seen = frozenset(self.train_set.programs)
         self.eval_sets = {
             "in_dist": CountingPrograms(
-                self.eval_size, self.num_vars, self.min_steps, self.max_steps, seed=first_eval, exclude=seen
+                self.eval_size, self.num_vars, self.min_steps, self.max_steps, first_eval, seen, official
             ),
             "ood_long": CountingPrograms(
-                self.eval_size, self.num_vars, self.max_steps + 1, self.ood_max_steps, seed=first_eval + 1
+                self.eval_size, self.num_vars, self.max_steps + 1, self.ood_max_steps, first_eval + 1, official=official
             ),
         }
