@@ -200,8 +200,8 @@ def plot_learning_curves(
             plain_axis(ax.yaxis)
             if not ax.lines:
                 ax.text(0.5, 0.5, f"no {tag} logged", transform=ax.transAxes, ha="center", color="dimgrey")
-    title = title or "learning curves"
-    return finish(fig, axes, path, f"{title} (mean over seeds, band: min to max)", handles)
+    title = f"{title}: learning curves" if title else "learning curves"
+    return finish(fig, axes, path, f"{title} on the validation sets (mean over seeds, band: min to max)", handles)
 
 
 def plot_loss_by_position(
