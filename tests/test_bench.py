@@ -44,7 +44,7 @@ def test_bench_runs_the_attention_op_in_the_chosen_dtype(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_gpu_check_runs_every_step_and_reports_the_targets(tmp_path):
-    # On CPU the fused op runs in Triton's interpreter (tests/conftest.py): the script a GPU lease runs, end to end.
+    # On CPU the fused op runs in Triton's interpreter (tests/conftest.py): the script a GPU machine runs, end to end.
     assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
     for title, _ in gpu_check.STEPS.values():
@@ -54,7 +54,7 @@ def test_gpu_check_runs_every_step_and_reports_the_targets(tmp_path):
     assert accuracy.ok.all() and set(accuracy.backward) == {"two_pass", "atomic"}
     assert set(pd.read_csv(tmp_path / "attention.csv").impl) == {"sdpa", "chunked", "triton", "triton_atomic"}
     assert "## Kernel tests on the GPU" in summary and "exit 0: 1 passed" in summary  # the pytest subprocess ran
-    assert len(list(tmp_path.iterdir())) <= 8  # what a device lease brings back
+    assert len(list(tmp_path.iterdir())) <= 8  # what a remote job's output folder brings back
 
 
 def test_gpu_check_lists_the_tiles_the_autotuner_chose_and_timed(monkeypatch):
@@ -76,7 +76,7 @@ def test_gpu_check_lists_the_tiles_the_autotuner_chose_and_timed(monkeypatch):
 
 
 def test_gpu_check_full_sizes_parse_as_bench_arguments(tmp_path):
-    # The full-size run only happens on a GPU lease: its command line must at least parse here.
+    # The full-size run only happens on a GPU machine: its command line must at least parse here.
     args = gpu_check.bench_args(gpu_check.FULL, tmp_path, train=True)
     assert (
         sorted(args.lengths) == [1024, 2048, 4096, 8192]

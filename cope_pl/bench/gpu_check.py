@@ -1,4 +1,4 @@
-"""`python -m cope_pl.bench.gpu_check`: every GPU check of the fused CoPE kernel in one call, sized for a short lease.
+"""`python -m cope_pl.bench.gpu_check`: every GPU check of the fused CoPE kernel in one call, sized for minutes.
 
 Steps, each timed, each written to --out as soon as it ends (a run cut off by its time limit keeps what it did):
   1. attention op (`python -m cope_pl.bench`): SDPA (flash), chunked and the fused kernel with each backward, bf16,
@@ -9,9 +9,9 @@ Steps, each timed, each written to --out as soon as it ends (a run cut off by it
   3. a training step at T=2048 under bf16 autocast: RoPE, CoPE with the fused kernel, CoPE chunked -> train_step.csv.
   4. a profile of one forward + backward of each fused variant at the largest T -> profile.txt.
   5. the kernel tests (tests/test_cope_triton.py) on CUDA tensors, compiled for the GPU -> kernel_tests.log.
-summary.md holds every table, the issue's targets against what was measured, and the tiles the autotuner chose.
-At most 6 files, so a lease's $OUT brings all of them back. `--smoke` runs the same steps on tiny shapes (on CPU,
-in Triton's interpreter, and only one kernel test) so that the script is tested where there is no GPU.
+summary.md holds every table, the project's targets against what was measured, and the tiles the autotuner chose.
+At most 6 files, so a remote job's output folder brings all of them back. `--smoke` runs the same steps on tiny
+shapes (on CPU, in Triton's interpreter, and only one kernel test) so that the script is tested where there is no GPU.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from cope_pl.bench.accuracy import accuracy_table
 from cope_pl.bench.cases import attention_case
 from cope_pl.bench.tables import markdown
 
-# Targets of issue 8 (Performance II), on the full-size shapes below.
+# The project's targets for the fused kernel, on the full-size shapes below.
 TARGET_OP_THROUGHPUT_VS_SDPA = 0.5  # forward + backward, T = 4096
 TARGET_STEP_TOKENS_VS_ROPE = 0.7  # training step, T = 2048
 
