@@ -23,6 +23,7 @@ POSITION_COLUMNS = (
     "train_seq_len",
     "seq_len",
     "set",
+    "stride",
     "bucket_start",
     "bucket_end",
     "tokens",
@@ -44,8 +45,11 @@ def bucket_rows(row: dict[str, Any], nll: Tensor, tokens: Tensor, bucket: int) -
     return rows
 
 
-def position_key(row: dict[str, Any]) -> tuple[int, str]:
-    return int(row["seq_len"]), row["set"] or ""
+def position_key(row: dict[str, Any]) -> tuple[int, str, str]:
+    """(length, set, stride): a sliding-window evaluation of a length keeps its own rows. Read back from the
+    CSV every value is text, hence the stride as text ('' without one)."""
+    stride = row.get("stride")
+    return int(row["seq_len"]), row["set"] or "", "" if stride in (None, "") else str(stride)
 
 
 def save_position_rows(run: Path, rows: list[dict[str, Any]]) -> None:

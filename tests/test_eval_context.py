@@ -1,6 +1,7 @@
 """eval-context: a tiny checkpoint scored at 1x and 2x its training context; what cannot be scored says why."""
 
 import lightning as L
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -128,7 +129,7 @@ def test_loss_by_position_buckets_average_back_to_the_loss_of_each_length(tmp_pa
     rows = evaluate_context(run, ["1x", "2x"], bucket=3)
     positions = read_positions(run)
     assert list(positions.columns) == [
-        "run", "position", "train_seq_len", "seq_len", "set", "bucket_start", "bucket_end", "tokens", "loss"
+        "run", "position", "train_seq_len", "seq_len", "set", "stride", "bucket_start", "bucket_end", "tokens", "loss"
     ]  # fmt: skip
     for row in rows:
         buckets = positions[positions.seq_len == row["seq_len"]]
@@ -163,3 +164,17 @@ def test_progress_shows_a_line_per_length_on_stderr(tmp_path, capsys):
     assert any(line.startswith("[1/2] ") and "seq_len 8: scoring 1 set" in line for line in lines)
     assert any(line.startswith("[1/2] ") and "seq_len 8: done in" in line for line in lines)
     assert any(line.startswith("[2/2] ") and "seq_len 16: n/a" in line for line in lines)
+
+
+def test_a_sliding_window_evaluation_keeps_its_own_position_rows(tmp_path):
+    from cope_pl.eval_positions import save_position_rows
+
+    def rows(stride, loss):
+        base = {"run": "r", "position": "cope", "train_seq_len": 8, "seq_len": 16, "set": "", "stride": stride}
+        return [{**base, "bucket_start": 0, "bucket_end": 16, "tokens": 10, "loss": loss}]
+
+    save_position_rows(tmp_path, rows(None, 1.0))
+    save_position_rows(tmp_path, rows(4, 2.0))
+    save_position_rows(tmp_path, rows(None, 3.0))  # replaces the plain rows only
+    saved = pd.read_csv(tmp_path / "eval_context_positions.csv")
+    assert sorted(zip(saved.stride.fillna(0), saved.loss)) == [(0, 3.0), (4, 2.0)]

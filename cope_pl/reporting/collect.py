@@ -21,9 +21,7 @@ from cope_pl.results import RESULTS_FILE, fit_finished
 from cope_pl.runs import CONFIG_FILE, load_config, run_label
 from cope_pl.sweep import MANIFEST
 
-POSITIONS_FILE = (
-    "eval_context_positions.csv"  # run,position,train_seq_len,seq_len,set,bucket_start,bucket_end,tokens,loss
-)
+POSITIONS_FILE = "eval_context_positions.csv"  # run,position,train_seq_len,seq_len,set,stride,bucket_start,...,loss
 RUN_COLUMNS = ["sweep", "cell", "run", "run_dir", "status", "reason", "data", "position", "seed", "seq_len", "step"]
 
 
