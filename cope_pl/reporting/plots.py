@@ -211,6 +211,8 @@ def plot_loss_by_position(
     """Loss vs token position (bucket midpoint), one line per encoding (mean over seeds). One panel per data
     set / training length and evaluated length: the longest only, or every length with all_lengths."""
     frame = positions.copy()
+    if "stride" in frame and frame["stride"].isna().any():  # one evaluation per length: the plain windows
+        frame = frame[frame["stride"].isna()].copy()
     frame["midpoint"] = (frame["bucket_start"] + frame["bucket_end"]) / 2
     # Here seq_len is the evaluated length (a panel of its own); runs are told apart by their training length.
     frame["train_len"] = "train " + pd.to_numeric(frame["train_seq_len"], errors="coerce").astype("Int64").astype(str)
