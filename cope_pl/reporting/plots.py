@@ -193,7 +193,7 @@ def plot_learning_curves(
             if 0 < len(steps) <= 6:
                 ax.set_xticks(steps)
             else:
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # labels that do not collide
             ax.set_xlabel("training step")
             ax.set_ylabel(ylabel)
             ax.set_title(" · ".join(x for x in (panel, set_name) if x), fontsize=9)
