@@ -28,7 +28,7 @@ from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteError, NonFiniteGuard
 from cope_pl.results import RESULTS_FILE, ResultsWriter, fit_finished, read_results
 from cope_pl.resume import CheckedCheckpointIO, RngState, resolve_resume
-from cope_pl.runs import resolve_run
+from cope_pl.runs import resolve_run, version_of
 
 # Tools that work on finished runs; each module has its own argparse `main(argv)`.
 TOOLS = {
@@ -155,7 +155,8 @@ def test_in_place_args(target: str, rest: list[str]) -> list[str]:
             f"{run} has not finished training (no finished fit in its {RESULTS_FILE}); "
             f"finish it first: cope-pl fit --config {run / 'config.yaml'} --ckpt_path last"
         )
-    version = int(run.name.removeprefix("version_")) if run.name.removeprefix("version_").isdigit() else run.name
+    version = version_of(run)
+    version = run.name if version is None else version
     logger = {"save_dir": run.parent.parent, "name": run.parent.name, "version": version}
     return (
         ["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}"]

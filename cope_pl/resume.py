@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import os
 import pickle
-import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from cope_pl.runs import run_of_checkpoint, version_of
 
 LAST_CHECKPOINT = "last.ckpt"
 # What torch.load raises on a truncated or overwritten file.
@@ -50,7 +51,7 @@ def recovery_hint(bad: Path) -> str:
     """What to do about a corrupt checkpoint: resume from the newest intact one beside it, named exactly."""
     others = sorted(bad.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
     intact = next((p for p in others if is_intact(p)), None)
-    run = bad.parent.parent if bad.parent.name == "checkpoints" else bad.parent
+    run = run_of_checkpoint(bad)
     if intact is None:
         return f"no intact checkpoint is left in {bad.parent}; train again from scratch (drop --ckpt_path)"
     return (
@@ -114,11 +115,6 @@ class CheckedCheckpointIO(TorchCheckpointIO):
         Path(path).unlink(missing_ok=True)
 
 
-def _version_of(path: Path) -> int | None:
-    match = re.fullmatch(r"version_(\d+)", path.name)
-    return int(match.group(1)) if match else None
-
-
 def resolve_resume(ckpt_path: str | None, run_root: Path) -> tuple[str | None, int | None]:
     """(checkpoint file, logger version) for a `--ckpt_path` value.
 
@@ -143,8 +139,8 @@ def resolve_resume(ckpt_path: str | None, run_root: Path) -> tuple[str | None, i
         if not found:
             print(f"No checkpoint under {run_root}: starting from scratch.")
             return None, None
-        return str(found[-1]), _version_of(found[-1].parent.parent)
+        return str(found[-1]), version_of(found[-1].parent.parent)
     path = Path(ckpt_path)
     if path.parent.name == "checkpoints" and path.parent.parent.parent.resolve() == run_root.resolve():
-        return ckpt_path, _version_of(path.parent.parent)
+        return ckpt_path, version_of(path.parent.parent)
     return ckpt_path, None

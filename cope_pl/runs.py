@@ -8,6 +8,7 @@ start from here rather than from Python objects, so they work on any run from an
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,23 @@ CONFIG_FILE = "config.yaml"
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 
 
+def run_of_checkpoint(ckpt: Path) -> Path:
+    """The run directory a checkpoint file belongs to (`<run>/checkpoints/x.ckpt`, or a file beside the logs)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def version_of(run: Path) -> int | None:
+    """N for a `version_N` run directory (the TensorBoard logger's version), else None."""
+    match = re.fullmatch(r"version_(\d+)", run.name)
+    return int(match.group(1)) if match else None
+
+
 def resolve_run(path: str | Path) -> tuple[Path, Path]:
     """A run directory or a checkpoint file -> (run directory, checkpoint)."""
     path = Path(path)
     if path.is_file():
         ckpt = path
-        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        run = run_of_checkpoint(path)
     elif path.is_dir():
         run, ckpt = path, path / LAST_CKPT
         if not ckpt.is_file():
