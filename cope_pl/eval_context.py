@@ -121,11 +121,12 @@ def is_oom(err: BaseException) -> bool:
 def fitting_batch_size(model, seq_len: int, batch_size: int, device: torch.device, budget: float | None) -> int:
     """The largest batch (<= batch_size) whose full (B, H, T, T) logit tensors fit in `budget` bytes.
 
-    Only encodings with a logit term need the full matrix (the others use fused attention). The budget
-    defaults to 80% of free GPU memory; on CPU there is no cap unless one is given.
+    Only the explicit attention backend holds the full matrix (SDPA and the CoPE ops keep O(T) memory per head,
+    see `cope_pl.attention`). The budget defaults to 80% of free GPU memory; on CPU there is no cap unless one
+    is given.
     """
     position = model.model.position
-    if not position.adds_logit_term:
+    if model.model.attention_backend() != "explicit":
         return batch_size
     if budget is None and device.type == "cuda":
         budget = 0.8 * torch.cuda.mem_get_info(device)[0]

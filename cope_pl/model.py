@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from cope_pl.attention import KVCache, LayerCache, causal_attention, choose_backend
 from cope_pl.position import ModelDims, PositionEncoding, build_position_encoding
 
 
@@ -19,11 +21,19 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, position: PositionEncoding, layer: int) -> Tensor:
+    def forward(
+        self, x: Tensor, position: PositionEncoding, layer: int, start: int = 0, cache: LayerCache | None = None
+    ) -> Tensor:
+        """x (B, T, C) of the tokens at positions start..; with a cache, their keys join the cached ones."""
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
+        q, k = position.transform_qk(layer, q, k, start)
+        keys = {"k": k, "v": v, **position.key_features(layer, x)}  # (B, H, T, D) each
+        if cache is not None:
+            keys = cache.extend(keys)  # (B, H, S, D): every token so far
+        terms = position.attention_terms(layer, q, keys)
         dropout_p = self.dropout if self.training else 0.0
-        y = position.attend(layer, x, q, k, v, dropout_p)  # (B, H, T, D)
+        y = causal_attention(q, keys["k"], keys["v"], terms, dropout_p)  # (B, H, T, D)
         return self.resid_dropout(self.out(y.transpose(1, 2).reshape(b, t, c)))
 
 
@@ -38,11 +48,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model), nn.Dropout(dropout))
 
-    def forward(self, x: Tensor, position: PositionEncoding, layer: int) -> Tensor:
+    def forward(self, x: Tensor, position: PositionEncoding, layer: int, start: int, cache: LayerCache | None) -> Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), position, layer)
+            x = x + self.attn(self.norm1(x), position, layer, start, cache)
             return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, position, layer))
+        x = self.norm1(x + self.attn(x, position, layer, start, cache))
         return self.norm2(x + self.mlp(x))
 
 
@@ -90,10 +100,28 @@ class TransformerLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """(B, T) token ids -> (B, T, V) next-token logits."""
-        self.position.check_length(input_ids.size(1))
-        x = self.drop(self.position.encode_input(self.tok_emb(input_ids)))  # (B, T, C)
+    @torch.no_grad()
+    def attention_backend(self) -> str:
+        """The attention backend this model's encoding takes on its device ("explicit" holds T x T logits)."""
+        dims, device = self.position.dims, self.lm_head.weight.device
+        x = torch.zeros(1, 1, dims.d_model, device=device)
+        q = torch.zeros(1, dims.n_heads, 1, dims.d_head, device=device)
+        terms = self.position.attention_terms(0, q, {"k": q, "v": q, **self.position.key_features(0, x)})
+        return choose_backend(terms, device).backend
+
+    def new_cache(self) -> KVCache:
+        """An empty cache for incremental decoding: pass it to every forward call of one sequence batch."""
+        return KVCache(len(self.blocks))
+
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """(B, T) token ids -> (B, T, V) next-token logits.
+
+        With a cache, input_ids continue the tokens it holds: their keys and values are appended to it and they
+        attend to everything before them, so a prefill followed by one token at a time equals one full forward.
+        """
+        start = 0 if cache is None else cache.length
+        self.position.check_length(start + input_ids.size(1))
+        x = self.drop(self.position.encode_input(self.tok_emb(input_ids), start))  # (B, T, C)
         for layer, block in enumerate(self.blocks):
-            x = block(x, self.position, layer)
+            x = block(x, self.position, layer, start, None if cache is None else cache.layers[layer])
         return self.lm_head(self.final_norm(x))  # (B, T, V)

@@ -1,10 +1,9 @@
 """CoPE's contextual positions p_ij and the attention they induce, per layer and head (paper Figure 4).
 
-The maps are recomputed outside the model from what each attention layer saw: a forward hook on the
-layer's qkv projection captures its input x and its q, k, v; the encoding's own hooks (transform_qk,
-logit_term, CoPE's gate_logits) then give the logits, and p_ij follows the reference formula of
-`cope_pl.ops.cope` (reverse cumulative sum of sigmoid gates, clamped at npos_max - 1). Nothing in the
-position encodings changes, whatever attention implementation they use.
+The maps are what the model's own attention computed: the model runs once under
+`cope_pl.attention.recording()`, which keeps each layer's attention probabilities and, for CoPE terms, the
+positions p_ij (reverse cumulative sum of sigmoid gates, clamped at npos_max - 1). Whatever op an encoding
+normally runs on, the maps come from the same terms.
 
 `cope-pl position-maps RUN --out DIR` draws them as PNGs (`layer<L>_len<T>.png`) for a test-set sample of
 the run's data; `--length 2x` draws them at twice the training length, where encodings diverge most. The
@@ -14,27 +13,14 @@ default DIR, `<run>/position_maps/`, is where `cope-pl report` looks for maps to
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from cope_pl.attention import recording
 from cope_pl.ops import causal_mask
-from cope_pl.position.cope import ContextualPositionEncoding
 from cope_pl.runs import load_config, resolve_run, run_label
-
-
-def contextual_positions(gate_logits: Tensor, npos_max: int | None = None) -> Tensor:
-    """(..., T, S) masked gate logits -> p_ij = sum_{t=j..i} sigmoid(gate_it), as CoPE uses them."""
-    positions = torch.sigmoid(gate_logits).flip(-1).cumsum(-1).flip(-1)  # (..., T, S)
-    return positions if npos_max is None else positions.clamp(max=npos_max - 1)
-
-
-def find_cope(position) -> ContextualPositionEncoding | None:
-    if isinstance(position, ContextualPositionEncoding):
-        return position
-    return next((p for p in getattr(position, "parts", []) if isinstance(p, ContextualPositionEncoding)), None)
 
 
 @torch.no_grad()
@@ -44,34 +30,13 @@ def position_maps(model, input_ids: Tensor) -> list[dict[str, Tensor | None]]:
     model: a TransformerLM (or a LanguageModel wrapping one); input_ids: (B, T).
     """
     lm = getattr(model, "model", model)
-    captured: dict[int, tuple[Tensor, Tensor]] = {}
-    hooks = [
-        block.attn.qkv.register_forward_hook(lambda m, inp, out, i=i: captured.__setitem__(i, (inp[0], out)))
-        for i, block in enumerate(lm.blocks)
-    ]
     was_training = lm.training
     try:
         lm.eval()
-        lm(input_ids)
+        with recording() as maps:
+            lm(input_ids)
     finally:
         lm.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    position, cope = lm.position, find_cope(lm.position)
-    maps = []
-    for layer in range(len(lm.blocks)):
-        x, qkv = captured[layer]
-        b, t, c = x.shape
-        h = lm.blocks[layer].attn.n_heads
-        q, k, _ = qkv.view(b, t, 3, h, c // h).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
-        q, k = position.transform_qk(layer, q, k)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, H, T, T)
-        logits = logits.masked_fill(~causal_mask(t, t, q.device), float("-inf"))
-        scores = logits + position.logit_term(layer, x, q, k, logits) if position.adds_logit_term else logits
-        positions = None
-        if cope is not None:
-            positions = contextual_positions(cope.gate_logits(layer, x, q, logits), cope.npos_max)
-        maps.append({"attention": torch.softmax(scores, dim=-1), "positions": positions})
     return maps
 
 

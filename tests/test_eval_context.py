@@ -89,12 +89,16 @@ def test_lengths_are_tokens_or_multiples_of_the_training_length():
 def test_batch_size_shrinks_to_fit_the_logit_memory_budget():
     from cope_pl.eval_context import LOGIT_BYTES_PER_PAIR, fitting_batch_size
 
-    model = LanguageModel(vocab_size=8, n_layers=1, d_model=16, n_heads=2, position="cope")
+    def model_with(position, **options):
+        return LanguageModel(vocab_size=8, n_layers=1, d_model=16, n_heads=2, position=position, position_options=options)
+
+    model = model_with("cope", impl="reference")  # explicit (B, H, T, T) logits
     per_sequence = LOGIT_BYTES_PER_PAIR * 2 * 64 * 64
     assert fitting_batch_size(model, 64, 32, torch.device("cpu"), budget=3.5 * per_sequence) == 3
     assert fitting_batch_size(model, 64, 32, torch.device("cpu"), budget=None) == 32  # no cap on CPU
-    rope = LanguageModel(vocab_size=8, n_layers=1, d_model=16, n_heads=2, position="rope")
-    assert fitting_batch_size(rope, 64, 32, torch.device("cpu"), budget=1.0) == 32  # fused attention: no (T, T)
+    assert fitting_batch_size(model_with("alibi"), 64, 32, torch.device("cpu"), budget=3.5 * per_sequence) == 3
+    for o_of_t in (model_with("rope"), model_with("cope"), model_with("relative_cope")):  # SDPA or the CoPE op
+        assert fitting_batch_size(o_of_t, 64, 32, torch.device("cpu"), budget=1.0) == 32
     with pytest.raises(MemoryError, match="lower --lengths"):
         fitting_batch_size(model, 64, 32, torch.device("cpu"), budget=0.5 * per_sequence)
 

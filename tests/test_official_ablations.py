@@ -16,6 +16,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "position"
 DIMS = ModelDims(n_layers=3, n_heads=2, d_model=16, max_seq_len=32)
 
 
+def cope_term(cope, layer, q, k, logits):
+    """The CoPE term (B, H, T, S) an encoding adds to these logits."""
+    (term,) = cope.attention_terms(layer, q, {"k": k, "v": k})
+    return term.logits(q, k.size(-2), logits)
+
+
 def random_qk(t=7):
     q, k = torch.randn(2, 2, t, 8, dtype=torch.float64), torch.randn(2, 2, t, 8, dtype=torch.float64)
     logits = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~causal_mask(t, t, q.device), float("-inf"))
@@ -28,7 +34,7 @@ def test_divided_cope_term_is_the_listing_term_over_sqrt_d():
     q, k, logits = random_qk()
     # Official code: (q.k + q.e[p]) / sqrt(D), gates from q.k / sqrt(D) as in the listing.
     expected = cope_position_logits(q, logits, cope.pos_emb[1]) / math.sqrt(8)
-    torch.testing.assert_close(cope.logit_term(1, None, q, k, logits), expected)
+    torch.testing.assert_close(cope_term(cope, 1, q, k, logits), expected)
 
 
 def test_a_shared_cope_table_is_one_parameter_for_every_layer():
@@ -36,7 +42,7 @@ def test_a_shared_cope_table_is_one_parameter_for_every_layer():
     assert cope.pos_emb.shape == (1, 8, 5)
     torch.nn.init.normal_(cope.pos_emb)
     q, k, logits = random_qk()
-    terms = [cope.logit_term(layer, None, q, k, logits) for layer in range(DIMS.n_layers)]
+    terms = [cope_term(cope, layer, q, k, logits) for layer in range(DIMS.n_layers)]
     torch.testing.assert_close(terms[0], terms[2])
 
 
@@ -44,7 +50,9 @@ def test_a_shared_cope_table_is_one_parameter_for_every_layer():
 def test_a_shared_relative_table_serves_every_layer(position):
     rel = build_position_encoding(position, DIMS, {"shared_table": True})
     assert rel.tables.shape[0] == 1
-    assert rel.relative_table(0, 16) is not None and torch.equal(rel.relative_table(0, 16), rel.relative_table(2, 16))
+    q = torch.randn(1, 2, 4, 8)
+    (first,), (last,) = (rel.attention_terms(layer, q, {"k": q, "v": q}) for layer in (0, 2))
+    assert torch.equal(first.table, last.table)
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])

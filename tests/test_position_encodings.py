@@ -91,7 +91,8 @@ def relative_term(name, t, options, tables=None):
     if tables is not None:
         enc.tables.data.copy_(tables[..., : enc.tables.shape[-1]])
     q = torch.linspace(-1, 1, 4).expand(1, 2, t, 4)  # the same query at every position
-    return enc, enc.logit_term(0, None, q, q, torch.zeros(1, 2, t, t))
+    (term,) = enc.attention_terms(0, q, {"k": q, "v": q})
+    return enc, term.logits(q, t, torch.zeros(1, 2, t, t))
 
 
 def test_relative_is_invariant_to_shifting_both_positions():

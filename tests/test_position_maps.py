@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cope_pl.position_maps import contextual_positions, map_title, plot_position_maps, position_maps, row_normalised
+from cope_pl.ops import contextual_positions
+from cope_pl.position_maps import map_title, plot_position_maps, position_maps, row_normalised
 from tests.conftest import tiny_model
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -52,7 +53,7 @@ def test_recomputed_attention_reproduces_each_layer(position):
 
 def test_positions_are_sums_of_gates_from_key_to_query():
     gates = torch.randn(3, 5, 5).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
-    positions = contextual_positions(gates)
+    positions = contextual_positions(gates, npos_max=100)
     i, j = 4, 1
     assert positions[0, i, j] == pytest.approx(torch.sigmoid(gates[0, i, j : i + 1]).sum().item(), rel=1e-6)
     assert positions[0, 1, 3] == 0  # a later key has no position

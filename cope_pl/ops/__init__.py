@@ -1,6 +1,6 @@
 """Pure tensor operations, free of modules and configuration."""
 
-from cope_pl.ops.cope import causal_mask, cope_attention, cope_position_logits
+from cope_pl.ops.cope import causal_mask, contextual_positions, cope_attention, cope_position_logits
 from cope_pl.ops.cope_chunked import cope_attention_chunked
 from cope_pl.ops.cope_triton import cope_attention_triton, triton_available
 from cope_pl.ops.dispatch import COPE_IMPLS, check_cope_impl, resolve_cope_impl, run_cope_attention
@@ -8,6 +8,7 @@ from cope_pl.ops.dispatch import COPE_IMPLS, check_cope_impl, resolve_cope_impl,
 __all__ = [
     "COPE_IMPLS",
     "causal_mask",
+    "contextual_positions",
     "check_cope_impl",
     "cope_attention",
     "cope_attention_chunked",

@@ -21,11 +21,7 @@ def cope_position_logits(query: Tensor, attn_logits: Tensor, pos_emb: Tensor) ->
     pos_emb:     (D, P), one embedding per integer position 0..P-1
     returns:     (..., T, S), q_i . e[p_ij] with p_ij interpolated between integer positions
     """
-    npos_max = pos_emb.size(-1)
-    gates = torch.sigmoid(attn_logits)  # (..., T, S); masked keys give exactly 0
-    # p_ij = sum_{t=j..i} g_it: a cumulative sum from the right (keys after i are masked to 0).
-    positions = gates.flip(-1).cumsum(dim=-1).flip(-1)  # (..., T, S)
-    positions = positions.clamp(max=npos_max - 1)
+    positions = contextual_positions(attn_logits, pos_emb.size(-1))  # (..., T, S)
     pos_ceil = positions.ceil().long()  # integer indices carry no gradient
     pos_floor = positions.floor().long()
     logits_int = torch.matmul(query, pos_emb)  # (..., T, P): z_i[p] = q_i . e[p]
@@ -33,6 +29,13 @@ def cope_position_logits(query: Tensor, attn_logits: Tensor, pos_emb: Tensor) ->
     logits_floor = logits_int.gather(-1, pos_floor)  # (..., T, S)
     w = positions - pos_floor  # interpolation weight, differentiable through the gates
     return logits_ceil * w + logits_floor * (1 - w)
+
+
+def contextual_positions(gate_logits: Tensor, npos_max: int) -> Tensor:
+    """(..., T, S) masked gate logits -> p_ij = sum_{t=j..i} sigmoid(gate_it), clamped at npos_max - 1."""
+    gates = torch.sigmoid(gate_logits)  # masked keys give exactly 0
+    # A cumulative sum from the right (keys after i are masked to 0).
+    return gates.flip(-1).cumsum(dim=-1).flip(-1).clamp(max=npos_max - 1)
 
 
 def causal_mask(t: int, s: int, device: torch.device | None = None) -> Tensor:

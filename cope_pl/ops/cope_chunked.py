@@ -10,8 +10,9 @@ Two things make it faster as well as smaller. A query block only reads the keys 
 rest are masked), which skips half of the causal square. And each block works with its keys in reverse
 order, so the paper's "cumulative sum from the right" is a plain cumulative sum with no flips.
 
-Optionally the block also adds q_i . r[clamp(i - j, 0, R - 1)] from a relative table (relative_cope), so the
-combination takes the same path. Attention dropout (on the normalised probabilities, as F.dropout after the
+Optionally the block also adds q_i . r[clamp(i - j, 0, R - 1)] from a relative table (relative_cope) and a
+per-head bias b_h[clamp(i - j, 0, R' - 1)] by distance (ALiBi, bucketed biases), so those combinations take the
+same path. Attention dropout (on the normalised probabilities, as F.dropout after the
 softmax) draws each block's mask from a generator seeded by (dropout seed, block), so backward regenerates the
 same mask instead of saving it.
 """
@@ -38,10 +39,11 @@ def block_rows(b: int, h: int, t: int, s: int, max_elements: int = DEFAULT_BLOCK
     return math.ceil(t / math.ceil(t / most))
 
 
-def block_scores(qb, k_rev, gk_rev, pos_emb, rel_emb, first_row: int):
+def block_scores(qb, k_rev, gk_rev, pos_emb, rel_emb, bias, first_row: int):
     """CoPE attention scores of one query block against its keys in reverse order, and what backward reuses.
 
-    qb: (B, H, n, D) queries at absolute positions first_row.. ; k_rev, gk_rev: (B, H, S, D) keys 0..S-1 reversed.
+    qb: (B, H, n, D) queries at absolute positions first_row.. ; k_rev, gk_rev: (B, H, S, D) keys 0..S-1 reversed;
+    rel_emb: optional (D, R) relative table; bias: optional (H, R') per-head bias by distance.
     """
     n, s = qb.size(-2), k_rev.size(-2)
     npos = pos_emb.size(-1)
@@ -63,29 +65,33 @@ def block_scores(qb, k_rev, gk_rev, pos_emb, rel_emb, first_row: int):
     z = qb @ pos_emb  # (B, H, n, P): q_i . e[p]
     z_floor, z_ceil = z.gather(-1, idx_floor), z.gather(-1, idx_ceil)  # (B, H, n, S)
     scores = logits + z_floor + weight * (z_ceil - z_floor)
-    idx_rel = None
+    distance = rows - cols.unsqueeze(0)  # (n, S): i - j, negative on masked keys
+    idx_rel = idx_bias = None
     if rel_emb is not None:
-        idx_rel = (rows - cols.unsqueeze(0)).clamp(0, rel_emb.size(-1) - 1).expand_as(scores)  # distances i - j
+        idx_rel = distance.clamp(0, rel_emb.size(-1) - 1).expand_as(scores)
         scores = scores + (qb @ rel_emb).gather(-1, idx_rel)
-    saved = (gates, unclamped, weight, idx_floor, idx_ceil, z_ceil - z_floor, idx_rel)
+    if bias is not None:
+        idx_bias = distance.clamp(0, bias.size(-1) - 1)  # (n, S)
+        scores = scores + bias[:, idx_bias]  # (H, n, S), broadcast over the batch
+    saved = (gates, unclamped, weight, idx_floor, idx_ceil, z_ceil - z_floor, idx_rel, idx_bias)
     return scores, saved  # scores (B, H, n, S), -inf on masked keys
 
 
-def block_forward(qb, k_rev, v_rev, gk_rev, pos_emb, rel_emb, first_row: int, drop):
+def block_forward(qb, k_rev, v_rev, gk_rev, pos_emb, rel_emb, bias, first_row: int, drop):
     """One query block: output (B, H, n, D) and per-row log-sum-exp (B, H, n, 1).
 
     drop: None, or (B, H, n, S) dropout factors, 0 or 1 / (1 - p), for the keys in reversed order."""
-    scores, _ = block_scores(qb, k_rev, gk_rev, pos_emb, rel_emb, first_row)
+    scores, _ = block_scores(qb, k_rev, gk_rev, pos_emb, rel_emb, bias, first_row)
     lse = torch.logsumexp(scores, -1, keepdim=True)
     probs = torch.exp(scores - lse)
     return (probs if drop is None else probs * drop) @ v_rev, lse
 
 
-def block_backward(qb, k_rev, v_rev, gk_rev, pos_emb, rel_emb, first_row: int, drop, dout, lse, delta):
+def block_backward(qb, k_rev, v_rev, gk_rev, pos_emb, rel_emb, bias, first_row: int, drop, dout, lse, delta):
     """Gradients of one query block, recomputed from its inputs; key gradients come back in reversed order."""
     scale = 1.0 / math.sqrt(qb.size(-1))
-    scores, (gates, unclamped, weight, idx_floor, idx_ceil, z_step, idx_rel) = block_scores(
-        qb, k_rev, gk_rev, pos_emb, rel_emb, first_row
+    scores, (gates, unclamped, weight, idx_floor, idx_ceil, z_step, idx_rel, idx_bias) = block_scores(
+        qb, k_rev, gk_rev, pos_emb, rel_emb, bias, first_row
     )
     probs = torch.exp(scores - lse)  # (B, H, n, S)
     dprobs = dout @ v_rev.transpose(-1, -2)  # (B, H, n, S): gradient of the (dropped) probabilities
@@ -106,7 +112,7 @@ def block_backward(qb, k_rev, v_rev, gk_rev, pos_emb, rel_emb, first_row: int, d
     dk_rev = (dlogits.transpose(-1, -2) @ qb) * scale  # (B, H, S, D)
     q_flat = qb.reshape(-1, qb.size(-1)).transpose(0, 1)  # (D, B*H*n)
     dpos_emb = q_flat @ dz.reshape(-1, dz.size(-1))  # (D, P)
-    dgk_rev = drel = None
+    dgk_rev = drel = dbias = None
     if gk_rev is not None:
         dqb = dqb + (dgate_logits @ gk_rev) * scale
         dgk_rev = (dgate_logits.transpose(-1, -2) @ qb) * scale
@@ -115,7 +121,10 @@ def block_backward(qb, k_rev, v_rev, gk_rev, pos_emb, rel_emb, first_row: int, d
         dzr.scatter_add_(-1, idx_rel, dscores)
         dqb = dqb + dzr @ rel_emb.transpose(0, 1)
         drel = q_flat @ dzr.reshape(-1, dzr.size(-1))
-    return dqb, dk_rev, dv_rev, dgk_rev, dpos_emb, drel
+    if bias is not None:
+        per_head = dscores.sum(0).flatten(1)  # (H, n*S)
+        dbias = torch.zeros_like(bias).scatter_add_(-1, idx_bias.flatten().expand_as(per_head), per_head)
+    return dqb, dk_rev, dv_rev, dgk_rev, dpos_emb, drel, dbias
 
 
 def _reversed_keys(x: Tensor | None, end: int) -> Tensor | None:
@@ -133,7 +142,7 @@ def _dropout_factors(q: Tensor, n: int, end: int, block_start: int, p: float, se
 
 class ChunkedCoPEAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pos_emb, gate_k, rel_emb, block, fns, dropout_p, seed):  # noqa: D102
+    def forward(ctx, q, k, v, pos_emb, gate_k, rel_emb, bias, block, fns, dropout_p, seed):  # noqa: D102
         t, s = q.size(-2), k.size(-2)
         fwd, _ = fns
         out = torch.empty_like(q)  # (B, H, T, D)
@@ -145,34 +154,35 @@ class ChunkedCoPEAttention(torch.autograd.Function):
             rev = [_reversed_keys(x, end) for x in (k, v, gate_k)]
             drop = _dropout_factors(q, n, end, i0, dropout_p, seed)
             out[..., i0 : i0 + n, :], lse[..., i0 : i0 + n, :] = fwd(
-                q[..., i0 : i0 + n, :], rev[0], rev[1], rev[2], pos_emb, rel_emb, first_row, drop
+                q[..., i0 : i0 + n, :], rev[0], rev[1], rev[2], pos_emb, rel_emb, bias, first_row, drop
             )
-        ctx.save_for_backward(q, k, v, pos_emb, gate_k, rel_emb, out, lse)
+        ctx.save_for_backward(q, k, v, pos_emb, gate_k, rel_emb, bias, out, lse)
         ctx.block, ctx.fns, ctx.dropout = block, fns, (dropout_p, seed)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        q, k, v, pos_emb, gate_k, rel_emb, out, lse = ctx.saved_tensors
+        q, k, v, pos_emb, gate_k, rel_emb, bias, out, lse = ctx.saved_tensors
         t, s = q.size(-2), k.size(-2)
         _, bwd = ctx.fns
         grad_out = grad_out.contiguous()
         delta = (grad_out * out).sum(-1, keepdim=True)  # (B, H, T, 1)
-        grads = [torch.zeros_like(x) if x is not None else None for x in (q, k, v, gate_k, pos_emb, rel_emb)]
-        dq, dk, dv, dgk, dpos_emb, drel = grads
+        grads = [torch.zeros_like(x) if x is not None else None for x in (q, k, v, gate_k, pos_emb, rel_emb, bias)]
+        dq, dk, dv, dgk, dpos_emb, drel, dbias = grads
         for i0 in range(0, t, ctx.block):
             n = min(ctx.block, t - i0)
             first_row = s - t + i0
             end = first_row + n
             rows = slice(i0, i0 + n)
             rev = [_reversed_keys(x, end) for x in (k, v, gate_k)]
-            dqb, dk_rev, dv_rev, dgk_rev, dpe, dr = bwd(
+            dqb, dk_rev, dv_rev, dgk_rev, dpe, dr, db = bwd(
                 q[..., rows, :],
                 rev[0],
                 rev[1],
                 rev[2],
                 pos_emb,
                 rel_emb,
+                bias,
                 first_row,
                 _dropout_factors(q, n, end, i0, *ctx.dropout),
                 grad_out[..., rows, :],
@@ -187,7 +197,9 @@ class ChunkedCoPEAttention(torch.autograd.Function):
                 dgk[..., :end, :] += dgk_rev.flip(-2)
             if drel is not None:
                 drel += dr
-        return dq, dk, dv, dpos_emb, dgk, drel, None, None, None, None
+            if dbias is not None:
+                dbias += db
+        return dq, dk, dv, dpos_emb, dgk, drel, dbias, None, None, None, None
 
 
 _COMPILED: dict[str, tuple] = {}
@@ -212,6 +224,7 @@ def cope_attention_chunked(
     pos_emb: Tensor,
     gate_k: Tensor | None = None,
     rel_emb: Tensor | None = None,
+    bias: Tensor | None = None,
     block_size: int | None = None,
     compiled: bool = False,
     dropout_p: float = 0.0,
@@ -220,7 +233,7 @@ def cope_attention_chunked(
     """Same function as `cope_attention` (plus an optional relative table), computed in query blocks.
 
     q: (B, H, T, D); k, v, gate_k: (B, H, S, D) with S >= T; pos_emb: (D, P); rel_emb: optional (D, R), adds
-    q_i . r[clamp(i - j, 0, R - 1)]; block_size: queries per block (default: sized by `block_rows`);
+    q_i . r[clamp(i - j, 0, R - 1)]; bias: optional (H, R'), adds b_h[clamp(i - j, 0, R' - 1)]; block_size: queries per block (default: sized by `block_rows`);
     dropout_p: attention dropout, with masks drawn from dropout_seed (default: a seed from torch's global RNG).
     Half-precision inputs are computed in float32 and the output is cast back.
     """
@@ -235,7 +248,7 @@ def cope_attention_chunked(
     if dropout_p > 0 and dropout_seed is None:
         dropout_seed = draw_dropout_seed()
     dtype = torch.promote_types(q.dtype, torch.float32)
-    args = [x if x is None else x.to(dtype) for x in (q, k, v, pos_emb, gate_k, rel_emb)]
+    args = [x if x is None else x.to(dtype) for x in (q, k, v, pos_emb, gate_k, rel_emb, bias)]
     with torch.autocast(q.device.type, enabled=False):
         out = ChunkedCoPEAttention.apply(*args, block, block_functions(compiled), dropout_p, dropout_seed or 0)
     return out.to(q.dtype)

@@ -27,10 +27,11 @@ def check_cope_impl(impl: str) -> str:
 
 
 def resolve_cope_impl(impl: str, device: torch.device, relative: bool = False) -> str:
-    """The implementation that actually runs for `impl` on `device` (the fused kernel has no relative table)."""
+    """The implementation that actually runs for `impl` on `device`; relative: the call also adds a relative
+    table or a distance bias, which the fused kernel does not take."""
     if impl == "auto":
-        # chunked: exact, memory O(T) not O(T^2), and on CPU 3.7x faster than the reference at T=1024 (README,
-        # Performance; `make bench`). The fused kernel becomes the CUDA default once measured faster there.
+        # chunked: exact, O(T) memory, and faster than the reference on CPU (docs/benchmarks.md, `make bench`).
+        # The fused kernel becomes the CUDA default once a GPU check measures it faster there.
         impl = "chunked"
     if impl == "triton" and (relative or device.type != "cuda"):
         impl = "chunked"
@@ -45,6 +46,7 @@ def run_cope_attention(
     pos_emb: Tensor,
     gate_k: Tensor | None = None,
     rel_emb: Tensor | None = None,
+    bias: Tensor | None = None,
     compiled: bool = False,
     dropout_p: float = 0.0,
 ) -> Tensor:
@@ -53,8 +55,8 @@ def run_cope_attention(
         return cope_attention_triton(q, k, v, pos_emb, gate_k=gate_k, dropout_p=dropout_p)
     if impl == "chunked":
         return cope_attention_chunked(
-            q, k, v, pos_emb, gate_k=gate_k, rel_emb=rel_emb, compiled=compiled, dropout_p=dropout_p
+            q, k, v, pos_emb, gate_k=gate_k, rel_emb=rel_emb, bias=bias, compiled=compiled, dropout_p=dropout_p
         )
-    if rel_emb is not None or dropout_p > 0:
-        raise ValueError("the reference CoPE op has no relative table or dropout; use explicit logits for those")
+    if rel_emb is not None or bias is not None or dropout_p > 0:
+        raise ValueError("the reference CoPE op has no relative table, bias or dropout; use explicit logits for those")
     return cope_attention(q, k, v, pos_emb, gate_k=gate_k)

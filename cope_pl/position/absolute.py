@@ -41,9 +41,9 @@ class AbsolutePositionEncoding(PositionEncoding):
                 "that extrapolates"
             )
 
-    def encode_input(self, x: Tensor) -> Tensor:
-        t = x.size(1)
-        self.check_length(t)
+    def encode_input(self, x: Tensor, start: int = 0) -> Tensor:
+        end = start + x.size(1)
+        self.check_length(end)
         if self.table == "learned":
-            return x + self.embedding[:t].to(x.dtype)
-        return x + sinusoids(t, x.size(-1), x.device).to(x.dtype)
+            return x + self.embedding[start:end].to(x.dtype)
+        return x + sinusoids(end, x.size(-1), x.device)[start:].to(x.dtype)

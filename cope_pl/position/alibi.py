@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from cope_pl.position.base import ModelDims, PositionEncoding, distance_matrix
+from cope_pl.attention import DistanceBias, Term
+from cope_pl.position.base import ModelDims, PositionEncoding
 from cope_pl.position.registry import register
 
 
@@ -27,12 +28,11 @@ def alibi_slopes(n_heads: int) -> Tensor:
 @register("alibi")
 class ALiBi(PositionEncoding):
     name = "alibi"
-    adds_logit_term = True
 
     def __init__(self, dims: ModelDims):
         super().__init__(dims)
         self.register_buffer("slopes", alibi_slopes(dims.n_heads), persistent=False)  # (H,)
 
-    def logit_term(self, layer: int, x: Tensor, q: Tensor, k: Tensor, logits: Tensor) -> Tensor:
-        dist = distance_matrix(q.size(-2), k.size(-2), q.device).to(q.dtype)  # (T, S)
-        return -self.slopes.to(q.dtype).view(-1, 1, 1) * dist  # (H, T, S), broadcasts over B
+    def attention_terms(self, layer: int, q: Tensor, keys: dict[str, Tensor]) -> list[Term]:
+        distances = torch.arange(keys["k"].size(-2), device=q.device, dtype=q.dtype)  # 0 .. S - 1
+        return [DistanceBias(-self.slopes.to(q.dtype).unsqueeze(1) * distances)]  # (H, S)

@@ -1,15 +1,15 @@
-"""Several position encodings at once (paper Table 5): hooks run in order, logit terms add up.
+"""Several position encodings at once (paper Table 5): hooks run in order, attention terms add up.
 
-Transforms of q and k (RoPE) apply before any logit term is computed, so CoPE's gates in rope_cope see
-the rotated queries and keys, as the layer's attention logits do. When CoPE runs a fused op (impl chunked
-or auto), the combination goes through it too: RoPE rotates q and k first, and a relative part hands its
-table to the op, which adds q_i . r[i - j] block by block.
+Transforms of q and k (RoPE) apply before any term is computed, so CoPE's gates in rope_cope see the rotated
+queries and keys, as the layer's attention logits do. The parts' terms go to `cope_pl.attention` together, so
+a combination takes the same fast paths as its parts (CoPE with a relative table: one pass of the chunked op).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cope_pl.attention import Term
 from cope_pl.position.base import ModelDims, PositionEncoding
 from cope_pl.position.cope import ContextualPositionEncoding
 from cope_pl.position.registry import register
@@ -22,36 +22,29 @@ class ComposedPositionEncoding(PositionEncoding):
         super().__init__(parts[0].dims)
         self.name = name
         self.parts = nn.ModuleList(parts)
-        self.adds_logit_term = any(p.adds_logit_term for p in parts)
 
     def check_length(self, seq_len: int) -> None:
         for part in self.parts:
             part.check_length(seq_len)
 
-    def encode_input(self, x: Tensor) -> Tensor:
+    def encode_input(self, x: Tensor, start: int = 0) -> Tensor:
         for part in self.parts:
-            x = part.encode_input(x)
+            x = part.encode_input(x, start)
         return x
 
-    def transform_qk(self, layer: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    def transform_qk(self, layer: int, q: Tensor, k: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
         for part in self.parts:
-            q, k = part.transform_qk(layer, q, k)
+            q, k = part.transform_qk(layer, q, k, start)
         return q, k
 
-    def attend(self, layer: int, x: Tensor, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
-        cope = [p for p in self.parts if isinstance(p, ContextualPositionEncoding)]
-        others = [p for p in self.parts if p.adds_logit_term and p not in cope]
-        relative = [p for p in others if isinstance(p, RelativePositionEncoding)]
-        fused = len(cope) == 1 and len(others) == len(relative) <= 1
-        if not (fused and cope[0].runs_fused(q.device, relative=bool(relative))):
-            return super().attend(layer, x, q, k, v, dropout_p)  # explicit logits, every term added
-        q, k = self.transform_qk(layer, q, k)
-        rel_emb = relative[0].relative_table(layer, k.size(-2)).to(q.dtype) if relative else None
-        return cope[0].fused_attend(layer, x, q, k, v, dropout_p, rel_emb=rel_emb)
+    def key_features(self, layer: int, x: Tensor) -> dict[str, Tensor]:
+        features: dict[str, Tensor] = {}
+        for part in self.parts:
+            features.update(part.key_features(layer, x))
+        return features
 
-    def logit_term(self, layer: int, x: Tensor, q: Tensor, k: Tensor, logits: Tensor) -> Tensor:
-        terms = [p.logit_term(layer, x, q, k, logits) for p in self.parts if p.adds_logit_term]
-        return sum(terms[1:], terms[0])
+    def attention_terms(self, layer: int, q: Tensor, keys: dict[str, Tensor]) -> list[Term]:
+        return [term for part in self.parts for term in part.attention_terms(layer, q, keys)]
 
 
 @register("rope_cope")

@@ -9,9 +9,9 @@ Two ablations of the official code (facebookresearch/RAM, projects/cope): `divid
 CoPE term by sqrt(D) together with the content logits (that code's default; the paper's listing adds it
 unscaled, this project's default), and `shared_table` uses one position table for every layer.
 
-`impl` chooses the op (cope_pl/ops/dispatch.py): `reference` adds `logit_term` to the logits in the
-explicit-softmax path of `PositionEncoding.attend`; `chunked` (and `auto`) and `triton` call the memory-efficient
-exact op, or the fused kernel, directly, attention dropout included.
+`impl` chooses the op (cope_pl/ops/dispatch.py): `reference` adds the term to explicit (B, H, T, S) logits;
+`chunked` (and `auto`) and `triton` run the memory-efficient exact op, or the fused kernel, attention dropout
+included. `cope_pl.attention` makes that choice; this module only contributes the term.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from cope_pl.ops import causal_mask, check_cope_impl, cope_position_logits, resolve_cope_impl, run_cope_attention
+from cope_pl.attention import ContextualLogits, Term
+from cope_pl.ops import check_cope_impl
 from cope_pl.position.base import ModelDims, PositionEncoding
 from cope_pl.position.registry import register
 
@@ -29,7 +30,6 @@ from cope_pl.position.registry import register
 @register("cope")
 class ContextualPositionEncoding(PositionEncoding):
     name = "cope"
-    adds_logit_term = True
 
     def __init__(
         self,
@@ -63,43 +63,16 @@ class ContextualPositionEncoding(PositionEncoding):
         shared = self.pos_emb.size(0) == 1
         return (self.pos_emb[0 if shared else layer] * self.term_scale).to(dtype)
 
-    def gate_keys(self, layer: int, x: Tensor) -> Tensor | None:
-        """Sep-keys: (B, H, S, D) keys for the gates from the layer input; None when gates use the attention keys."""
+    def key_features(self, layer: int, x: Tensor) -> dict[str, Tensor]:
+        """Sep-keys: (B, H, T, D) keys for the gates from the layer input; none when gates use the attention keys."""
         if self.gate_proj is None:
-            return None
+            return {}
         b, t, _ = x.shape
-        return self.gate_proj[layer](x).view(b, t, self.dims.n_heads, -1).transpose(1, 2)
+        return {"cope_gate_k": self.gate_proj[layer](x).view(b, t, self.dims.n_heads, -1).transpose(1, 2)}
 
-    def gate_logits(self, layer: int, x: Tensor, q: Tensor, logits: Tensor) -> Tensor:
-        gate_k = self.gate_keys(layer, x)
-        if gate_k is None:
-            return logits  # the layer's own scaled, masked attention logits
-        gate = q @ gate_k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, H, T, S)
-        return gate.masked_fill(~causal_mask(q.size(-2), gate_k.size(-2), q.device), float("-inf"))
-
-    def logit_term(self, layer: int, x: Tensor, q: Tensor, k: Tensor, logits: Tensor) -> Tensor:
-        gates = self.gate_logits(layer, x, q, logits)
-        return cope_position_logits(q, gates, self.table(layer, q.dtype))
-
-    def runs_fused(self, device: torch.device, relative: bool = False) -> bool:
-        """True when attention calls the CoPE op directly instead of adding `logit_term` to explicit logits."""
-        return resolve_cope_impl(self.impl, device, relative) != "reference"
-
-    def fused_attend(
-        self, layer: int, x: Tensor, q: Tensor, k: Tensor, v: Tensor, dropout_p: float, rel_emb: Tensor | None = None
-    ) -> Tensor:
-        """Causal CoPE attention on already transformed q, k (B, H, T, D); rel_emb (D, R) adds q_i . r[i - j]."""
-        impl = resolve_cope_impl(self.impl, q.device, relative=rel_emb is not None)
-        gate_k = self.gate_keys(layer, x)
-        pos_emb = self.table(layer, q.dtype)
-        return run_cope_attention(
-            impl, q, k, v, pos_emb, gate_k, rel_emb, compiled=self.compile_blocks, dropout_p=dropout_p
-        )
-
-    def attend(self, layer: int, x: Tensor, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
-        if not self.runs_fused(q.device):
-            return super().attend(layer, x, q, k, v, dropout_p)
-        return self.fused_attend(layer, x, q, k, v, dropout_p)
+    def attention_terms(self, layer: int, q: Tensor, keys: dict[str, Tensor]) -> list[Term]:
+        table = self.table(layer, q.dtype)
+        return [ContextualLogits(table, keys.get("cope_gate_k"), impl=self.impl, compiled=self.compile_blocks)]
 
 
 @register("cope_sepkeys")

@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cope_pl.position.base import ModelDims, PositionEncoding, distance_matrix, gather_positions
+from cope_pl.attention import RelativeLogits, Term
+from cope_pl.position.base import ModelDims, PositionEncoding
 from cope_pl.position.registry import register
 
 
 @register("relative")
 class RelativePositionEncoding(PositionEncoding):
     name = "relative"
-    adds_logit_term = True
 
     def __init__(self, dims: ModelDims, *, max_distance: int | None = None, shared_table: bool = False):
         super().__init__(dims)
@@ -39,18 +39,9 @@ class RelativePositionEncoding(PositionEncoding):
                 "raise max_distance or use relative_capped"
             )
 
-    def distance_index(self, t: int, s: int, device: torch.device) -> Tensor:
-        self.check_length(s)
-        return distance_matrix(t, s, device).clamp(min=0)  # masked keys (j > i) read distance 0
-
-    def relative_table(self, layer: int, s: int) -> Tensor:
-        """(D, R) table whose logit term is q_i . r[clamp(i - j, 0, R - 1)]: what a fused attention op adds."""
-        self.check_length(s)
-        return self.table(layer)
-
-    def logit_term(self, layer: int, x: Tensor, q: Tensor, k: Tensor, logits: Tensor) -> Tensor:
-        z = q @ self.table(layer).to(q.dtype)  # (B, H, T, P): q_i . r[p] for every distance p
-        return gather_positions(z, self.distance_index(q.size(-2), k.size(-2), q.device))
+    def attention_terms(self, layer: int, q: Tensor, keys: dict[str, Tensor]) -> list[Term]:
+        self.check_length(keys["k"].size(-2))
+        return [RelativeLogits(self.table(layer))]  # capped: distances past the table read its last embedding
 
 
 @register("relative_capped")
@@ -62,6 +53,3 @@ class CappedRelativePositionEncoding(RelativePositionEncoding):
 
     def check_length(self, seq_len: int) -> None:
         pass  # distances beyond the table reuse its last embedding
-
-    def distance_index(self, t: int, s: int, device: torch.device) -> Tensor:
-        return distance_matrix(t, s, device).clamp(min=0, max=self.num_embeddings - 1)

@@ -29,7 +29,6 @@ class RotaryPositionEncoding(PositionEncoding):
         inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)  # (D/2,)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def transform_qk(self, layer: int, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        t, s = q.size(-2), k.size(-2)
-        key_pos = torch.arange(s, device=k.device)
-        return rotate(q, key_pos[s - t :], self.inv_freq), rotate(k, key_pos, self.inv_freq)
+    def transform_qk(self, layer: int, q: Tensor, k: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+        positions = torch.arange(start, start + q.size(-2), device=q.device)
+        return rotate(q, positions, self.inv_freq), rotate(k, positions, self.inv_freq)
