@@ -209,3 +209,10 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length
+
+    def truncate(self, length: int) -> None:
+        """Forget every token after the first `length` (the buffers stay allocated)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        for layer in self.layers:
+            layer.length = length

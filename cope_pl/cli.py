@@ -36,6 +36,7 @@ TOOLS = {
     "sweep": "cope_pl.sweep",
     "report": "cope_pl.report",
     "position-maps": "cope_pl.position_maps",
+    "generate": "cope_pl.generate",
     "launch": "cope_pl.launch",
 }
 # What `cope-pl --help` lists, one line each.
@@ -47,6 +48,7 @@ COMMANDS = {
     "sweep": "run an ablation grid: cope-pl sweep configs/sweeps/FILE.yaml [--slurm]",
     "report": "tables and figures from finished runs: cope-pl report RUNS_DIR --out reports/",
     "position-maps": "draw CoPE gates, positions and attention of a run: cope-pl position-maps RUN_DIR",
+    "generate": "continue a prompt with a trained run: cope-pl generate RUN_DIR --prompt TEXT [--max-new-tokens N]",
     "launch": "write (and submit) a SLURM job or print a torchrun command for multi-node training",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")

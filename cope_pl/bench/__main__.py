@@ -1,7 +1,8 @@
-"""`python -m cope_pl.bench`: time and memory of CoPE attention implementations and of full training steps.
+"""`python -m cope_pl.bench`: time and memory of CoPE attention implementations, full training steps and decoding.
 
-Writes reports/bench/attention.{csv,md} and reports/bench/train_step.{csv,md}. Ratios (to SDPA for the op, to
-RoPE for the training step) are computed within this run, from timings interleaved in one process.
+Writes reports/bench/attention.{csv,md}, reports/bench/train_step.{csv,md} and reports/bench/decode.{csv,md}.
+Ratios (to SDPA for the op, to RoPE for the training step and decoding) are computed within this run, from
+timings interleaved in one process.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--train-precision", choices=TRAIN_PRECISIONS, default="32", help="bf16-mixed: autocast, as gpu_ddp.yaml trains"
     )
+    p.add_argument("--decode-lengths", type=int, nargs="*", default=[256, 1024, 4096], help="cached tokens S")
+    p.add_argument("--decode-batch", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -139,6 +142,28 @@ def train_table(args: argparse.Namespace, device: torch.device) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def decode_table(args: argparse.Namespace, device: torch.device) -> pd.DataFrame:
+    rows = []
+    for s in args.decode_lengths:
+        base = dict(kind="decode", S=s, B=args.decode_batch, layers=args.train_layers, d_model=args.train_d_model,
+                    heads=args.heads)
+        cases = {(p, c): dict(base, position=p, cache=c) for c in (True, False) for p in ("rope", "cope")}
+        times = time_steps({n: make_case(c, device) for n, c in cases.items()}, device, args.warmup, args.repeats)
+        for (position, cache), seconds in times.items():
+            rows.append(
+                dict(
+                    S=s,
+                    position=position,
+                    cache="yes" if cache else "no",
+                    ms_per_token=1000 * seconds,
+                    tokens_per_s=args.decode_batch / seconds,
+                    time_vs_rope=seconds / times[("rope", cache)],
+                )
+            )
+            print(f"decode S={s} {position} cache={cache}: {1000 * seconds:.2f} ms/token", flush=True)
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,7 +178,13 @@ def main(argv: list[str] | None = None) -> None:
             "and AdamW step"
         )
         write(train_table(args, device), args.out / "train_step", "Training step", f"{note}\n\n{model}.")
-    print(f"wrote {args.out}/attention.md" + (f" and {args.out}/train_step.md" if args.train_lengths else ""))
+    if args.decode_lengths:
+        model = (
+            f"{args.train_layers} layers, d_model {args.train_d_model}, {args.heads} heads, batch {args.decode_batch}; "
+            "one new token after S tokens, with the KV cache or by a full forward of all S + 1 tokens"
+        )
+        write(decode_table(args, device), args.out / "decode", "Decoding", f"{note}\n\n{model}.")
+    print(f"wrote the tables in {args.out}/")
 
 
 if __name__ == "__main__":

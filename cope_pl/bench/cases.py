@@ -6,6 +6,9 @@ A case is a plain dict (so it can be handed to a child process as JSON):
   train:     {"kind": "train", "position": rope|cope, "impl": ..., "T", "B", "layers", "d_model", "heads",
               "dropout" (optional, default 0), "precision" (optional: "32" (default) or "bf16-mixed", autocast
               as Lightning's bf16-mixed does)}
+  decode:    {"kind": "decode", "position": rope|cope, "S", "cache": bool, "B", "layers", "d_model", "heads"}:
+             one new token after S tokens, with the KV cache of those S (truncated back after each call) or
+             by a full forward of all S + 1 tokens without one
 """
 
 from __future__ import annotations
@@ -81,5 +84,35 @@ def train_case(case: dict[str, Any], device: torch.device) -> Callable[[], None]
     return step
 
 
+def decode_case(case: dict[str, Any], device: torch.device) -> Callable[[], None]:
+    from cope_pl.model import TransformerLM
+
+    s = case["S"]
+    model = TransformerLM(
+        vocab_size=256,
+        n_layers=case["layers"],
+        d_model=case["d_model"],
+        n_heads=case["heads"],
+        max_seq_len=s + 1,
+        position=case["position"],
+    ).to(device).eval()
+    ids = torch.randint(0, 256, (case["B"], s + 1), device=device)
+    if not case["cache"]:
+        return torch.no_grad()(lambda: model(ids))
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids[:, :s], cache=cache)  # the prefill is not timed
+
+    @torch.no_grad()
+    def step() -> None:
+        model(ids[:, s:], cache=cache)
+        cache.truncate(s)
+
+    return step
+
+
+CASES = {"attention": attention_case, "train": train_case, "decode": decode_case}
+
+
 def make_case(case: dict[str, Any], device: torch.device) -> Callable[[], None]:
-    return attention_case(case, device) if case["kind"] == "attention" else train_case(case, device)
+    return CASES[case["kind"]](case, device)

@@ -43,6 +43,12 @@ class LMDataModule(L.LightningDataModule):
     def vocab_size(self) -> int:
         raise NotImplementedError
 
+    def text_codec(self):
+        """How prompts become token ids and ids become text (`cope_pl.data.codec`); by default, plain ids."""
+        from cope_pl.data.codec import TokenIdCodec
+
+        return TokenIdCodec(self.vocab_size)
+
     @property
     def eval_names(self) -> list[str]:
         return list(self.eval_sets)

@@ -164,6 +164,11 @@ class CountingDataModule(LMDataModule):
     def vocab_size(self) -> int:
         return len(OFFICIAL_VOCAB if self.official else VOCAB)
 
+    def text_codec(self):
+        from cope_pl.data.codec import VocabularyCodec
+
+        return VocabularyCodec(OFFICIAL_VOCAB if self.official else VOCAB, separator=" ")
+
     def setup(self, stage: str | None = None) -> None:
         # Seeds per split: 0 train, 1-2 valid, 3-4 test (the paper's separate valid and test sets).
         base = 8 * self.seed

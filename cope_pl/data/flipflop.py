@@ -152,6 +152,11 @@ class FlipFlopDataModule(LMDataModule):
     def vocab_size(self) -> int:
         return len(ALPHABET) + 1  # + BOS
 
+    def text_codec(self):
+        from cope_pl.data.codec import VocabularyCodec
+
+        return VocabularyCodec(ALPHABET, separator="", prefix=[BOS])  # sequences start with BOS, as in training
+
     def setup(self, stage: str | None = None) -> None:
         if self.source is not None:
             self.train_set = FlipFlopTexts(load_texts(self.source, "train", self.train_size))

@@ -97,6 +97,11 @@ class TokenArrayDataModule(LMDataModule):
             return load_tokenizer(self.tokenizer_file).get_vocab_size()
         return self.bpe_vocab_size
 
+    def text_codec(self):
+        from cope_pl.data.codec import TokenizerCodec
+
+        return TokenizerCodec(self.directory / "tokenizer.json")  # prepare_data copies a given tokenizer_file here
+
     @property
     def directory(self) -> Path:
         """Where this corpus's tokenizer.json and token arrays are (independent of seq_len)."""
