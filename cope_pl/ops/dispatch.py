@@ -29,8 +29,8 @@ def check_cope_impl(impl: str) -> str:
 def resolve_cope_impl(impl: str, device: torch.device, relative: bool = False) -> str:
     """The implementation that actually runs for `impl` on `device` (the fused kernel has no relative table)."""
     if impl == "auto":
-        # chunked: exact, memory O(T) not O(T^2), and on CPU 3.7x faster than the reference at T=1024 (README,
-        # Performance; `make bench`). The fused kernel becomes the CUDA default once measured faster there.
+        # chunked: exact, memory O(T) not O(T^2), and on CPU 3.7x faster than the reference at T=1024
+        # (docs/benchmarks.md; `make bench`). The fused kernel becomes the CUDA default once measured faster there.
         impl = "chunked"
     if impl == "triton" and (relative or device.type != "cuda"):
         impl = "chunked"
