@@ -4,7 +4,8 @@
   placeholder such as `<name>` or `$task` are skipped) is a file under the repository root;
 - every `make TARGET` inside code (a code span or a fenced block) is a rule of the Makefile;
 - every relative markdown link points to an existing file, relative to the page, and its `#anchor`, if any, to a
-  heading of the linked page (GitHub's heading ids).
+  heading of the linked page (GitHub's heading ids);
+- docs/configs.md names every config under configs/.
 """
 
 from __future__ import annotations
@@ -145,3 +146,9 @@ def test_github_anchors():
     assert github_anchor("Fused-kernel registers and spills: `make bench-kernels`") == (
         "fused-kernel-registers-and-spills-make-bench-kernels"
     )
+
+
+def test_docs_configs_lists_every_config():
+    listed = (ROOT / "docs" / "configs.md").read_text()
+    configs = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
+    assert configs and [c for c in configs if f"`{c}`" not in listed] == []
