@@ -62,7 +62,7 @@ def test_chunked_equals_reference_in_float64(sep_keys, t, s, block, npos):
 @pytest.mark.parametrize("sep_keys", [False, True])
 def test_chunked_equals_reference_in_float32(sep_keys):
     # Outputs within 1e-5; gradients within 1e-5 of their largest element (the reference's own float32
-    # gradients differ from float64 by more than that in absolute terms; see README, Performance).
+    # gradients differ from float64 by more than that in absolute terms; see docs/cope-ops.md).
     inputs = make_inputs(2, 2, 150, 200, 16, 16, torch.float32, sep_keys)[:5]
     weights = torch.randn(2, 2, 150, 16)
     ref = output_and_grads(cope_attention, inputs, weights)

@@ -1,7 +1,7 @@
 """Which CoPE attention implementation runs: the one place where implementations are named and chosen.
 
 `reference` is the paper's listing (cope.py), `chunked` the memory-efficient exact op (cope_chunked.py),
-`triton` a fused GPU kernel (cope_triton.py, when present). `auto` picks the fastest exact one for the device.
+`triton` a fused GPU kernel (cope_triton.py, when present). `auto` is `chunked` on every device until a GPU check measures the fused kernel faster on CUDA.
 """
 
 from __future__ import annotations
