@@ -1,7 +1,8 @@
 """Which CoPE attention implementation runs: the one place where implementations are named and chosen.
 
 `reference` is the paper's listing (cope.py), `chunked` the memory-efficient exact op (cope_chunked.py),
-`triton` a fused GPU kernel (cope_triton.py, when present). `auto` is `chunked` on every device until a GPU check measures the fused kernel faster on CUDA.
+`triton` a fused GPU kernel (cope_triton.py, when present). `auto` is `chunked` on every device until a GPU
+check measures the fused kernel faster on CUDA. `cope_pl.attention` decides when the CoPE op runs at all.
 """
 
 from __future__ import annotations
