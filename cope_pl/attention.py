@@ -81,10 +81,6 @@ class ContextualLogits:
         gates = q @ self.gate_keys.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, H, T, S)
         return gates.masked_fill(~causal_mask(q.size(-2), gates.size(-1), q.device), float("-inf"))
 
-    def positions(self, q: Tensor, content: Tensor) -> Tensor:
-        """(B, H, T, S) contextual positions p_ij, clamped at P - 1 as the term uses them."""
-        return contextual_positions(self.gate_logits(q, content), self.table.size(-1))
-
     def logits(self, q: Tensor, s: int, content: Tensor) -> Tensor:
         return cope_position_logits(q, self.gate_logits(q, content), self.table.to(q.dtype))
 
@@ -135,9 +131,23 @@ def explicit_scores(q: Tensor, k: Tensor, terms: list[Term]) -> tuple[Tensor, Te
 _RECORDS: list[list[dict[str, Tensor | None]]] = []
 
 
+def record(q: Tensor, content: Tensor, probs: Tensor, terms: list[Term]) -> dict[str, Tensor | int | None]:
+    """What one attention call shows: its probabilities and, with a CoPE term, the gates and positions."""
+    cope = next((term for term in terms if isinstance(term, ContextualLogits)), None)
+    entry = {"attention": probs.detach(), "positions": None, "gates": None, "npos_max": None}
+    if cope is not None:
+        gate_logits = cope.gate_logits(q, content).detach()
+        entry.update(
+            gates=torch.sigmoid(gate_logits),  # (B, H, T, S), 0 on masked keys
+            positions=contextual_positions(gate_logits, cope.table.size(-1)),
+            npos_max=cope.table.size(-1),
+        )
+    return entry
+
+
 @contextlib.contextmanager
 def recording() -> Iterator[list[dict[str, Tensor | None]]]:
-    """Within the block, attention runs explicitly and appends {"attention", "positions"} per call (per layer)."""
+    """Within the block, attention runs explicitly and appends a `record` per call: one per layer and forward."""
     records: list[dict[str, Tensor | None]] = []
     _RECORDS.append(records)
     try:
@@ -170,9 +180,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, terms: list[Term], dropout
     scores, content = explicit_scores(q, k, terms)
     probs = torch.softmax(scores, dim=-1)
     if _RECORDS:
-        cope = next((term for term in terms if isinstance(term, ContextualLogits)), None)
-        positions = None if cope is None else cope.positions(q, content)
-        _RECORDS[-1].append({"attention": probs.detach(), "positions": None if positions is None else positions.detach()})
+        _RECORDS[-1].append(record(q, content, probs, terms))
     probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
     return probs @ v  # (B, H, T, D)
 

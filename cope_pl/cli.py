@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from cope_pl.callbacks import TokenThroughputMonitor
+from cope_pl.cope_stats import CopeStatistics
 from cope_pl.data import LMDataModule
 from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteError, NonFiniteGuard
@@ -62,6 +63,8 @@ class CopeCLI(LightningCLI):
         # A forced ModelCheckpoint, configurable as `checkpoint.every_n_train_steps: 100` etc.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        # CoPE gate and position statistics at every validation, off with `--cope_stats.enabled=false`.
+        parser.add_lightning_class_args(CopeStatistics, "cope_stats")
         # Lightning prepares data on local rank 0 of every node; on a shared filesystem once is enough.
         parser.add_argument("--prepare_data_per_node", type=bool, default=True)
 

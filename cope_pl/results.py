@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 RESULTS_FILE = "results.json"
-EVAL_PREFIXES = ("val/", "test/")
+EVAL_PREFIXES = ("val/", "test/", "cope/")  # cope/: the CoPE statistics summary (cope_stats.py)
 
 
 def run_dir(trainer: L.Trainer) -> Path | None:
