@@ -28,8 +28,9 @@ def output_and_grads(fn, inputs, weights):
     return [out, *torch.autograd.grad((out * weights).sum(), leaves)]
 
 
-def reference_with_relative(q, k, v, e, gk, r):
-    """cope_attention with q_i . r[clamp(i - j, 0, R - 1)] added to the logits, written out in full."""
+def reference_with_relative(q, k, v, e, gk, r, extra=None):
+    """cope_attention with q_i . r[clamp(i - j, 0, R - 1)] (and an optional (H, T, S) term) added to the logits,
+    written out in full."""
     from cope_pl.ops import cope_position_logits
 
     t, s = q.size(-2), k.size(-2)
@@ -40,6 +41,8 @@ def reference_with_relative(q, k, v, e, gk, r):
     if r is not None:
         dist = (torch.arange(t).unsqueeze(1) + s - t - torch.arange(s)).clamp(0, r.size(-1) - 1)  # (T, S)
         logits = logits + (q @ r).gather(-1, dist.expand(*q.shape[:-1], s))
+    if extra is not None:
+        logits = logits + extra
     return torch.softmax(logits, -1) @ v
 
 
@@ -86,6 +89,22 @@ def test_chunked_relative_table_equals_explicit_sum(sep_keys, rel):
     weights = torch.randn(2, 2, 30, 8, dtype=torch.float64)
     ref = output_and_grads(reference_with_relative, inputs, weights)
     fast = output_and_grads(lambda *a: cope_attention_chunked(*a, block_size=9), inputs, weights)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("width", [5, 41])  # distances past a short bias read its last entry
+def test_chunked_distance_bias_equals_explicit_sum(width):
+    q, k, v, e, gk, r = make_inputs(2, 3, 30, 41, 8, 6, torch.float64, sep_keys=True, rel=7)
+    bias = torch.randn(3, width, dtype=torch.float64, requires_grad=True)  # (H, R)
+    distance = (torch.arange(30).unsqueeze(1) + 11 - torch.arange(41)).clamp(0, width - 1)
+
+    def explicit(q, k, v, e, gk, r, bias):
+        return reference_with_relative(q, k, v, e, gk, r, extra=bias[:, distance])
+
+    inputs, weights = [q, k, v, e, gk, r, bias], torch.randn(2, 3, 30, 8, dtype=torch.float64)
+    ref = output_and_grads(explicit, inputs, weights)
+    fast = output_and_grads(lambda *a: cope_attention_chunked(*a[:6], bias=a[6], block_size=7), inputs, weights)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
