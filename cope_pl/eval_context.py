@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from cope_pl.atomic import write_csv_atomic, write_text_atomic
 from cope_pl.data.base import IGNORE_INDEX
 from cope_pl.eval_positions import bucket_rows, save_position_rows
 from cope_pl.metrics import batch_sums, perplexity
-from cope_pl.results import write_csv_atomic, write_text_atomic
 from cope_pl.runs import build_datamodule, import_class, load_config, resolve_run, run_label, train_seq_len
 
 RESULTS_FILE = "eval_context.json"

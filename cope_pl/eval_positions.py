@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from cope_pl.results import write_csv_atomic
+from cope_pl.atomic import write_csv_atomic
 
 POSITIONS_FILE = "eval_context_positions.csv"
 POSITION_COLUMNS = (

@@ -21,7 +21,9 @@ from torch import Tensor
 
 def check_request(prompt_ids: Tensor, max_new_tokens: int, temperature: float, top_k, top_p) -> None:
     if prompt_ids.dim() != 2 or prompt_ids.dtype != torch.long:
-        raise ValueError(f"prompt_ids must be a (batch, length) long tensor, got {tuple(prompt_ids.shape)} {prompt_ids.dtype}")
+        raise ValueError(
+            f"prompt_ids must be a (batch, length) long tensor, got {tuple(prompt_ids.shape)} {prompt_ids.dtype}"
+        )
     if prompt_ids.size(1) == 0:
         raise ValueError("the prompt is empty: give at least one token (--prompt TEXT)")
     if max_new_tokens < 1:
@@ -151,10 +153,21 @@ def main(argv: list[str] | None = None) -> None:
     model, codec, _ = load_run(args.run)
     prompt = torch.tensor([codec.encode(args.prompt)], dtype=torch.long)
     start = time.perf_counter()
-    tokens = stream(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                    use_cache=not args.no_cache)
+    tokens = stream(
+        model,
+        prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        use_cache=not args.no_cache,
+    )
     sys.stdout.write(args.prompt)
     count = print_stream(tokens, codec.decode)
     seconds = time.perf_counter() - start
-    print(f"{count} tokens in {seconds:.2f} s ({count / seconds:.1f} tokens/s, prompt {prompt.size(1)} tokens, "
-          f"{'no cache' if args.no_cache else 'KV cache'})", file=sys.stderr)
+    print(
+        f"{count} tokens in {seconds:.2f} s ({count / seconds:.1f} tokens/s, prompt {prompt.size(1)} tokens, "
+        f"{'no cache' if args.no_cache else 'KV cache'})",
+        file=sys.stderr,
+    )

@@ -48,7 +48,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model), nn.Dropout(dropout))
 
-    def forward(self, x: Tensor, position: PositionEncoding, layer: int, start: int, cache: LayerCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, position: PositionEncoding, layer: int, start: int, cache: LayerCache | None
+    ) -> Tensor:
         if self.pre_norm:
             x = x + self.attn(self.norm1(x), position, layer, start, cache)
             return x + self.mlp(self.norm2(x))

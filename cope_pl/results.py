@@ -6,17 +6,15 @@ read many runs with pandas without parsing event files. Also prints the final ev
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from cope_pl.atomic import write_json_atomic
 
 RESULTS_FILE = "results.json"
 EVAL_PREFIXES = ("val/", "test/", "cope/")  # cope/: the CoPE statistics summary (cope_stats.py)
@@ -25,25 +23,6 @@ EVAL_PREFIXES = ("val/", "test/", "cope/")  # cope/: the CoPE statistics summary
 def run_dir(trainer: L.Trainer) -> Path | None:
     """Where this run's logs live (None when logging is off)."""
     return Path(trainer.log_dir) if trainer.logger is not None and trainer.log_dir else None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # readers never see a half-written file
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
-
-
-def write_csv_atomic(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    """A CSV file with exactly these columns (keys of a row outside them are left out, missing ones empty)."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, text.getvalue())
 
 
 def read_results(path: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from cope_pl.atomic import atomic_path
 from cope_pl.runs import run_of_checkpoint, version_of
 
 LAST_CHECKPOINT = "last.ckpt"
@@ -90,13 +91,11 @@ class CheckedCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             hint = "free some space" if err.errno == errno.ENOSPC else "check the directory's permissions"
             message = f"could not write checkpoint {path} ({err.strerror}); {hint}; the previous checkpoint is intact"
             raise OSError(err.errno, message) from err

@@ -67,7 +67,9 @@ def test_validation_logs_cope_statistics_and_results_keep_the_worst_clamp(tmp_pa
 
 
 def test_the_statistics_are_off_with_one_flag(tmp_path):
-    main([*FIT, "--model.position=cope", "--cope_stats.enabled=false", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    main(
+        [*FIT, "--model.position=cope", "--cope_stats.enabled=false", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    )
     run = tmp_path / "copy-cope" / "version_0"
     assert cope_tags(run) == ([], [])
     assert "cope/max_clamped_frac" not in json.loads((run / "results.json").read_text())["metrics"]

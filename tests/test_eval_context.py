@@ -90,7 +90,9 @@ def test_batch_size_shrinks_to_fit_the_logit_memory_budget():
     from cope_pl.eval_context import LOGIT_BYTES_PER_PAIR, fitting_batch_size
 
     def model_with(position, **options):
-        return LanguageModel(vocab_size=8, n_layers=1, d_model=16, n_heads=2, position=position, position_options=options)
+        return LanguageModel(
+            vocab_size=8, n_layers=1, d_model=16, n_heads=2, position=position, position_options=options
+        )
 
     model = model_with("cope", impl="reference")  # explicit (B, H, T, T) logits
     per_sequence = LOGIT_BYTES_PER_PAIR * 2 * 64 * 64

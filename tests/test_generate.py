@@ -123,8 +123,15 @@ def flipflop_run(tmp_path_factory):
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     dm = FlipFlopDataModule(**data)
     model = LanguageModel(vocab_size=dm.vocab_size, n_layers=1, d_model=16, n_heads=2, position="cope")
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp,
+    )
     trainer.fit(model, dm)
     trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
     return run
@@ -134,7 +141,9 @@ def test_the_tool_streams_a_continuation_in_the_task_vocabulary(flipflop_run, ca
     main([str(flipflop_run), "--prompt", "w1i0r", "--max-new-tokens", "5", "--temperature", "1", "--seed", "0"])
     out, err = capsys.readouterr()
     text = out.strip()
-    assert text.startswith("w1i0r") and 5 < len(text) <= 10 and set(text) <= set("wri01")  # a sampled BOS prints nothing
+    assert (
+        text.startswith("w1i0r") and 5 < len(text) <= 10 and set(text) <= set("wri01")
+    )  # a sampled BOS prints nothing
     assert "5 tokens in" in err and "tokens/s" in err
 
 

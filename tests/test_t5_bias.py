@@ -49,7 +49,9 @@ def test_t5_bias_with_cope_from_config_takes_the_fast_path_and_equals_explicit_l
     ids = torch.randint(0, 23, (2, 40))
     outputs = [m(ids) for m in (model, reference)]
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-10)
-    grads = [torch.autograd.grad(o.square().sum(), m.position.parts[0].bias)[0] for o, m in zip(outputs, (model, reference))]
+    grads = [
+        torch.autograd.grad(o.square().sum(), m.position.parts[0].bias)[0] for o, m in zip(outputs, (model, reference))
+    ]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-10)
 
 
@@ -68,7 +70,11 @@ def test_the_combination_decodes_with_a_cache():
     [
         ("t5_bias+copee", {}, r"unknown parts \['copee'\]"),
         ("cope+cope", {}, "a part named twice"),
-        ("relative+cope", {"shared_table": True}, "'shared_table' is accepted by relative and cope; give options per part"),
+        (
+            "relative+cope",
+            {"shared_table": True},
+            "'shared_table' is accepted by relative and cope; give options per part",
+        ),
         ("t5_bias+cope", {"p_max": 3}, "'p_max' is accepted by no part"),
     ],
 )
@@ -80,5 +86,9 @@ def test_composed_names_and_options_are_checked(name, options, message):
 def test_flat_options_go_to_the_part_that_takes_them():
     enc = build_position_encoding("t5_bias+cope", ModelDims(2, 2, 8, 32), {"num_buckets": 6, "npos_max": 5})
     assert enc.parts[0].bias.shape == (6, 2) and enc.parts[1].npos_max == 5
-    assert choose_backend(enc.attention_terms(0, torch.zeros(1, 2, 1, 4), {"k": torch.zeros(1, 2, 1, 4)}),
-                          torch.device("cpu")).backend == "chunked"
+    assert (
+        choose_backend(
+            enc.attention_terms(0, torch.zeros(1, 2, 1, 4), {"k": torch.zeros(1, 2, 1, 4)}), torch.device("cpu")
+        ).backend
+        == "chunked"
+    )

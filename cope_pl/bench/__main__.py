@@ -145,8 +145,14 @@ def train_table(args: argparse.Namespace, device: torch.device) -> pd.DataFrame:
 def decode_table(args: argparse.Namespace, device: torch.device) -> pd.DataFrame:
     rows = []
     for s in args.decode_lengths:
-        base = dict(kind="decode", S=s, B=args.decode_batch, layers=args.train_layers, d_model=args.train_d_model,
-                    heads=args.heads)
+        base = dict(
+            kind="decode",
+            S=s,
+            B=args.decode_batch,
+            layers=args.train_layers,
+            d_model=args.train_d_model,
+            heads=args.heads,
+        )
         cases = {(p, c): dict(base, position=p, cache=c) for c in (True, False) for p in ("rope", "cope")}
         times = time_steps({n: make_case(c, device) for n, c in cases.items()}, device, args.warmup, args.repeats)
         for (position, cache), seconds in times.items():

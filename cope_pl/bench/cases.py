@@ -88,14 +88,18 @@ def decode_case(case: dict[str, Any], device: torch.device) -> Callable[[], None
     from cope_pl.model import TransformerLM
 
     s = case["S"]
-    model = TransformerLM(
-        vocab_size=256,
-        n_layers=case["layers"],
-        d_model=case["d_model"],
-        n_heads=case["heads"],
-        max_seq_len=s + 1,
-        position=case["position"],
-    ).to(device).eval()
+    model = (
+        TransformerLM(
+            vocab_size=256,
+            n_layers=case["layers"],
+            d_model=case["d_model"],
+            n_heads=case["heads"],
+            max_seq_len=s + 1,
+            position=case["position"],
+        )
+        .to(device)
+        .eval()
+    )
     ids = torch.randint(0, 256, (case["B"], s + 1), device=device)
     if not case["cache"]:
         return torch.no_grad()(lambda: model(ids))

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cope_pl.data.base import LMDataModule, shift_labels
+from cope_pl.seeding import generator
 
 
 class CopySequences(Dataset):
@@ -23,7 +24,7 @@ class CopySequences(Dataset):
         return self.num_sequences
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        g = generator(self.seed, index)
         prefix = torch.randint(1, self.num_symbols + 1, (self.prefix_len,), generator=g)  # 0 is SEP
         tokens = torch.cat([prefix, torch.zeros(1, dtype=torch.long), prefix])  # (2L + 1,)
         scored = torch.zeros_like(tokens, dtype=torch.bool)

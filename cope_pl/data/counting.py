@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cope_pl.data.base import IGNORE_INDEX, LMDataModule
+from cope_pl.seeding import derived_seed
 
 MAX_VALUE = 10
 SET, PASS, INCREMENT = "set", "pass", "increment"
@@ -98,7 +99,7 @@ class CountingPrograms(Dataset):
     ):
         self.programs: list[tuple[str, ...]] = []
         for index in range(num_programs):
-            rng = random.Random(seed * 1_000_003 + index)
+            rng = random.Random(derived_seed(seed, index))
             program = tuple(draw_program(rng, num_vars, min_steps, max_steps, official))
             while program in exclude:
                 program = tuple(draw_program(rng, num_vars, min_steps, max_steps, official))

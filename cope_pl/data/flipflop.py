@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cope_pl.data.base import LMDataModule, shift_labels
+from cope_pl.seeding import generator
 
 ALPHABET = "wri01"  # token ids 0..4; BOS is 5
 WRITE, READ, IGNORE = 0, 1, 2
@@ -75,7 +76,7 @@ class FlipFlopSequences(Dataset):
         return self.num_sequences
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        g = generator(self.seed, index)
         return lm_example(flipflop_tokens(self.length // 2, self.p_ignore, g))
 
 

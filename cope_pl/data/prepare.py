@@ -33,6 +33,7 @@ import yaml
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from cope_pl.atomic import atomic_path
 from cope_pl.data.token_array import mismatch, read_meta, write_token_array
 from cope_pl.data.tokenizer import end_of_text_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_bpe
 
@@ -165,9 +166,8 @@ def obtain_tokenizer(
     directory.mkdir(parents=True, exist_ok=True)
     if tokenizer_file is not None:
         tokenizer = load_tokenizer(tokenizer_file)
-        tmp = path.with_name("tokenizer.json.tmp")
-        shutil.copyfile(tokenizer_file, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            shutil.copyfile(tokenizer_file, tmp)
         return tokenizer
     texts = (source.model_text(d) for d in source.documents("train"))
     tokenizer = train_bpe(texts, vocab_size, show_progress=show_progress)

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from cope_pl.seeding import generator
+
 # Lightning warns that a mid-epoch checkpoint cannot resume a plain DataLoader; this sampler does resume it.
 warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
 
@@ -46,7 +48,7 @@ class ResumableBatchSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = generator(self.seed, self.epoch)
             order = torch.randperm(len(self.dataset), generator=g)
         else:
             order = torch.arange(len(self.dataset))

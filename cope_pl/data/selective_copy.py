@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cope_pl.data.base import LMDataModule, shift_labels
+from cope_pl.seeding import generator
 
 BLANK, SEP = 0, 1
 FIRST_SYMBOL = 2  # data symbols are 2 .. num_symbols + 1
@@ -38,7 +39,7 @@ class SelectiveCopySequences(Dataset):
         return self.num_sequences
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        g = generator(self.seed, index)
         tokens = selective_copy_tokens(self.num_tokens, self.num_blanks, self.num_symbols, g)
         scored = torch.zeros_like(tokens, dtype=torch.bool)
         scored[-self.num_tokens :] = True

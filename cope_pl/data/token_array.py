@@ -9,12 +9,13 @@ temporary name and renamed, and the metadata is written last, so a half-written 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cope_pl.atomic import atomic_path, write_json_atomic
 
 FORMAT_VERSION = 2  # 2: metadata counts lines too; arrays of an older format are rebuilt
 
@@ -34,23 +35,15 @@ def write_token_array(
     bin_path, meta_path = array_paths(directory, split)
     meta_path.unlink(missing_ok=True)  # from here on the old array counts as absent
     dtype = token_dtype(vocab_size)
-    tmp = bin_path.with_name(f"{bin_path.name}.tmp-{os.getpid()}")
     num_tokens = 0
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(np.asarray(chunk, dtype=dtype).tobytes())
-                num_tokens += len(chunk)
+    with atomic_path(bin_path) as tmp, open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(np.asarray(chunk, dtype=dtype).tobytes())
+            num_tokens += len(chunk)
         if num_tokens == 0:
             raise ValueError(f"the {split} split of {meta.get('source', directory)} is empty; check the source files")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, bin_path)
     meta = {**meta, "format": FORMAT_VERSION, "dtype": dtype.name, "num_tokens": num_tokens}
-    tmp_meta = meta_path.with_name(f"{meta_path.name}.tmp-{os.getpid()}")
-    tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp_meta, meta_path)
+    write_json_atomic(meta_path, meta)
     return meta
 
 

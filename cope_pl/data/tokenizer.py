@@ -9,11 +9,12 @@ document is read as the end-of-text token itself.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from cope_pl.atomic import atomic_path
 
 END_OF_TEXT = "<|endoftext|>"  # separates documents (code files); also GPT-2's end-of-text token
 MIN_VOCAB = 257  # 256 bytes + the end-of-text token
@@ -37,9 +38,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = True)
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tokenizer.save(str(tmp))
-    os.replace(tmp, path)  # a half-written tokenizer.json is never read
+    with atomic_path(path) as tmp:  # a half-written tokenizer.json is never read
+        tokenizer.save(str(tmp))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -20,9 +20,12 @@ from cope_pl.position.registry import register
 def distance_buckets(distances: Tensor, num_buckets: int, max_distance: int) -> Tensor:
     """Bucket of each distance i - j >= 0: exact below num_buckets // 2, log-spaced up to max_distance."""
     exact = num_buckets // 2
-    far = exact + (
-        torch.log(distances.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (num_buckets - exact)
-    ).long()
+    far = (
+        exact
+        + (
+            torch.log(distances.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+        ).long()
+    )
     return torch.where(distances < exact, distances, far.clamp(max=num_buckets - 1))
 
 
