@@ -34,6 +34,7 @@ from cope_pl.runs import resolve_run, version_of
 # Tools that work on finished runs; each module has its own argparse `main(argv)`.
 TOOLS = {
     "eval-context": "cope_pl.eval_context",
+    "passkey": "cope_pl.eval_passkey",
     "sweep": "cope_pl.sweep",
     "report": "cope_pl.report",
     "position-maps": "cope_pl.position_maps",
@@ -46,6 +47,7 @@ COMMANDS = {
     "validate": "score a checkpoint on the validation sets (same options as fit, plus --ckpt_path)",
     "test": "test a finished run in place: cope-pl test RUN_DIR [--ckpt_path=FILE] (metrics join its results.json)",
     "eval-context": "score a run at other context lengths: cope-pl eval-context RUN_DIR --lengths 1x 2x 4x",
+    "passkey": "passkey retrieval by length and depth: cope-pl passkey RUN_DIR --lengths 1x 2x 4x 8x",
     "sweep": "run an ablation grid: cope-pl sweep configs/sweeps/FILE.yaml [--slurm]",
     "report": "tables and figures from finished runs: cope-pl report RUNS_DIR --out reports/",
     "position-maps": "draw CoPE gates, positions and attention of a run: cope-pl position-maps RUN_DIR",

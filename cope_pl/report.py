@@ -15,11 +15,14 @@ Which tables a sweep gets is set by the `report:` section of its sweep file, for
            paper: {cope: {ood_dense: 4.9}}}   # reference numbers, shown as "(paper)" rows
       extrapolation: {metrics: [ppl, error]} # eval-context tables and Figure-3 plots (first: extrapolation.*)
       position_loss: {all_lengths: false, log_x: false}  # loss by token position: longest length, or all
+      passkey: {digits: 2}                 # passkey accuracy table (mean over depths) and heatmaps
 
 Figures (PNG, one panel per data set or training length, one series per encoding): `extrapolation*.png`
 (metric vs evaluated length), `error_by_set.png`, `learning_curves.png` (validation error % and loss vs
-step), `loss_by_position.png` (from each run's eval_context_positions.csv) and any position maps found in
-a run's `position_maps/` folder (copied to `position_maps/<run>/`).
+step), `loss_by_position.png` (from each run's eval_context_positions.csv), `passkey.png` and
+`passkey_digits.png` (from each run's passkey.csv: exact-match and per-digit accuracy, length x depth, one
+heatmap per encoding) and any position maps found in a run's `position_maps/` folder (copied to
+`position_maps/<run>/`).
 """
 
 from __future__ import annotations
@@ -31,9 +34,21 @@ from typing import Any
 
 import pandas as pd
 
-from cope_pl.reporting.collect import find_manifests, load_eval_context, load_eval_context_positions, load_runs
-from cope_pl.reporting.plots import plot_bars, plot_extrapolation, plot_learning_curves, plot_loss_by_position
-from cope_pl.reporting.tables import Table, extrapolation_table, metric_table, row_labels, varying
+from cope_pl.reporting.collect import (
+    find_manifests,
+    load_eval_context,
+    load_eval_context_positions,
+    load_passkey,
+    load_runs,
+)
+from cope_pl.reporting.plots import (
+    plot_bars,
+    plot_extrapolation,
+    plot_learning_curves,
+    plot_loss_by_position,
+    plot_passkey,
+)
+from cope_pl.reporting.tables import Table, extrapolation_table, metric_table, passkey_table, row_labels, varying
 
 DEFAULT_ROW_KEYS = ["data", "position", "seq_len"]
 
@@ -96,6 +111,9 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
         )
         written.append(path)
         sections += ["", "![loss by token position](loss_by_position.png)"]
+    passkey = load_passkey(runs)
+    if not passkey.empty:
+        written += passkey_section(passkey, runs, row_keys, out, spec.get("passkey") or {}, title, sections)
     ok = runs[runs["status"] == "ok"]
     if len(ok):
         written.append(plot_learning_curves(runs, row_keys, out / "learning_curves.png", title=title))
@@ -113,6 +131,30 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
         sections += [f"- {r.run}: {r.status} — {r.reason}" for r in missing.itertuples()]
     (out / "README.md").write_text("\n".join(sections) + "\n")
     return written + [out / "README.md"]
+
+
+def passkey_section(
+    passkey: pd.DataFrame,
+    runs: pd.DataFrame,
+    row_keys: list[str],
+    out: Path,
+    options: dict[str, Any],
+    title: str,
+    sections: list[str],
+) -> list[Path]:
+    """passkey_rows.csv, the accuracy table by length (mean over depths) and the length x depth heatmaps."""
+    passkey.to_csv(out / "passkey_rows.csv", index=False)
+    written = [out / "passkey_rows.csv"]
+    sections += ["", "## Passkey retrieval", ""]
+    heading = f"{title}: passkey exact-match accuracy by evaluated length (mean over depths)"
+    table = passkey_table(passkey, runs, "accuracy", row_keys, heading, digits=int(options.get("digits", 2)))
+    if table is not None:
+        written += table.write(out, "passkey")
+        sections += [table.markdown()]
+    for metric, name in (("accuracy", "passkey.png"), ("digit_accuracy", "passkey_digits.png")):
+        written.append(plot_passkey(passkey, row_keys, out / name, metric, title, runs))
+        sections += [f"![passkey {metric.replace('_', ' ')} by length and depth]({name})"]
+    return written
 
 
 def train_lengths(ec: pd.DataFrame, runs: pd.DataFrame, row_keys: list[str]) -> dict[str, int]:

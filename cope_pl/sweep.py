@@ -12,12 +12,13 @@ A sweep file names configs shared by every cell, fixed overrides, and a grid of 
       seed: [0, 1]                                        # --seed_everything
     test: true                                            # `cope-pl test` on the last checkpoint
     eval_context: {lengths: [1x, 2x, 4x]}                 # `cope-pl eval-context` afterwards
+    passkey: {lengths: [1x, 2x, 4x, 8x]}                  # `cope-pl passkey` (passkey runs) afterwards
     slurm: {nodes: 1, gpus_per_node: 8, time: "24:00:00", max_parallel: 8}
 
 Every cell is one run in `<save_dir>/<cell name>/version_0` (the name joins the cell's labels, e.g.
 `copy-cope-seq_len32-seed0`), so a re-run finds what is done: a step is complete when its output exists
-(fit: results.json, test: test/ metrics in it, eval-context: eval_context.json) and is skipped. A failed
-step is recorded in `<save_dir>/status/<cell>.json` with its log file, and the sweep goes on.
+(fit: results.json, test: test/ metrics in it, eval-context: eval_context.json, passkey: passkey.csv) and is
+skipped. A failed step is recorded in `<save_dir>/status/<cell>.json` with its log file, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -37,11 +38,15 @@ from typing import Any
 import yaml
 
 from cope_pl.eval_context import RESULTS_FILE as EVAL_CONTEXT_FILE
+from cope_pl.eval_passkey import PASSKEY_FILE
 from cope_pl.launch import sbatch_header
 from cope_pl.results import RESULTS_FILE
 
 MANIFEST = "sweep.json"
-SWEEP_KEYS = {"name", "save_dir", "configs", "overrides", "grid", "test", "eval_context", "slurm", "report", "python"}
+SWEEP_KEYS = {"name", "save_dir", "configs", "overrides", "grid", "test", "eval_context", "passkey", "slurm"}
+SWEEP_KEYS |= {"report", "python"}
+# Steps that score a finished run in one process (no srun across the job's tasks).
+SCORING_STEPS = ("eval-context", "passkey")
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Sweep:
     axes: list[str]
     test: bool = True
     eval_context: dict[str, Any] | None = None
+    passkey: dict[str, Any] | None = None
     slurm: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     python: str = sys.executable
@@ -71,7 +77,8 @@ class Sweep:
         return self.save_dir / cell.name / "version_0"
 
     def steps(self) -> list[str]:
-        return ["fit"] + (["test"] if self.test else []) + (["eval-context"] if self.eval_context else [])
+        scoring = (["eval-context"] if self.eval_context else []) + (["passkey"] if self.passkey is not None else [])
+        return ["fit"] + (["test"] if self.test else []) + scoring
 
 
 # Loading ------------------------------------------------------------------------------------------------
@@ -158,6 +165,7 @@ def load_sweep(path: str | Path, save_dir: str | Path | None = None) -> Sweep:
         axes=axes,
         test=bool(spec.get("test", True)),
         eval_context=spec.get("eval_context"),
+        passkey=spec.get("passkey"),
         slurm=dict(spec.get("slurm") or {}),
         report=dict(spec.get("report") or {}),
         python=spec.get("python") or sys.executable,
@@ -193,10 +201,19 @@ def step_command(sweep: Sweep, cell: Cell, step: str, extra: dict[str, Any] | No
         return lightning_command(sweep, cell, "fit", {"ckpt_path": "last", **(extra or {})})
     if step == "test":  # in place: the run's own config, checkpoint and directory (`cope-pl test RUN_DIR`)
         return [sweep.python, "-m", "cope_pl.cli", "test", str(run)] + override_args(extra or {})
-    options = sweep.eval_context or {}
-    cmd = [sweep.python, "-m", "cope_pl.cli", "eval-context", str(run)]
-    cmd += ["--lengths", *[str(x) for x in options.get("lengths", ["1x", "2x"])]]
-    for key in ("stride", "batch_size", "limit_batches", "memory_gb"):
+    if step == "passkey":
+        options = sweep.passkey or {}
+        cmd = [sweep.python, "-m", "cope_pl.cli", "passkey", str(run)]
+        cmd += ["--lengths", *[str(x) for x in options.get("lengths", ["1x", "2x", "4x", "8x"])]]
+        if options.get("depths") is not None:
+            cmd += ["--depths", *[str(x) for x in options["depths"]]]
+        keys = ("samples", "batch_size", "memory_gb")
+    else:
+        options = sweep.eval_context or {}
+        cmd = [sweep.python, "-m", "cope_pl.cli", "eval-context", str(run)]
+        cmd += ["--lengths", *[str(x) for x in options.get("lengths", ["1x", "2x"])]]
+        keys = ("stride", "batch_size", "limit_batches", "memory_gb")
+    for key in keys:
         if options.get(key) is not None:
             cmd += [f"--{key.replace('_', '-')}", str(options[key])]
     return cmd
@@ -212,6 +229,8 @@ def step_done(sweep: Sweep, cell: Cell, step: str) -> bool:
         return results.is_file() and any(k.startswith("test/") for k in json.loads(results.read_text())["metrics"])
     if step == "eval-context":
         return (run / EVAL_CONTEXT_FILE).is_file()
+    if step == "passkey":
+        return (run / PASSKEY_FILE).is_file()
     return all(step_done(sweep, cell, s) for s in sweep.steps())  # "all"
 
 
@@ -290,7 +309,7 @@ def run_sweep(sweep: Sweep, cells: list[Cell] | None = None, log=print) -> dict[
 # SLURM --------------------------------------------------------------------------------------------------
 def slurm_script(sweep: Sweep, sweep_file: Path) -> str:
     """An array job, one task per cell; each step runs under srun so Lightning reads the SLURM environment
-    (one process per GPU, DDP across `nodes`), and eval-context runs as one process."""
+    (one process per GPU, DDP across `nodes`), and eval-context and passkey run as one process."""
     s = sweep.slurm
     nodes, gpus = int(s.get("nodes", 1)), int(s.get("gpus_per_node", 1))
     array = f"0-{len(sweep.cells) - 1}" + (f"%{s['max_parallel']}" if s.get("max_parallel") else "")
@@ -323,8 +342,9 @@ def slurm_script(sweep: Sweep, sweep_file: Path) -> str:
     for cell in sweep.cells:
         body.append(f"  {cell.index})  # {cell.name}")
         for step in sweep.steps():
-            launcher = ["srun"] if step != "eval-context" else ["srun", "--ntasks=1", "--nodes=1"]
-            cmd = launcher + step_command(sweep, cell, step, extra if step != "eval-context" else None)
+            scoring = step in SCORING_STEPS
+            launcher = ["srun", "--ntasks=1", "--nodes=1"] if scoring else ["srun"]
+            cmd = launcher + step_command(sweep, cell, step, None if scoring else extra)
             body.append(f"    step {cell.index} {step} {shlex.join(cmd)}")
         body.append(f'    "${{SWEEP[@]}}" --record {cell.index} done all')
         body.append("    ;;")

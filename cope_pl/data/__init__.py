@@ -5,6 +5,7 @@ from cope_pl.data.code import CodeDataModule
 from cope_pl.data.copy_task import CopyDataModule
 from cope_pl.data.counting import CountingDataModule
 from cope_pl.data.flipflop import FlipFlopDataModule
+from cope_pl.data.passkey import PasskeyDataModule
 from cope_pl.data.selective_copy import SelectiveCopyDataModule
 from cope_pl.data.token_data import TokenArrayDataModule
 from cope_pl.data.wikitext import WikiTextDataModule
@@ -16,6 +17,7 @@ __all__ = [
     "CountingDataModule",
     "FlipFlopDataModule",
     "LMDataModule",
+    "PasskeyDataModule",
     "SelectiveCopyDataModule",
     "TokenArrayDataModule",
     "WikiTextDataModule",

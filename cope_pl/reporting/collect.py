@@ -2,7 +2,8 @@
 
 Sources, in order of trust: each run's `results.json` (final metrics, model and data settings) and
 `config.yaml` (seed, full config), `eval_context.json` (scores per context length),
-`eval_context_positions.csv` (loss per token-position bucket at each length), the sweep manifest
+`eval_context_positions.csv` (loss per token-position bucket at each length), `passkey.csv` (passkey
+accuracy per length and depth, from `cope-pl passkey`), the sweep manifest
 `sweep.json` (the swept keys of each cell, and which cells should exist), and the TensorBoard event files
 (learning curves only). A run a sweep expects but that has no results is kept as a row with status
 "missing" or "failed", so a table can say what it lacks instead of silently averaging fewer seeds.
@@ -17,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from cope_pl.eval_context import RESULTS_FILE as EVAL_CONTEXT_FILE
+from cope_pl.eval_passkey import PASSKEY_FILE
 from cope_pl.results import RESULTS_FILE, fit_finished
 from cope_pl.runs import CONFIG_FILE, load_config, run_label
 from cope_pl.sweep import MANIFEST
@@ -141,6 +143,22 @@ def load_eval_context_positions(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         frame = pd.read_csv(path, keep_default_na=False, na_values=[""]).drop(columns=["run", "position"])
         frame["set"] = frame["set"].fillna("").astype(str)
+        for column, value in grid_labels(run).items():
+            frame[column] = value
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_passkey(runs: pd.DataFrame) -> pd.DataFrame:
+    """Rows of every run's passkey.csv (accuracy per length and depth), with the run's swept keys and seed
+    attached; runs without the file are skipped."""
+    frames = []
+    for _, run in runs.iterrows():
+        path = Path(run["run_dir"]) / PASSKEY_FILE
+        if not path.is_file():
+            continue
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""]).drop(columns=["run", "position"])
+        frame["reason"] = frame["reason"].fillna("").astype(str)
         for column, value in grid_labels(run).items():
             frame[column] = value
         frames.append(frame)

@@ -249,3 +249,134 @@ def plot_loss_by_position(
         ax.set_title(f"{panel}, evaluated at {length} tokens".lstrip(", "), fontsize=9)
     title = title or "loss by token position"
     return finish(fig, axes, path, f"{title} (mean over seeds)", handles)
+
+
+PASSKEY_METRICS = {
+    "accuracy": "exact-match accuracy (every key digit right)",
+    "digit_accuracy": "per-digit accuracy (share of key digits right; chance 0.1)",
+}
+
+
+def accuracy_text(value: float) -> str:
+    """Two decimals, but never '1.00' for an imperfect score nor '0.00' for a non-zero one."""
+    if 0 < value < 0.005:
+        return "<0.01"
+    if 0.995 <= value < 1:
+        return ">0.99"
+    return f"{value:.2f}"
+
+
+def passkey_cells(frame: pd.DataFrame, metric: str) -> dict[tuple[float, int], tuple[float | None, int, str]]:
+    """(depth, length) -> (mean over seeds or None, seeds with a value, status text when there is none)."""
+    cells = {}
+    for (depth, length), group in frame.groupby(["depth", "seq_len"]):
+        ok = pd.to_numeric(group.loc[group["status"] == "ok", metric], errors="coerce").dropna()
+        status = "" if len(ok) else ("n/a" if (group["status"] == "n/a").any() else str(group["status"].iloc[0]))
+        cells[(float(depth), int(length))] = (float(ok.mean()) if len(ok) else None, len(ok), status)
+    return cells
+
+
+def plot_passkey(
+    frame: pd.DataFrame,
+    row_keys: list[str],
+    path: Path,
+    metric: str = "accuracy",
+    title: str = "",
+    runs: pd.DataFrame | None = None,
+) -> Path:
+    """Needle-in-a-haystack heatmaps: one panel per encoding (per other row key too, e.g. the training length),
+    evaluated length across, needle depth down, colour = mean accuracy over seeds on a fixed 0..1 scale. A
+    length the encoding cannot represent is a grey hatched "n/a" cell, a cell without results "missing". A panel
+    with fewer runs than `runs` (every run, missing ones included) expects says so in its title, e.g. (2/3 runs);
+    a cell averaged over fewer of the panel's runs than the others says so, e.g. (1/2)."""
+    import matplotlib as mpl
+    from matplotlib.patches import Rectangle
+
+    plt = pyplot()
+    frame = frame.copy()
+    frame["seq_len"] = pd.to_numeric(frame["seq_len"], errors="coerce").astype(int)
+    frame["depth"] = pd.to_numeric(frame["depth"], errors="coerce")
+    frame["train_len"] = "train " + pd.to_numeric(frame["train_seq_len"], errors="coerce").astype("Int64").astype(str)
+    row_keys = ["train_len" if key == "seq_len" else key for key in row_keys]
+    groups, titles = labelled_groups(frame, row_keys)
+    expected = {}
+    if runs is not None and "run_dir" in runs:
+        runs = runs.assign(
+            train_len="train " + pd.to_numeric(runs["seq_len"], errors="coerce").astype("Int64").astype(str)
+        )
+        run_groups, _ = labelled_groups(runs, row_keys)
+        expected = {key: group["run_dir"].nunique() for key, group in run_groups.items()}
+    panels = [(t, name) for t in titles for (g, name) in sorted(groups, key=lambda k: natural(k[1])) if g == t]
+    lengths = sorted(frame["seq_len"].unique())
+    depths = sorted(frame["depth"].dropna().unique())
+    ncols = min(len(panels), 3)
+    nrows = -(-len(panels) // ncols)
+    width = max(3.2, 0.75 * len(lengths) + 1.6)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(max(width * ncols + 1.2, 6.5), 0.42 * len(depths) * nrows + 1.7 * nrows + 0.9),
+        squeeze=False, layout="constrained",
+    )  # fmt: skip
+    cmap = mpl.colormaps["viridis"].with_extremes(bad="lightgrey")
+    norm = mpl.colors.Normalize(vmin=0.0, vmax=1.0)
+    have = {key: (g["run_dir"].nunique() if "run_dir" in g else 1) for key, g in groups.items()}
+    counts = set(have.values())
+    seeds = counts.pop() if len(counts) == 1 else None  # None: panels average different numbers of runs
+    shown: set[str] = set()  # what the note under the title explains
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for k, (ax, (panel, name)) in enumerate(zip(axes.flat, panels)):
+        group = groups[(panel, name)]
+        runs_here = have[(panel, name)]
+        cells = passkey_cells(group, metric)
+        grid = [[cells.get((d, n), (None, 0, "missing"))[0] for n in lengths] for d in depths]
+        values = pd.DataFrame(grid, dtype=float).to_numpy()
+        ax.imshow(values, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+        for i, depth in enumerate(depths):
+            for j, length in enumerate(lengths):
+                value, n, status = cells.get((depth, length), (None, 0, "missing"))
+                if value is None:
+                    face = "lightgrey" if status == "n/a" else "white"
+                    shown.add("n/a" if status == "n/a" else "missing")
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=face, edgecolor="grey", hatch="///",
+                                           linewidth=0))  # fmt: skip
+                    ax.text(j, i, status or "missing", ha="center", va="center", fontsize=7, color="black",
+                            bbox={"facecolor": face, "edgecolor": "none", "pad": 0.5})  # fmt: skip
+                    continue
+                text = accuracy_text(value) + (f"\n({n}/{runs_here})" if n < runs_here else "")
+                colour = "white" if value < 0.55 else "black"  # readable on viridis' dark and light ends
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour)
+        train = pd.to_numeric(group["train_seq_len"], errors="coerce").dropna()
+        train_len = int(train.max()) if len(train) else None
+        labels = [f"{n}\n{n / train_len:g}×" if train_len else str(n) for n in lengths]
+        ax.set_xticks(range(len(lengths)), labels, fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{100 * d:g}" for d in depths], fontsize=7)
+        if train_len in lengths and lengths[-1] > train_len:  # where extrapolation starts
+            ax.axvline(lengths.index(train_len) + 0.5, color="red", linestyle="--", linewidth=1.2)
+            shown.add("train")
+        if k + ncols >= len(panels):  # no panel below: label the x axis
+            ax.set_xlabel("evaluated length (tokens, × training length)", fontsize=8)
+        if k % ncols == 0:
+            ax.set_ylabel("needle depth (% of filler before the key)", fontsize=8)
+        wanted = expected.get((panel, name), runs_here)
+        count = f" ({runs_here}/{wanted} runs)" if runs_here < wanted else ""
+        count = count or ("" if seeds else f" ({runs_here} run{'s' * (runs_here != 1)})")
+        ax.set_title(" · ".join(x for x in (panel, name) if x) + count, fontsize=9)
+    colourbar = fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=list(axes.flat[: len(panels)]),
+                             shrink=0.9, ticks=[0, 0.25, 0.5, 0.75, 1.0])  # fmt: skip
+    colourbar.set_label(PASSKEY_METRICS.get(metric, metric), fontsize=8)
+    colourbar.ax.tick_params(labelsize=7)
+    what = PASSKEY_METRICS.get(metric, metric).split(" (")[0]
+    suffix = "one seed" if seeds == 1 else f"mean over {seeds} seeds" if seeds else "mean over each panel's runs"
+    heading = f"{title}: passkey {what}" if title else f"passkey {what}"
+    notes = {
+        "train": "right of the red dashed line: longer than the training length",
+        "n/a": "grey hatched: n/a (the encoding cannot represent the length)",
+        "missing": "white hatched: no result",
+    }
+    note = "; ".join(text for key, text in notes.items() if key in shown)
+    chars = int(14 * fig.get_figwidth())  # about 14 characters per inch
+    heading = textwrap.fill(f"{heading} by length and depth ({suffix})", chars)
+    fig.suptitle(heading + (f"\n{textwrap.fill(note, chars)}" if note else ""), fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -216,3 +216,22 @@ def extrapolation_table(
             if len(values) == 0 and len(not_ok):
                 table.not_applicable[key] = str(not_ok["reason"].iloc[0])
     return table
+
+
+def passkey_table(
+    passkey: pd.DataFrame, runs: pd.DataFrame, metric: str, row_keys: list[str], title: str, **options
+) -> Table | None:
+    """Rows: encodings; columns: evaluated lengths; each run's metric averaged over the needle depths, then
+    mean ± std over seeds (higher is better). N/A where the encoding cannot represent the length."""
+    if passkey.empty:
+        return None
+    per_run = []
+    for _, group in passkey.groupby(["run_dir", "seq_len"], sort=True):
+        ok = group[group["status"] == "ok"]
+        row = group.iloc[0].to_dict()
+        if len(ok):
+            row.update(status="ok", reason="")
+        row[metric] = float(pd.to_numeric(ok[metric], errors="coerce").mean()) if len(ok) else math.nan
+        per_run.append(row)
+    frame = pd.DataFrame(per_run).assign(set="")
+    return extrapolation_table(frame, runs, metric, row_keys, title, lower_is_better=False, **options)
