@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cope_pl.data.base import LMDataModule, shift_labels
+from cope_pl.seeding import generator
 
 NUM_DIGITS = 10  # key digits 0..9 are token ids 0..9
 BOS, KEY, QUERY = 10, 11, 12
@@ -98,7 +99,7 @@ class PasskeySequences(Dataset):
         return self.num_sequences
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        g = generator(self.seed, index)
         tokens = passkey_tokens(self.seq_len, self.key_len, self.depth, self.filler, self.filler_vocab, g)
         scored = torch.zeros_like(tokens, dtype=torch.bool)
         scored[-self.key_len :] = True  # the answer digits after QUERY, nothing else
