@@ -22,21 +22,21 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from cope_pl.callbacks import TokenThroughputMonitor
 from cope_pl.cope_stats import CopeStatistics
 from cope_pl.data import LMDataModule
 from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteError, NonFiniteGuard
-from cope_pl.results import RESULTS_FILE, ResultsWriter, fit_finished, read_results
+from cope_pl.results import ResultsWriter, fit_finished, read_results
 from cope_pl.resume import CheckedCheckpointIO, RngState, resolve_resume
-from cope_pl.runs import resolve_run, version_of
+from cope_pl.runs import RESULTS_FILE, resolve_run, version_of
+from cope_pl.throughput import TokenThroughputMonitor
 
 # Tools that work on finished runs; each module has its own argparse `main(argv)`.
 TOOLS = {
     "eval-context": "cope_pl.eval_context",
     "passkey": "cope_pl.eval_passkey",
     "sweep": "cope_pl.sweep",
-    "report": "cope_pl.report",
+    "report": "cope_pl.reporting.report",
     "position-maps": "cope_pl.position_maps",
     "generate": "cope_pl.generate",
     "launch": "cope_pl.launch",

@@ -25,15 +25,23 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from cope_pl.atomic import write_csv_atomic, write_text_atomic
 from cope_pl.data.base import IGNORE_INDEX
+from cope_pl.data.windows import SlidingWindows
 from cope_pl.eval_positions import bucket_rows, save_position_rows
 from cope_pl.metrics import batch_sums, perplexity
-from cope_pl.runs import build_datamodule, import_class, load_config, resolve_run, run_label, train_seq_len
+from cope_pl.runs import (
+    EVAL_CONTEXT_FILE,
+    build_datamodule,
+    import_class,
+    load_config,
+    resolve_run,
+    run_label,
+    train_seq_len,
+)
 
-RESULTS_FILE = "eval_context.json"
 COLUMNS = (
     "run",
     "position",
@@ -70,36 +78,6 @@ def parse_lengths(specs: Iterable[str | int | float], train_len: int) -> list[in
         if lengths[-1] < 1:
             raise ValueError(f"--lengths: {text!r} gives {lengths[-1]} tokens; every length must be >= 1")
     return lengths
-
-
-# Sliding windows over a flat token stream ---------------------------------------------------------------
-class SlidingWindows(Dataset):
-    """Windows of seq_len tokens every `stride` tokens; each token is scored once, by the first window in
-    which it is a target, so every scored token but the first seq_len - stride sees >= seq_len - stride
-    tokens of context."""
-
-    def __init__(self, tokens: Tensor, seq_len: int, stride: int):
-        if not 1 <= stride <= seq_len:
-            raise ValueError(f"--stride must be between 1 and the length ({seq_len}), got {stride}")
-        if tokens.numel() < seq_len + 1:
-            raise ValueError(f"the token stream has {tokens.numel()} tokens, fewer than one window of {seq_len}")
-        self.tokens, self.seq_len = tokens.long(), seq_len
-        last = tokens.numel() - seq_len - 1
-        self.starts = list(range(0, last + 1, stride))
-        if self.starts[-1] != last:
-            self.starts.append(last)  # a final window so the stream's tail is scored too
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        start = self.starts[index]
-        window = self.tokens[start : start + self.seq_len + 1]  # (T + 1,)
-        labels = window[1:].clone()
-        if index > 0:  # targets up to the previous window's end were already scored
-            seen = self.starts[index - 1] + self.seq_len - start
-            labels[:seen] = IGNORE_INDEX
-        return {"input_ids": window[:-1], "labels": labels}
 
 
 def stream_loaders(dm, seq_len: int, stride: int, batch_size: int) -> dict[str, DataLoader]:
@@ -287,7 +265,7 @@ def row_key(row: dict[str, Any]) -> tuple:
 
 def save_rows(run: Path, rows: list[dict[str, Any]]) -> None:
     """Merge rows into the run's eval_context.json (a re-evaluated length replaces its old row)."""
-    path = run / RESULTS_FILE
+    path = run / EVAL_CONTEXT_FILE
     old = json.loads(path.read_text()) if path.exists() else []
     merged = {row_key(r): r for r in old}
     merged.update({row_key(r): r for r in rows})

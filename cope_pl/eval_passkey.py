@@ -23,13 +23,20 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from cope_pl.atomic import write_csv_atomic
 from cope_pl.data.base import IGNORE_INDEX
 from cope_pl.data.passkey import EVAL_DEPTHS, PasskeyDataModule
 from cope_pl.eval_context import fitting_batch_size, parse_lengths, progress, score_batch
-from cope_pl.results import write_csv_atomic
-from cope_pl.runs import build_datamodule, import_class, load_config, resolve_run, run_label, train_seq_len
+from cope_pl.runs import (
+    PASSKEY_FILE,
+    build_datamodule,
+    import_class,
+    load_config,
+    resolve_run,
+    run_label,
+    train_seq_len,
+)
 
-PASSKEY_FILE = "passkey.csv"
 COLUMNS = (
     "run",
     "position",

@@ -15,8 +15,8 @@ from typing import Any
 from torch import Tensor
 
 from cope_pl.atomic import write_csv_atomic
+from cope_pl.runs import POSITIONS_FILE
 
-POSITIONS_FILE = "eval_context_positions.csv"
 POSITION_COLUMNS = (
     "run",
     "position",

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from cope_pl.attention import recording
 from cope_pl.ops import causal_mask
-from cope_pl.runs import load_config, resolve_run, run_label
+from cope_pl.runs import POSITION_MAPS_DIR, load_config, resolve_run, run_label
 
 
 @torch.no_grad()
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         input_ids, tokens = load_sample(run, args.sample, length)
         sample = f"test sample {args.sample}"
     maps = position_maps(model, input_ids)
-    out = args.out or run / "position_maps"
+    out = args.out or run / POSITION_MAPS_DIR
     out.mkdir(parents=True, exist_ok=True)
     length = input_ids.size(1)
     title = map_title(run, encoding_name(model.hparams), sample, length, train_len)

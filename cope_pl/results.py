@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from cope_pl.atomic import write_json_atomic
+from cope_pl.runs import RESULTS_FILE
 
-RESULTS_FILE = "results.json"
 EVAL_PREFIXES = ("val/", "test/", "cope/")  # cope/: the CoPE statistics summary (cope_stats.py)
 
 

@@ -23,9 +23,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from cope_pl.atomic import atomic_path
-from cope_pl.runs import run_of_checkpoint, version_of
+from cope_pl.runs import LAST_CKPT, run_of_checkpoint, version_of
 
-LAST_CHECKPOINT = "last.ckpt"
+LAST_CHECKPOINT = LAST_CKPT.name
 # What torch.load raises on a truncated or overwritten file.
 CORRUPT = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
 

@@ -1,8 +1,15 @@
-"""A finished run on disk: its directory, saved config, checkpoint and data module, re-created from files.
+"""A run on disk: the one place that knows a run directory's layout, and what is re-created from its files.
 
-Every run writes `runs/<name>/version_N/` with `config.yaml` (the full LightningCLI config), `results.json`
-and `checkpoints/last.ckpt`; the tools that come after training (eval-context, position maps, reports)
-start from here rather than from Python objects, so they work on any run from any machine.
+Every run writes `runs/<name>/version_N/`:
+    config.yaml                    the full LightningCLI config (CONFIG_FILE)
+    results.json                   final metrics, model and data settings (RESULTS_FILE)
+    checkpoints/last.ckpt          the newest checkpoint (LAST_CKPT)
+    eval_context.json, eval_context.csv, eval_context_positions.csv   cope-pl eval-context
+    passkey.csv                    cope-pl passkey
+    position_maps/                 cope-pl position-maps
+A sweep keeps each cell's run in `<save_dir>/<cell>/version_0` and its status in `<save_dir>/status/<cell>.json`.
+The tools that come after training (eval-context, position maps, reports) start from here rather than from
+Python objects, so they work on any run from any machine.
 """
 
 from __future__ import annotations
@@ -15,7 +22,22 @@ from typing import Any
 import yaml
 
 CONFIG_FILE = "config.yaml"
+RESULTS_FILE = "results.json"
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
+EVAL_CONTEXT_FILE = "eval_context.json"
+POSITIONS_FILE = "eval_context_positions.csv"
+PASSKEY_FILE = "passkey.csv"
+POSITION_MAPS_DIR = "position_maps"
+
+
+def sweep_cell_dir(save_dir: Path, cell: str) -> Path:
+    """The run directory of a sweep cell."""
+    return Path(save_dir) / cell / "version_0"
+
+
+def sweep_status_file(save_dir: Path, cell: str) -> Path:
+    """Where a sweep records a cell's last status (done, failed at which step, its log)."""
+    return Path(save_dir) / "status" / f"{cell}.json"
 
 
 def run_of_checkpoint(ckpt: Path) -> Path:

@@ -37,10 +37,9 @@ from typing import Any
 
 import yaml
 
-from cope_pl.eval_context import RESULTS_FILE as EVAL_CONTEXT_FILE
-from cope_pl.eval_passkey import PASSKEY_FILE
 from cope_pl.launch import sbatch_header
-from cope_pl.results import RESULTS_FILE
+from cope_pl.results import read_results
+from cope_pl.runs import EVAL_CONTEXT_FILE, PASSKEY_FILE, RESULTS_FILE, sweep_cell_dir, sweep_status_file
 
 MANIFEST = "sweep.json"
 SWEEP_KEYS = {"name", "save_dir", "configs", "overrides", "grid", "test", "eval_context", "passkey", "slurm"}
@@ -74,7 +73,7 @@ class Sweep:
     python: str = sys.executable
 
     def run_dir(self, cell: Cell) -> Path:
-        return self.save_dir / cell.name / "version_0"
+        return sweep_cell_dir(self.save_dir, cell.name)
 
     def steps(self) -> list[str]:
         scoring = (["eval-context"] if self.eval_context else []) + (["passkey"] if self.passkey is not None else [])
@@ -226,7 +225,7 @@ def step_done(sweep: Sweep, cell: Cell, step: str) -> bool:
     if step == "fit":
         return results.is_file()
     if step == "test":
-        return results.is_file() and any(k.startswith("test/") for k in json.loads(results.read_text())["metrics"])
+        return results.is_file() and any(k.startswith("test/") for k in read_results(results).get("metrics", {}))
     if step == "eval-context":
         return (run / EVAL_CONTEXT_FILE).is_file()
     if step == "passkey":
@@ -235,7 +234,7 @@ def step_done(sweep: Sweep, cell: Cell, step: str) -> bool:
 
 
 def status_path(sweep: Sweep, cell: Cell) -> Path:
-    return sweep.save_dir / "status" / f"{cell.name}.json"
+    return sweep_status_file(sweep.save_dir, cell.name)
 
 
 def record(sweep: Sweep, cell: Cell, status: str, **details: Any) -> None:

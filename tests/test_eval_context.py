@@ -7,7 +7,8 @@ import torch
 import yaml
 
 from cope_pl.data import CopyDataModule
-from cope_pl.eval_context import SlidingWindows, evaluate_context, parse_lengths
+from cope_pl.data.windows import SlidingWindows
+from cope_pl.eval_context import evaluate_context, parse_lengths
 from cope_pl.lm import LanguageModel
 
 DATA = {"seq_len": 8, "batch_size": 16, "num_symbols": 6, "eval_size": 32}

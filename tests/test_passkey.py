@@ -311,9 +311,9 @@ def passkey_rows(position, seed, lengths, train_len=16, not_applicable=()):
 
 
 def test_the_heatmap_has_a_panel_per_encoding_with_labelled_axes_and_n_a_cells(tmp_path, monkeypatch):
+    from cope_pl.atomic import write_csv_atomic
     from cope_pl.reporting import plots
     from cope_pl.reporting.collect import load_passkey, load_runs
-    from cope_pl.results import write_csv_atomic
 
     for position, seed in (("absolute", 0), ("cope", 0), ("cope", 1)):
         run = tmp_path / "runs" / f"{position}-seed{seed}" / "version_0"

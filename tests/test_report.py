@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from cope_pl.report import build_report
 from cope_pl.reporting.collect import load_eval_context_positions, load_runs
 from cope_pl.reporting.plots import plot_bars, plot_extrapolation, plot_learning_curves, plot_loss_by_position
+from cope_pl.reporting.report import build_report
 from cope_pl.reporting.tables import Table, metric_table
 
 ERRORS = {  # position -> seed -> (test/error@in_dist, test/error@ood)

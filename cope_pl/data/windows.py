@@ -3,7 +3,8 @@
 Training samples random windows; item `index` always gives the same window (its start comes from a
 generator seeded by (seed, index)), so shuffling, resuming and splitting across DDP ranks are the
 sampler's job. Evaluation walks non-overlapping windows so every token after the first is scored once;
-the last window is padded with IGNORE_INDEX labels where the tokens run out.
+the last window is padded with IGNORE_INDEX labels where the tokens run out. `SlidingWindows` scores a stream
+with overlapping windows (eval-context's --stride), each token once.
 """
 
 from __future__ import annotations
@@ -67,3 +68,32 @@ class EvalWindows(Dataset):
             item["input_ids"] = torch.cat([item["input_ids"], item["input_ids"].new_zeros(pad)])
             item["labels"] = torch.cat([item["labels"], item["labels"].new_full((pad,), IGNORE_INDEX)])
         return item
+
+
+class SlidingWindows(Dataset):
+    """Windows of seq_len tokens every `stride` tokens; each token is scored once, by the first window in
+    which it is a target, so every scored token but the first seq_len - stride sees >= seq_len - stride
+    tokens of context."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, stride: int):
+        if not 1 <= stride <= seq_len:
+            raise ValueError(f"--stride must be between 1 and the length ({seq_len}), got {stride}")
+        if tokens.numel() < seq_len + 1:
+            raise ValueError(f"the token stream has {tokens.numel()} tokens, fewer than one window of {seq_len}")
+        self.tokens, self.seq_len = tokens.long(), seq_len
+        last = tokens.numel() - seq_len - 1
+        self.starts = list(range(0, last + 1, stride))
+        if self.starts[-1] != last:
+            self.starts.append(last)  # a final window so the stream's tail is scored too
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start = self.starts[index]
+        window = self.tokens[start : start + self.seq_len + 1]  # (T + 1,)
+        labels = window[1:].clone()
+        if index > 0:  # targets up to the previous window's end were already scored
+            seen = self.starts[index - 1] + self.seq_len - start
+            labels[:seen] = IGNORE_INDEX
+        return {"input_ids": window[:-1], "labels": labels}

@@ -17,13 +17,20 @@ from typing import Any
 
 import pandas as pd
 
-from cope_pl.eval_context import RESULTS_FILE as EVAL_CONTEXT_FILE
-from cope_pl.eval_passkey import PASSKEY_FILE
-from cope_pl.results import RESULTS_FILE, fit_finished
-from cope_pl.runs import CONFIG_FILE, load_config, run_label
+from cope_pl.results import fit_finished, read_results
+from cope_pl.runs import (
+    CONFIG_FILE,
+    EVAL_CONTEXT_FILE,
+    PASSKEY_FILE,
+    POSITIONS_FILE,
+    RESULTS_FILE,
+    load_config,
+    run_label,
+    sweep_cell_dir,
+    sweep_status_file,
+)
 from cope_pl.sweep import MANIFEST
 
-POSITIONS_FILE = "eval_context_positions.csv"  # run,position,train_seq_len,seq_len,set,stride,bucket_start,...,loss
 RUN_COLUMNS = ["sweep", "cell", "run", "run_dir", "status", "reason", "data", "position", "seed", "seq_len", "step"]
 
 
@@ -62,7 +69,7 @@ def run_row(run_dir: Path) -> dict[str, Any] | None:
         row.update(position=model.get("position"), data=str(data.get("class_path", "")).rsplit(".", 1)[-1])
         row["seq_len"] = (data.get("init_args") or {}).get("seq_len")
         return row
-    results = json.loads(results_path.read_text())
+    results = read_results(results_path)
     if is_retest(results):
         return None
     row.update(status="ok", reason="", step=results.get("global_step"))
@@ -73,7 +80,7 @@ def run_row(run_dir: Path) -> dict[str, Any] | None:
 
 
 def cell_reason(save_dir: Path, cell: str) -> tuple[str, str]:
-    status_file = save_dir / "status" / f"{cell}.json"
+    status_file = sweep_status_file(save_dir, cell)
     if status_file.is_file():
         status = json.loads(status_file.read_text())
         if status.get("status") == "failed":
@@ -92,7 +99,7 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     for manifest in find_manifests(root):
         save_dir = Path(manifest["save_dir"])
         for cell in manifest["cells"]:
-            run_dir = save_dir / cell["name"] / "version_0"
+            run_dir = sweep_cell_dir(save_dir, cell["name"])
             key = str(run_dir.resolve())
             row = rows.get(key)
             if row is None or row["status"] != "ok":

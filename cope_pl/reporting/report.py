@@ -49,6 +49,7 @@ from cope_pl.reporting.plots import (
     plot_passkey,
 )
 from cope_pl.reporting.tables import Table, extrapolation_table, metric_table, passkey_table, row_labels, varying
+from cope_pl.runs import POSITION_MAPS_DIR
 
 DEFAULT_ROW_KEYS = ["data", "position", "seq_len"]
 
@@ -168,8 +169,9 @@ def copy_position_maps(runs: pd.DataFrame, out: Path) -> list[Path]:
     """PNGs from each run's position_maps/ folder (`cope-pl position-maps RUN`), copied to out/<run>/."""
     copied = []
     for run in runs.itertuples():
-        for png in sorted((Path(run.run_dir) / "position_maps").rglob("*.png")):
-            target = out / str(run.run).replace("/", "_") / png.relative_to(Path(run.run_dir) / "position_maps")
+        maps_dir = Path(run.run_dir) / POSITION_MAPS_DIR
+        for png in sorted(maps_dir.rglob("*.png")):
+            target = out / str(run.run).replace("/", "_") / png.relative_to(maps_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             copied.append(Path(shutil.copyfile(png, target)))
     return copied

@@ -1,4 +1,4 @@
-"""Small adaptations of Lightning's own callbacks to this project's batches."""
+"""Tokens per second while training: Lightning's ThroughputMonitor counting tokens instead of samples."""
 
 from __future__ import annotations
 
