@@ -62,3 +62,36 @@ class PositionEncoding(nn.Module):
         """Terms added to the logits of queries q (B, H, T, D) against keys["k"], keys["v"] and the key features
         (B, H, S, D) of all S tokens so far."""
         return []
+
+
+class ComposedPositionEncoding(PositionEncoding):
+    """Several encodings at once: hooks run in the parts' order and their attention terms add up, so a
+    combination takes the same attention paths as its parts."""
+
+    def __init__(self, name: str, parts: list[PositionEncoding]):
+        super().__init__(parts[0].dims)
+        self.name = name
+        self.parts = nn.ModuleList(parts)
+
+    def check_length(self, seq_len: int) -> None:
+        for part in self.parts:
+            part.check_length(seq_len)
+
+    def encode_input(self, x: Tensor, start: int = 0) -> Tensor:
+        for part in self.parts:
+            x = part.encode_input(x, start)
+        return x
+
+    def transform_qk(self, layer: int, q: Tensor, k: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+        for part in self.parts:
+            q, k = part.transform_qk(layer, q, k, start)
+        return q, k
+
+    def key_features(self, layer: int, x: Tensor) -> dict[str, Tensor]:
+        features: dict[str, Tensor] = {}
+        for part in self.parts:
+            features.update(part.key_features(layer, x))
+        return features
+
+    def attention_terms(self, layer: int, q: Tensor, keys: dict[str, Tensor]) -> list[Term]:
+        return [term for part in self.parts for term in part.attention_terms(layer, q, keys)]

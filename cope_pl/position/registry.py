@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from cope_pl.position.base import ModelDims, PositionEncoding
+from cope_pl.position.base import ComposedPositionEncoding, ModelDims, PositionEncoding
 
 Factory = Callable[..., PositionEncoding]
 _REGISTRY: dict[str, Factory] = {}
@@ -59,8 +59,6 @@ def options_per_part(name: str, parts: list[str], options: dict[str, Any]) -> di
 def build_position_encoding(name: str, dims: ModelDims, options: dict[str, Any] | None = None) -> PositionEncoding:
     options = dict(options or {})
     if "+" in name:
-        from cope_pl.position.compose import ComposedPositionEncoding
-
         parts = name.split("+")
         unknown = [p for p in parts if p not in _REGISTRY]
         if unknown or len(set(parts)) != len(parts):
