@@ -24,11 +24,11 @@ def cope_position_logits(query: Tensor, attn_logits: Tensor, pos_emb: Tensor) ->
     positions = contextual_positions(attn_logits, pos_emb.size(-1))  # (..., T, S)
     pos_ceil = positions.ceil().long()  # integer indices carry no gradient
     pos_floor = positions.floor().long()
-    logits_int = torch.matmul(query, pos_emb)  # (..., T, P): z_i[p] = q_i . e[p]
-    logits_ceil = logits_int.gather(-1, pos_ceil)  # (..., T, S)
-    logits_floor = logits_int.gather(-1, pos_floor)  # (..., T, S)
+    z = torch.matmul(query, pos_emb)  # (..., T, P): z_i[p] = q_i . e[p] (`logits_int` in the paper's listing)
+    z_ceil = z.gather(-1, pos_ceil)  # (..., T, S)
+    z_floor = z.gather(-1, pos_floor)  # (..., T, S)
     w = positions - pos_floor  # interpolation weight, differentiable through the gates
-    return logits_ceil * w + logits_floor * (1 - w)
+    return z_ceil * w + z_floor * (1 - w)
 
 
 def contextual_positions(gate_logits: Tensor, npos_max: int) -> Tensor:

@@ -5,11 +5,12 @@ TRITON_INTERPRET when these functions are decorated, i.e. when this module is fi
 
 Notation, per (batch, head) and query row i at absolute position r_i = i + S - T:
     s_it = scale q_i.k_t,  g_it = sigmoid(scale q_i.gk_t) for t <= r_i else 0   (gk = k unless sep-keys)
-    p_ij = sum_{t=j..r_i} g_it, clamped at P-1;  f, c = floor, ceil;  w = p - f
-    l_ij = s_ij + z_i[f] (1 - w) + z_i[c] w,  with z_i = q_i E computed outside (B, H, T, P)
+    p_ij = sum_{t=j..r_i} g_it, clamped at P-1;  pos_floor, pos_ceil = floor, ceil;  w = p - pos_floor
+    l_ij = s_ij + z_i[pos_floor] (1 - w) + z_i[pos_ceil] w,  with z_i = q_i E computed outside (B, H, T, P)
+(the names of the reference op, cope_pl/ops/cope.py, and of the chunked op; gradients in docs/cope-ops.md)
 
 Forward: key tiles are walked from the diagonal to the left, so p for a whole tile is an in-tile reverse
-cumulative sum plus the running gate sum of the tiles already seen (fp32). z_i[f] is read from the (BLOCK_M, P)
+cumulative sum plus the running gate sum of the tiles already seen (fp32). z_i[pos_floor] is read from the (BLOCK_M, P)
 register tile with tl.gather. Online softmax does not care about the order of tiles. The total gate sum of each
 row is saved for the backward.
 
@@ -41,14 +42,14 @@ def _dot(a, b, IN_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _positions_and_cope(z, p, NPOS):
-    """Clamp positions at NPOS-1, interpolate z between floor and ceil: (cope term, floor, ceil, w, z_c - z_f)."""
+    """Clamp positions at NPOS-1, interpolate z between floor and ceil: (term, pos_floor, pos_ceil, w, z_step)."""
     pc = tl.minimum(p, NPOS - 1.0)
-    f = tl.floor(pc)
-    c = tl.ceil(pc)
-    w = pc - f
-    z_f = tl.gather(z, f.to(tl.int32), axis=1)  # (BLOCK_M, BLOCK_N)
-    z_c = tl.gather(z, c.to(tl.int32), axis=1)
-    return z_f * (1.0 - w) + z_c * w, f, c, w, z_c - z_f
+    pos_floor = tl.floor(pc)
+    pos_ceil = tl.ceil(pc)
+    w = pc - pos_floor
+    z_floor = tl.gather(z, pos_floor.to(tl.int32), axis=1)  # (BLOCK_M, BLOCK_N)
+    z_ceil = tl.gather(z, pos_ceil.to(tl.int32), axis=1)
+    return z_floor * (1.0 - w) + z_ceil * w, pos_floor, pos_ceil, w, z_ceil - z_floor
 
 
 @triton.jit
@@ -103,7 +104,7 @@ def cope_fwd_kernel(
         g = tl.where(valid, tl.sigmoid(gate_logits), 0.0)
         p = tl.cumsum(g, axis=1, reverse=True) + carry[:, None]
         carry += tl.sum(g, axis=1)
-        cope, _f, _c, _w, _dz = _positions_and_cope(z, p, NPOS)
+        cope, _, _, _, _ = _positions_and_cope(z, p, NPOS)
         logits = tl.where(valid, s + cope, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -152,7 +153,7 @@ def _backward_tile(
     # p_ij = p_left_i - sum_{tile start <= t < j} g_it; rounding may dip just below 0 near the diagonal.
     p = p_left[:, None] - (tl.cumsum(g, axis=1) - g)
     p = tl.where(valid, tl.maximum(p, 0.0), 0.0)
-    cope, f, _c, w, z_diff = _positions_and_cope(z, p, NPOS)
+    cope, pos_floor, _, w, z_step = _positions_and_cope(z, p, NPOS)
     logits = tl.where(valid, s + cope, float("-inf"))
     probs = tl.exp(logits - lse[:, None])
     dprobs = _dot(do, tl.trans(v), IN_DT, DOT_DT, PREC)  # gradient of the probabilities after dropout
@@ -163,9 +164,9 @@ def _backward_tile(
     else:
         dropped = probs
     ds = probs * (dprobs - delta[:, None])  # dL/dlogits; delta_i = dO_i . O_i, with or without dropout
-    # dL/dp = ds (z_c - z_f); clamped positions have f = c = P-1, so no gradient, as with torch.clamp.
-    dpos = tl.where(valid, ds * z_diff, 0.0)
-    return g, p, f, w, dropped, ds, dpos
+    # dL/dp = ds (z_ceil - z_floor); clamped positions have pos_floor = pos_ceil = P-1: no gradient, as torch.clamp.
+    dpos = tl.where(valid, ds * z_step, 0.0)
+    return g, p, pos_floor, w, dropped, ds, dpos
 
 
 @triton.jit
@@ -229,7 +230,7 @@ def cope_bwd_query_kernel(
             tl.store(GATE_BEFORE + carry_rows + it * T, gate_carry, mask=row_ok)
             tl.store(DPOS_BEFORE + carry_rows + it * T, dpos_carry, mask=row_ok)
 
-        g, p, f, w, probs, ds, dpos = _backward_tile(
+        g, p, pos_floor, w, probs, ds, dpos = _backward_tile(
             q, do, k, v, gk, z, lse, delta, gsum - gate_carry, valid, NPOS, scale, dropout_p, seed, bh, offs_m, offs_n,
             T, S, SEP_KEYS, DROPOUT, IN_DT, DOT_DT, PREC,
         )  # fmt: skip
@@ -251,11 +252,11 @@ def cope_bwd_query_kernel(
                 dk_tile = _dot(tl.trans(ds + dgate_logits), q, IN_DT, DOT_DT, PREC) * scale
                 tl.atomic_add(DK + kv_off, dk_tile, mask=kv_mask)
 
-        # dz_i[f] += ds (1 - w), dz_i[c] += ds w; clamped entries (f = c = P-1) are summed per row instead.
+        # dz_i[pos_floor] += ds (1 - w), dz_i[pos_ceil] += ds w; clamped entries (both P-1) are summed per row instead.
         inside = valid & (p < NPOS - 1.0)
         clamped_dz += tl.sum(tl.where(valid & (p >= NPOS - 1.0), ds, 0.0), axis=1)
-        tl.atomic_add(dz_rows[:, None] + f.to(tl.int32), ds * (1.0 - w), mask=inside)
-        tl.atomic_add(dz_rows[:, None] + f.to(tl.int32) + 1, ds * w, mask=inside & (w > 0.0))
+        tl.atomic_add(dz_rows[:, None] + pos_floor.to(tl.int32), ds * (1.0 - w), mask=inside)
+        tl.atomic_add(dz_rows[:, None] + pos_floor.to(tl.int32) + 1, ds * w, mask=inside & (w > 0.0))
 
     dq_off = bh * T * D + offs_m[:, None] * D + offs_d[None, :]
     tl.store(DQ + dq_off, dq, mask=row_ok[:, None] & d_ok[None, :])
