@@ -19,10 +19,8 @@ from __future__ import annotations
 import math
 
 import lightning as L
-import torch
 from torch import Tensor
 
-from cope_pl.attention import recording
 from cope_pl.ops import causal_mask
 
 STATISTICS = ("mean_gate", "clamped_frac", "mean_farthest", "max_farthest", "gate_entropy")
@@ -47,19 +45,10 @@ def gate_statistics(gates: Tensor, npos_max: int) -> dict[str, Tensor]:
     }
 
 
-@torch.no_grad()
 def cope_statistics(model, input_ids: Tensor) -> list[dict[str, Tensor]]:
     """Per layer with a CoPE term: the statistics of `gate_statistics` and the causal positions (N,), clamped."""
-    lm = getattr(model, "model", model)
-    was_training = lm.training
-    try:
-        lm.eval()
-        with recording() as records:
-            lm(input_ids)
-    finally:
-        lm.train(was_training)
     layers = []
-    for layer, record in enumerate(records):
+    for layer, record in enumerate(getattr(model, "model", model).record_attention(input_ids)):
         if record["gates"] is None:
             continue
         gates = record["gates"].double()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cope_pl.attention import KVCache, LayerCache, causal_attention, choose_backend
+from cope_pl.attention import KVCache, LayerCache, causal_attention, choose_backend, recording
 from cope_pl.position import ModelDims, PositionEncoding, build_position_encoding
 
 
@@ -110,6 +110,19 @@ class TransformerLM(nn.Module):
         q = torch.zeros(1, dims.n_heads, 1, dims.d_head, device=device)
         terms = self.position.attention_terms(0, q, {"k": q, "v": q, **self.position.key_features(0, x)})
         return choose_backend(terms, device).backend
+
+    @torch.no_grad()
+    def record_attention(self, input_ids: Tensor) -> list[dict]:
+        """One eval-mode forward under `cope_pl.attention.recording()`: per layer, the attention probabilities
+        (B, H, T, T) and, with a CoPE term, its gates and positions (position maps, CoPE statistics)."""
+        was_training = self.training
+        try:
+            self.eval()
+            with recording() as records:
+                self(input_ids)
+        finally:
+            self.train(was_training)
+        return records
 
     def new_cache(self) -> KVCache:
         """An empty cache for incremental decoding: pass it to every forward call of one sequence batch."""

@@ -1,9 +1,9 @@
 """CoPE's contextual positions p_ij and the attention they induce, per layer and head (paper Figure 4).
 
-The maps are what the model's own attention computed: the model runs once under
-`cope_pl.attention.recording()`, which keeps each layer's attention probabilities and, for CoPE terms, the
-positions p_ij (reverse cumulative sum of sigmoid gates, clamped at npos_max - 1). Whatever op an encoding
-normally runs on, the maps come from the same terms.
+The maps are what the model's own attention computed: `TransformerLM.record_attention` runs the model once
+under `cope_pl.attention.recording()`, which keeps each layer's attention probabilities and, for CoPE terms,
+the positions p_ij (reverse cumulative sum of sigmoid gates, clamped at npos_max - 1). Whatever op an
+encoding normally runs on, the maps come from the same terms.
 
 `cope-pl position-maps RUN --out DIR` draws them as PNGs (`layer<L>_len<T>.png`) for a test-set sample of
 the run's data; `--length 2x` draws them at twice the training length, where encodings diverge most. The
@@ -18,26 +18,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cope_pl.attention import recording
 from cope_pl.ops import causal_mask
 from cope_pl.runs import POSITION_MAPS_DIR, load_config, resolve_run, run_label
 
 
-@torch.no_grad()
 def position_maps(model, input_ids: Tensor) -> list[dict[str, Tensor | None]]:
     """Per layer: {"attention": (B, H, T, T), "positions": (B, H, T, T) or None without CoPE}.
 
     model: a TransformerLM (or a LanguageModel wrapping one); input_ids: (B, T).
     """
-    lm = getattr(model, "model", model)
-    was_training = lm.training
-    try:
-        lm.eval()
-        with recording() as maps:
-            lm(input_ids)
-    finally:
-        lm.train(was_training)
-    return maps
+    return getattr(model, "model", model).record_attention(input_ids)
 
 
 IMPLEMENTATION_OPTIONS = ("compile", "impl")  # how an encoding is computed, not what it computes
