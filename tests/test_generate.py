@@ -88,9 +88,10 @@ def test_bad_requests_are_refused(kwargs, message):
         generate(tiny_model("rope"), **args)
 
 
-def test_a_learned_absolute_table_refuses_to_decode_past_its_length():
-    model = tiny_model("absolute", max_seq_len=8)
-    with pytest.raises(ValueError, match="model.max_seq_len=8"):
+@pytest.mark.parametrize("position, message", [("absolute", "model.max_seq_len=8"), ("relative", "raise max_distance")])
+def test_a_table_without_cap_refuses_to_decode_past_its_length(position, message):
+    model = tiny_model(position, max_seq_len=8)
+    with pytest.raises(ValueError, match=message):
         generate(model, torch.ones(1, 6, dtype=torch.long), max_new_tokens=4)
     assert generate(model, torch.ones(1, 6, dtype=torch.long), max_new_tokens=3).shape == (1, 9)  # 8 positions fed
 
