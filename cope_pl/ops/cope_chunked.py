@@ -29,7 +29,7 @@ from cope_pl.ops.dropout import check_dropout, draw_dropout_seed
 # Elements of one (B, H, block, keys) tensor, and at most this many queries per block: small blocks stay in
 # cache and skip more of the masked upper triangle (on CPU, 64 rows beat 128 and whole-T blocks at T=256..1024).
 DEFAULT_BLOCK_ELEMENTS = 1 << 20
-MAX_BLOCK_ROWS = 64
+MAX_BLOCK_ROWS = 32
 
 
 def block_rows(b: int, h: int, t: int, s: int, max_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
@@ -40,20 +40,25 @@ def block_rows(b: int, h: int, t: int, s: int, max_elements: int = DEFAULT_BLOCK
 
 
 def interpolation_table(pos_emb: Tensor) -> Tensor:
-    """(D, 2P): e, then the slopes e[p + 1] - e[p] (0 at p = P - 1). q_i . e interpolated at p = f + w is
-    z[f] + w slope[f] with (z, slope) = q_i . table, so the one index f = floor(p) reads both terms, and a clamped
-    position (f = P - 1) has no slope."""
+    """(D, 2P): columns e[p], e[p + 1] - e[p] for each p (the slope is 0 at p = P - 1). q_i . e interpolated at
+    p = f + w is z[f] + w slope[f] with (z[f], slope[f]) the pair f of q_i . table, so one gather of complex
+    pairs at f = floor(p) reads both, and a clamped position (f = P - 1) has no slope."""
     slopes = torch.cat([pos_emb[:, 1:] - pos_emb[:, :-1], torch.zeros_like(pos_emb[:, :1])], dim=1)
-    return torch.cat([pos_emb, slopes], dim=1)
+    return torch.stack([pos_emb, slopes], dim=-1).flatten(1)
 
 
 def interpolation_table_grad(grad: Tensor) -> Tensor:
     """The gradient of `interpolation_table`'s input (D, P), given the gradient of its output (D, 2P)."""
-    npos = grad.size(-1) // 2
-    grad_e, grad_slopes = grad[:, :npos].clone(), grad[:, npos : 2 * npos - 1]
+    pairs = grad.unflatten(1, (-1, 2))
+    grad_e, grad_slopes = pairs[..., 0].clone(), pairs[:, :-1, 1]
     grad_e[:, 1:] += grad_slopes
     grad_e[:, :-1] -= grad_slopes
     return grad_e
+
+
+def as_pairs(x: Tensor) -> Tensor:
+    """(..., 2P) real -> (..., P) complex view: each (z, slope) pair one element, for one gather or scatter."""
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
 
 
 def block_masks(n: int, s: int, rel: int, bias: int, dtype: torch.dtype, device: torch.device):
@@ -72,10 +77,11 @@ def block_scores(qb, kb, gkb, zz, zr, bias_b, mask, idx_rel, scale: float):
     """CoPE attention scores of one query block against its keys in reverse order, and what backward reuses.
 
     Heads are flattened into the batch (G = B*H): qb (G, n, D); kb, gkb: (G, S, D) keys S-1..0 of the block (gkb
-    None: gates from the attention logits); zz: (G, n, 2P) q . interpolation_table(e); zr: optional (G, n, R)
+    None: gates from the attention logits); zz: (G, n, P) complex pairs of q . interpolation_table(e) (`as_pairs`);
+    zr: optional (G, n, R)
     q . r; bias_b: optional (H, n, S) bias by distance; mask, idx_rel: (n, S) from `block_masks`.
     """
-    npos = zz.size(-1) // 2
+    npos = zz.size(-1)
     logits = torch.baddbmm(mask, qb, kb.transpose(1, 2), alpha=scale)  # (G, n, S), -inf on masked keys
     gate_logits = logits if gkb is None else torch.baddbmm(mask, qb, gkb.transpose(1, 2), alpha=scale)
     gates = torch.sigmoid(gate_logits)  # 0 on masked keys
@@ -83,8 +89,9 @@ def block_scores(qb, kb, gkb, zz, zr, bias_b, mask, idx_rel, scale: float):
     positions = gates.cumsum(-1).clamp_(max=npos - 1)
     idx = positions.long()  # int64: gather and scatter convert narrower indices first
     weight = positions.frac_()  # p - floor(p), differentiable through the gates
-    slope = zz[..., npos:].gather(-1, idx)  # (G, n, S): q_i . (e[f + 1] - e[f]), 0 where clamped
-    scores = logits.add_(zz[..., :npos].gather(-1, idx)).addcmul_(weight, slope)  # logits are not needed again
+    pair = torch.view_as_real(zz.gather(-1, idx))  # (G, n, S, 2): q_i . e[f], q_i . (e[f + 1] - e[f])
+    slope = pair[..., 1]  # 0 where clamped
+    scores = torch.addcmul(pair[..., 0], weight, slope).add_(logits)
     if zr is not None:
         scores.add_(zr.gather(-1, idx_rel.expand_as(scores)))
     if bias_b is not None:
@@ -101,11 +108,10 @@ def block_forward(qb, kb, vb, gkb, zz, zr, bias_b, mask, idx_rel, scale: float, 
 
 
 def block_backward(qb, kb, vb, gkb, zz, zr, bias_b, mask, idx_rel, scale: float, drop, dout, dzz, dzr):
-    """Gradients of one query block, recomputed from its inputs. Adds the tables' terms into dzz (G, n, 2P) and
+    """Gradients of one query block, recomputed from its inputs. Adds the tables' terms into dzz (G, n, P pairs) and
     dzr (G, n, R); returns dq, dk, dv, d gate_k without the logits' 1/sqrt(D) (the caller applies it once), key
     gradients in reversed order, and the bias's gradient by (row, key) summed over the batch, (H, n, S)."""
     scores, (gates, weight, idx, slope) = block_scores(qb, kb, gkb, zz, zr, bias_b, mask, idx_rel, scale)
-    npos = zz.size(-1) // 2
     probs = torch.softmax(scores, -1)  # (G, n, S)
     dprobs = torch.bmm(dout, vb.transpose(1, 2))  # gradient of the (dropped) probabilities
     if drop is not None:
@@ -114,9 +120,8 @@ def block_backward(qb, kb, vb, gkb, zz, zr, bias_b, mask, idx_rel, scale: float,
     # P (dP - sum_j P_ij dP_ij) in one pass; with dropout too, as dP is taken before it.
     dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
     # The CoPE term z[f] + w slope[f]: to z and the slopes at f, and through w to the gates.
-    dzz[..., :npos].scatter_add_(-1, idx, dscores)
-    dzz[..., npos:].scatter_add_(-1, idx, weight.mul_(dscores))
-    dpositions = slope.mul_(dscores)  # slope is 0 where the clamp holds
+    dzz.scatter_add_(-1, idx, torch.complex(dscores, weight.mul_(dscores)))
+    dpositions = slope * dscores  # slope is 0 where the clamp holds
     # positions = cumsum(gates) over reversed keys, so a gate's gradient sums the dpositions from it onwards.
     dgate_logits = torch.ops.aten.sigmoid_backward(dpositions.flip(-1).cumsum_(-1).flip(-1), gates)
     if dzr is not None:
@@ -137,6 +142,17 @@ def _dropout_factors(q: Tensor, n: int, end: int, block_start: int, p: float, se
     generator = torch.Generator(device=q.device).manual_seed(seed * 1_000_003 + block_start)
     keep = torch.rand(*q.shape[:2], n, end, generator=generator, device=q.device, dtype=q.dtype) >= p
     return (keep.to(q.dtype) / (1.0 - p)).flatten(0, 1)
+
+
+GROUP_ELEMENTS = int(__import__("os").environ.get("COPE_GROUP_ELEMENTS", 1 << 40))
+
+
+def _groups(b: int, h: int, n: int, end: int):
+    """Slices of the flattened batch (B*H), whole batches of heads each, whose (group, n, end) tensors stay
+    within GROUP_ELEMENTS."""
+    per = max(1, min(b, GROUP_ELEMENTS // max(h * n * end, 1))) * h
+    for g0 in range(0, b * h, per):
+        yield slice(g0, g0 + per)
 
 
 class _Blocks:
@@ -167,16 +183,18 @@ class ChunkedCoPEAttention(torch.autograd.Function):
         q3 = q.reshape(b * h, t, d).contiguous()
         # Keys in reverse order once per call: every block reads a suffix of them (keys end-1 .. 0), a view.
         k3, v3, gk3 = (None if x is None else x.flip(-2).reshape(b * h, s, d).contiguous() for x in (k, v, gate_k))
-        zz = q3 @ interpolation_table(pos_emb)  # (G, T, 2P)
+        zz = as_pairs(q3 @ interpolation_table(pos_emb))  # (G, T, P) complex pairs
         zr = None if rel_emb is None else q3 @ rel_emb  # (G, T, R)
         out = torch.empty_like(q3)
         for i0, n, end, mask, idx_rel, idx_bias in _Blocks(t, s, block, rel_emb, bias, q.dtype, q.device):
             rows, keys = slice(i0, i0 + n), slice(s - end, s)
-            out[:, rows] = fwd(
-                q3[:, rows], k3[:, keys], v3[:, keys], None if gk3 is None else gk3[:, keys], zz[:, rows],
-                None if zr is None else zr[:, rows], None if bias is None else bias[:, idx_bias], mask, idx_rel,
-                scale, _dropout_factors(q, n, end, i0, dropout_p, seed),
-            )  # fmt: skip
+            drop = _dropout_factors(q, n, end, i0, dropout_p, seed)
+            bias_b = None if bias is None else bias[:, idx_bias]
+            for g in _groups(b, h, n, end):
+                out[g, rows] = fwd(
+                    q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], zz[g, rows],
+                    None if zr is None else zr[g, rows], bias_b, mask, idx_rel, scale, None if drop is None else drop[g],
+                )  # fmt: skip
         ctx.save_for_backward(q3, k3, v3, pos_emb, gk3, rel_emb, bias)
         ctx.block, ctx.fns, ctx.dropout, ctx.shape = block, fns, (dropout_p, seed), (b, h, t, s, d)
         return out.view(b, h, t, d)
@@ -189,7 +207,7 @@ class ChunkedCoPEAttention(torch.autograd.Function):
         _, bwd = ctx.fns
         dout = grad_out.reshape(b * h, t, d).contiguous()
         table = interpolation_table(pos_emb)
-        zz = q3 @ table
+        zz = as_pairs(q3 @ table)
         zr = None if rel_emb is None else q3 @ rel_emb
         dq, dzz = torch.empty_like(q3), torch.zeros_like(zz)
         dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)  # keys in reverse order
@@ -198,20 +216,23 @@ class ChunkedCoPEAttention(torch.autograd.Function):
         dbias = None if bias is None else torch.zeros_like(bias)
         for i0, n, end, mask, idx_rel, idx_bias in _Blocks(t, s, ctx.block, rel_emb, bias, q3.dtype, q3.device):
             rows, keys = slice(i0, i0 + n), slice(s - end, s)
-            dqb, dkb, dvb, dgkb, dbb = bwd(
-                q3[:, rows], k3[:, keys], v3[:, keys], None if gk3 is None else gk3[:, keys], zz[:, rows],
-                None if zr is None else zr[:, rows], None if bias is None else bias[:, idx_bias], mask, idx_rel,
-                scale, _dropout_factors(q3.view(b, h, t, d), n, end, i0, *ctx.dropout), dout[:, rows],
-                dzz[:, rows], None if dzr is None else dzr[:, rows],
-            )  # fmt: skip
-            dq[:, rows] = dqb
-            dk[:, keys] += dkb
-            dv[:, keys] += dvb
-            if dgk is not None:
-                dgk[:, keys] += dgkb
-            if dbias is not None:
-                dbias.scatter_add_(-1, idx_bias.reshape(1, -1).expand(h, -1), dbb.reshape(h, -1))
+            drop = _dropout_factors(q3.view(b, h, t, d), n, end, i0, *ctx.dropout)
+            bias_b = None if bias is None else bias[:, idx_bias]
+            for g in _groups(b, h, n, end):
+                dqb, dkb, dvb, dgkb, dbb = bwd(
+                    q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], zz[g, rows],
+                    None if zr is None else zr[g, rows], bias_b, mask, idx_rel, scale,
+                    None if drop is None else drop[g], dout[g, rows], dzz[g, rows], None if dzr is None else dzr[g, rows],
+                )  # fmt: skip
+                dq[g, rows] = dqb
+                dk[g, keys] += dkb
+                dv[g, keys] += dvb
+                if dgk is not None:
+                    dgk[g, keys] += dgkb
+                if dbias is not None:
+                    dbias.scatter_add_(-1, idx_bias.reshape(1, -1).expand(h, -1), dbb.reshape(h, -1))
         # The tables' terms, once per call: dq += dzz table^T (+ dzr r^T), d table = q^T dzz.
+        dzz = torch.view_as_real(dzz).flatten(-2)  # (G, T, 2P), as the table's columns
         dq = dq.mul_(scale).add_(dzz @ table.transpose(0, 1))
         q_flat = q3.reshape(-1, d).transpose(0, 1)  # (D, G*T)
         dpos_emb = interpolation_table_grad(q_flat @ dzz.reshape(-1, dzz.size(-1)))
