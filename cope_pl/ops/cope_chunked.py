@@ -26,17 +26,27 @@ from torch import Tensor
 
 from cope_pl.ops.dropout import check_dropout, draw_dropout_seed
 
-# Elements of one (B, H, block, keys) tensor, and at most this many queries per block: small blocks stay in
-# cache and skip more of the masked upper triangle (on CPU, 64 rows beat 128 and whole-T blocks at T=256..1024).
-DEFAULT_BLOCK_ELEMENTS = 1 << 20
-MAX_BLOCK_ROWS = 32
+# A block is at most MAX_BLOCK_ROWS queries of a group of heads (of the flattened B*H) whose (group, rows, keys)
+# tensors hold about GROUP_ELEMENTS values, so the dozen passes over each stay in a core's cache; short sequences
+# take shorter blocks, which skip more of the masked upper triangle (docs/benchmarks.md measures the choice).
+MAX_BLOCK_ROWS = 64
+GROUP_ELEMENTS = 1 << 17
 
 
-def block_rows(b: int, h: int, t: int, s: int, max_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
-    """Queries per block: at most MAX_BLOCK_ROWS, and a (B, H, block, S) tensor within max_elements (>= 16 rows),
-    spread evenly over the blocks that takes (T=129: 3 x 43, not 64 + 64 + a one-row block of full overhead)."""
-    most = max(16, min(t, MAX_BLOCK_ROWS, max_elements // max(b * h * s, 1)))
+def block_rows(t: int) -> int:
+    """Queries per block: T/4 within [16, MAX_BLOCK_ROWS], spread evenly over the blocks that takes (T=129 runs
+    as 3 x 43, not 64 + 64 + a one-row block of full overhead)."""
+    most = max(16, min(t // 4, MAX_BLOCK_ROWS))
     return math.ceil(t / math.ceil(t / most))
+
+
+def head_groups(b: int, h: int, n: int, end: int):
+    """(slice of the flattened B*H, its first head) per group for a block of n queries reading `end` keys: whole
+    batches of heads, or a divisor of H heads once one batch's (H, n, end) tensors pass GROUP_ELEMENTS."""
+    fit = GROUP_ELEMENTS // max(n * end, 1)
+    size = h * max(1, min(b, fit // h)) if fit >= h else max(x for x in range(1, h + 1) if h % x == 0 and x <= max(fit, 1))
+    for g0 in range(0, b * h, size):
+        yield slice(g0, min(g0 + size, b * h)), g0 % h
 
 
 def interpolation_table(pos_emb: Tensor) -> Tensor:
@@ -79,7 +89,8 @@ def block_scores(qb, kb, gkb, zz, zr, bias_b, mask, idx_rel, scale: float):
     Heads are flattened into the batch (G = B*H): qb (G, n, D); kb, gkb: (G, S, D) keys S-1..0 of the block (gkb
     None: gates from the attention logits); zz: (G, n, P) complex pairs of q . interpolation_table(e) (`as_pairs`);
     zr: optional (G, n, R)
-    q . r; bias_b: optional (H, n, S) bias by distance; mask, idx_rel: (n, S) from `block_masks`.
+    q . r; bias_b: optional (h, n, S) bias by distance of the group's heads, h dividing G; mask, idx_rel: (n, S)
+    from `block_masks`.
     """
     npos = zz.size(-1)
     logits = torch.baddbmm(mask, qb, kb.transpose(1, 2), alpha=scale)  # (G, n, S), -inf on masked keys
@@ -144,15 +155,12 @@ def _dropout_factors(q: Tensor, n: int, end: int, block_start: int, p: float, se
     return (keep.to(q.dtype) / (1.0 - p)).flatten(0, 1)
 
 
-GROUP_ELEMENTS = int(__import__("os").environ.get("COPE_GROUP_ELEMENTS", 1 << 40))
-
-
-def _groups(b: int, h: int, n: int, end: int):
-    """Slices of the flattened batch (B*H), whole batches of heads each, whose (group, n, end) tensors stay
-    within GROUP_ELEMENTS."""
-    per = max(1, min(b, GROUP_ELEMENTS // max(h * n * end, 1))) * h
-    for g0 in range(0, b * h, per):
-        yield slice(g0, g0 + per)
+def _group_bias(bias_b: Tensor | None, g: slice, h0: int) -> Tensor | None:
+    """The (h, n, end) bias rows of a group's heads: all H for whole batches, else the group's own heads."""
+    if bias_b is None:
+        return None
+    heads = g.stop - g.start
+    return bias_b if heads % bias_b.size(0) == 0 else bias_b[h0 : h0 + heads]
 
 
 class _Blocks:
@@ -189,11 +197,12 @@ class ChunkedCoPEAttention(torch.autograd.Function):
         for i0, n, end, mask, idx_rel, idx_bias in _Blocks(t, s, block, rel_emb, bias, q.dtype, q.device):
             rows, keys = slice(i0, i0 + n), slice(s - end, s)
             drop = _dropout_factors(q, n, end, i0, dropout_p, seed)
-            bias_b = None if bias is None else bias[:, idx_bias]
-            for g in _groups(b, h, n, end):
+            bias_b = None if bias is None else bias[:, idx_bias]  # (H, n, end)
+            for g, h0 in head_groups(b, h, n, end):
                 out[g, rows] = fwd(
                     q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], zz[g, rows],
-                    None if zr is None else zr[g, rows], bias_b, mask, idx_rel, scale, None if drop is None else drop[g],
+                    None if zr is None else zr[g, rows], _group_bias(bias_b, g, h0), mask, idx_rel, scale,
+                    None if drop is None else drop[g],
                 )  # fmt: skip
         ctx.save_for_backward(q3, k3, v3, pos_emb, gk3, rel_emb, bias)
         ctx.block, ctx.fns, ctx.dropout, ctx.shape = block, fns, (dropout_p, seed), (b, h, t, s, d)
@@ -218,10 +227,11 @@ class ChunkedCoPEAttention(torch.autograd.Function):
             rows, keys = slice(i0, i0 + n), slice(s - end, s)
             drop = _dropout_factors(q3.view(b, h, t, d), n, end, i0, *ctx.dropout)
             bias_b = None if bias is None else bias[:, idx_bias]
-            for g in _groups(b, h, n, end):
+            for g, h0 in head_groups(b, h, n, end):
+                bias_g = _group_bias(bias_b, g, h0)
                 dqb, dkb, dvb, dgkb, dbb = bwd(
                     q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], zz[g, rows],
-                    None if zr is None else zr[g, rows], bias_b, mask, idx_rel, scale,
+                    None if zr is None else zr[g, rows], bias_g, mask, idx_rel, scale,
                     None if drop is None else drop[g], dout[g, rows], dzz[g, rows], None if dzr is None else dzr[g, rows],
                 )  # fmt: skip
                 dq[g, rows] = dqb
@@ -230,7 +240,8 @@ class ChunkedCoPEAttention(torch.autograd.Function):
                 if dgk is not None:
                     dgk[g, keys] += dgkb
                 if dbias is not None:
-                    dbias.scatter_add_(-1, idx_bias.reshape(1, -1).expand(h, -1), dbb.reshape(h, -1))
+                    heads = dbb.size(0)
+                    dbias[h0 : h0 + heads].scatter_add_(-1, idx_bias.reshape(1, -1).expand(heads, -1), dbb.flatten(1))
         # The tables' terms, once per call: dq += dzz table^T (+ dzr r^T), d table = q^T dzz.
         dzz = torch.view_as_real(dzz).flatten(-2)  # (G, T, 2P), as the table's columns
         dq = dq.mul_(scale).add_(dzz @ table.transpose(0, 1))
@@ -288,7 +299,7 @@ def cope_attention_chunked(
     s = k.size(-2)
     if s < t:
         raise ValueError(f"cope_attention_chunked needs at least as many keys as queries, got S={s} < T={t}")
-    block = block_size or block_rows(b, h, t, s)
+    block = block_size or block_rows(t)
     if block < 1:
         raise ValueError(f"cope_attention_chunked: block_size must be >= 1, got {block}")
     check_dropout(dropout_p)
