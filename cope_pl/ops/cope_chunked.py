@@ -44,7 +44,9 @@ def head_groups(b: int, h: int, n: int, end: int):
     """(slice of the flattened B*H, its first head) per group for a block of n queries reading `end` keys: whole
     batches of heads, or a divisor of H heads once one batch's (H, n, end) tensors pass GROUP_ELEMENTS."""
     fit = GROUP_ELEMENTS // max(n * end, 1)
-    size = h * max(1, min(b, fit // h)) if fit >= h else max(x for x in range(1, h + 1) if h % x == 0 and x <= max(fit, 1))
+    size = (
+        h * max(1, min(b, fit // h)) if fit >= h else max(x for x in range(1, h + 1) if h % x == 0 and x <= max(fit, 1))
+    )
     for g0 in range(0, b * h, size):
         yield slice(g0, min(g0 + size, b * h)), g0 % h
 
@@ -66,6 +68,9 @@ def interpolation_table_grad(grad: Tensor) -> Tensor:
     return grad_e
 
 
+COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
 def as_pairs(x: Tensor) -> Tensor:
     """(..., 2P) real -> (..., P) complex view: each (z, slope) pair one element, for one gather or scatter."""
     return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
@@ -83,15 +88,16 @@ def block_masks(n: int, s: int, rel: int, bias: int, dtype: torch.dtype, device:
     return mask, idx_rel, idx_bias
 
 
-def block_scores(qb, kb, gkb, zz, zr, bias_b, mask, idx_rel, scale: float):
+def block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float):
     """CoPE attention scores of one query block against its keys in reverse order, and what backward reuses.
 
-    Heads are flattened into the batch (G = B*H): qb (G, n, D); kb, gkb: (G, S, D) keys S-1..0 of the block (gkb
-    None: gates from the attention logits); zz: (G, n, P) complex pairs of q . interpolation_table(e) (`as_pairs`);
-    zr: optional (G, n, R)
-    q . r; bias_b: optional (h, n, S) bias by distance of the group's heads, h dividing G; mask, idx_rel: (n, S)
-    from `block_masks`.
+    Heads are flattened into the batch: qb (G, n, D) for a group of G of them; kb, gkb: (G, S, D) keys S-1..0 of
+    the block (gkb None: gates from the attention logits); table: (D, 2P) `interpolation_table`; rel_emb:
+    optional (D, R); bias_b: optional (h, n, S) bias by distance of the group's heads, h dividing G; mask,
+    idx_rel: (n, S) from `block_masks`. The (G, n, P) table products are formed here, block by block: per call
+    they would be (B*H, T, 2P), as large as the logits of short sequences and freshly paged in every call.
     """
+    zz = as_pairs(qb @ table)  # (G, n, P) complex pairs (q . e[p], q . slope[p])
     npos = zz.size(-1)
     logits = torch.baddbmm(mask, qb, kb.transpose(1, 2), alpha=scale)  # (G, n, S), -inf on masked keys
     gate_logits = logits if gkb is None else torch.baddbmm(mask, qb, gkb.transpose(1, 2), alpha=scale)
@@ -103,26 +109,26 @@ def block_scores(qb, kb, gkb, zz, zr, bias_b, mask, idx_rel, scale: float):
     pair = torch.view_as_real(zz.gather(-1, idx))  # (G, n, S, 2): q_i . e[f], q_i . (e[f + 1] - e[f])
     slope = pair[..., 1]  # 0 where clamped
     scores = torch.addcmul(pair[..., 0], weight, slope).add_(logits)
-    if zr is not None:
-        scores.add_(zr.gather(-1, idx_rel.expand_as(scores)))
+    if rel_emb is not None:
+        scores.add_((qb @ rel_emb).gather(-1, idx_rel.expand_as(scores)))
     if bias_b is not None:
         scores.view(-1, *bias_b.shape).add_(bias_b)  # broadcast over the batch
     return scores, (gates, weight, idx, slope)
 
 
-def block_forward(qb, kb, vb, gkb, zz, zr, bias_b, mask, idx_rel, scale: float, drop):
+def block_forward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop):
     """One query block's output (G, n, D). drop: None, or (G, n, S) factors 0 or 1 / (1 - p) for the keys in
     reversed order. Backward recomputes the same softmax, so no log-sum-exp is kept."""
-    scores, _ = block_scores(qb, kb, gkb, zz, zr, bias_b, mask, idx_rel, scale)
+    scores, _ = block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale)
     probs = torch.softmax(scores, -1)
     return torch.bmm(probs if drop is None else probs.mul_(drop), vb)
 
 
-def block_backward(qb, kb, vb, gkb, zz, zr, bias_b, mask, idx_rel, scale: float, drop, dout, dzz, dzr):
-    """Gradients of one query block, recomputed from its inputs. Adds the tables' terms into dzz (G, n, P pairs) and
-    dzr (G, n, R); returns dq, dk, dv, d gate_k without the logits' 1/sqrt(D) (the caller applies it once), key
-    gradients in reversed order, and the bias's gradient by (row, key) summed over the batch, (H, n, S)."""
-    scores, (gates, weight, idx, slope) = block_scores(qb, kb, gkb, zz, zr, bias_b, mask, idx_rel, scale)
+def block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop, dout):
+    """Gradients of one query block, recomputed from its inputs: dq; dk, dv, d gate_k (keys in reversed order,
+    without the logits' 1/sqrt(D): the caller applies it once); the tables' gradients (D, 2P) and (D, R); the
+    bias's gradient by (row, key) summed over the batch, (h, n, S)."""
+    scores, (gates, weight, idx, slope) = block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale)
     probs = torch.softmax(scores, -1)  # (G, n, S)
     dprobs = torch.bmm(dout, vb.transpose(1, 2))  # gradient of the (dropped) probabilities
     if drop is not None:
@@ -130,20 +136,30 @@ def block_backward(qb, kb, vb, gkb, zz, zr, bias_b, mask, idx_rel, scale: float,
     dvb = torch.bmm((probs if drop is None else probs * drop).transpose(1, 2), dout)  # (G, S, D)
     # P (dP - sum_j P_ij dP_ij) in one pass; with dropout too, as dP is taken before it.
     dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
-    # The CoPE term z[f] + w slope[f]: to z and the slopes at f, and through w to the gates.
+    # The CoPE term z[f] + w slope[f]: to z and the slope at f (one scatter of pairs), through w to the gates.
+    dzz = torch.zeros(*qb.shape[:-1], table.size(-1) // 2, dtype=COMPLEX[dscores.dtype], device=qb.device)
     dzz.scatter_add_(-1, idx, torch.complex(dscores, weight.mul_(dscores)))
+    dzz = torch.view_as_real(dzz).flatten(-2)  # (G, n, 2P), as the table's columns
     dpositions = slope * dscores  # slope is 0 where the clamp holds
     # positions = cumsum(gates) over reversed keys, so a gate's gradient sums the dpositions from it onwards.
     dgate_logits = torch.ops.aten.sigmoid_backward(dpositions.flip(-1).cumsum_(-1).flip(-1), gates)
-    if dzr is not None:
+    dqb = dzz @ table.transpose(0, 1)  # (G, n, D)
+    q_flat = qb.reshape(-1, qb.size(-1)).transpose(0, 1)  # (D, G*n)
+    dtable = q_flat @ dzz.reshape(-1, dzz.size(-1))
+    drel = None
+    if rel_emb is not None:
+        dzr = torch.zeros(*qb.shape[:-1], rel_emb.size(-1), dtype=qb.dtype, device=qb.device)
         dzr.scatter_add_(-1, idx_rel.expand_as(dscores), dscores)
+        dqb += dzr @ rel_emb.transpose(0, 1)
+        drel = q_flat @ dzr.reshape(-1, dzr.size(-1))
     dbias = None if bias_b is None else dscores.view(-1, *bias_b.shape).sum(0)
     if gkb is None:
         dlogits = dgate_logits.add_(dscores)
-        return torch.bmm(dlogits, kb), torch.bmm(dlogits.transpose(1, 2), qb), dvb, None, dbias
-    dqb = torch.baddbmm(torch.bmm(dscores, kb), dgate_logits, gkb)
+        dqb = torch.baddbmm(dqb, dlogits, kb, alpha=scale)
+        return dqb, torch.bmm(dlogits.transpose(1, 2), qb), dvb, None, dtable, drel, dbias
+    dqb = torch.baddbmm(torch.baddbmm(dqb, dscores, kb, alpha=scale), dgate_logits, gkb, alpha=scale)
     dkb, dgkb = torch.bmm(dscores.transpose(1, 2), qb), torch.bmm(dgate_logits.transpose(1, 2), qb)
-    return dqb, dkb, dvb, dgkb, dbias
+    return dqb, dkb, dvb, dgkb, dtable, drel, dbias
 
 
 def _dropout_factors(q: Tensor, n: int, end: int, block_start: int, p: float, seed: int) -> Tensor | None:
@@ -191,8 +207,7 @@ class ChunkedCoPEAttention(torch.autograd.Function):
         q3 = q.reshape(b * h, t, d).contiguous()
         # Keys in reverse order once per call: every block reads a suffix of them (keys end-1 .. 0), a view.
         k3, v3, gk3 = (None if x is None else x.flip(-2).reshape(b * h, s, d).contiguous() for x in (k, v, gate_k))
-        zz = as_pairs(q3 @ interpolation_table(pos_emb))  # (G, T, P) complex pairs
-        zr = None if rel_emb is None else q3 @ rel_emb  # (G, T, R)
+        table = interpolation_table(pos_emb)
         out = torch.empty_like(q3)
         for i0, n, end, mask, idx_rel, idx_bias in _Blocks(t, s, block, rel_emb, bias, q.dtype, q.device):
             rows, keys = slice(i0, i0 + n), slice(s - end, s)
@@ -200,9 +215,8 @@ class ChunkedCoPEAttention(torch.autograd.Function):
             bias_b = None if bias is None else bias[:, idx_bias]  # (H, n, end)
             for g, h0 in head_groups(b, h, n, end):
                 out[g, rows] = fwd(
-                    q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], zz[g, rows],
-                    None if zr is None else zr[g, rows], _group_bias(bias_b, g, h0), mask, idx_rel, scale,
-                    None if drop is None else drop[g],
+                    q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], table, rel_emb,
+                    _group_bias(bias_b, g, h0), mask, idx_rel, scale, None if drop is None else drop[g],
                 )  # fmt: skip
         ctx.save_for_backward(q3, k3, v3, pos_emb, gk3, rel_emb, bias)
         ctx.block, ctx.fns, ctx.dropout, ctx.shape = block, fns, (dropout_p, seed), (b, h, t, s, d)
@@ -216,47 +230,39 @@ class ChunkedCoPEAttention(torch.autograd.Function):
         _, bwd = ctx.fns
         dout = grad_out.reshape(b * h, t, d).contiguous()
         table = interpolation_table(pos_emb)
-        zz = as_pairs(q3 @ table)
-        zr = None if rel_emb is None else q3 @ rel_emb
-        dq, dzz = torch.empty_like(q3), torch.zeros_like(zz)
+        dq, dtable = torch.empty_like(q3), torch.zeros_like(table)
         dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)  # keys in reverse order
         dgk = None if gk3 is None else torch.zeros_like(gk3)
-        dzr = None if zr is None else torch.zeros_like(zr)
+        drel = None if rel_emb is None else torch.zeros_like(rel_emb)
         dbias = None if bias is None else torch.zeros_like(bias)
         for i0, n, end, mask, idx_rel, idx_bias in _Blocks(t, s, ctx.block, rel_emb, bias, q3.dtype, q3.device):
             rows, keys = slice(i0, i0 + n), slice(s - end, s)
             drop = _dropout_factors(q3.view(b, h, t, d), n, end, i0, *ctx.dropout)
             bias_b = None if bias is None else bias[:, idx_bias]
             for g, h0 in head_groups(b, h, n, end):
-                bias_g = _group_bias(bias_b, g, h0)
-                dqb, dkb, dvb, dgkb, dbb = bwd(
-                    q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], zz[g, rows],
-                    None if zr is None else zr[g, rows], bias_g, mask, idx_rel, scale,
-                    None if drop is None else drop[g], dout[g, rows], dzz[g, rows], None if dzr is None else dzr[g, rows],
+                dqb, dkb, dvb, dgkb, dtb, drb, dbb = bwd(
+                    q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], table, rel_emb,
+                    _group_bias(bias_b, g, h0), mask, idx_rel, scale, None if drop is None else drop[g],
+                    dout[g, rows],
                 )  # fmt: skip
                 dq[g, rows] = dqb
                 dk[g, keys] += dkb
                 dv[g, keys] += dvb
+                dtable += dtb
                 if dgk is not None:
                     dgk[g, keys] += dgkb
+                if drel is not None:
+                    drel += drb
                 if dbias is not None:
                     heads = dbb.size(0)
                     dbias[h0 : h0 + heads].scatter_add_(-1, idx_bias.reshape(1, -1).expand(heads, -1), dbb.flatten(1))
-        # The tables' terms, once per call: dq += dzz table^T (+ dzr r^T), d table = q^T dzz.
-        dzz = torch.view_as_real(dzz).flatten(-2)  # (G, T, 2P), as the table's columns
-        dq = dq.mul_(scale).add_(dzz @ table.transpose(0, 1))
-        q_flat = q3.reshape(-1, d).transpose(0, 1)  # (D, G*T)
-        dpos_emb = interpolation_table_grad(q_flat @ dzz.reshape(-1, dzz.size(-1)))
-        drel = None
-        if dzr is not None:
-            dq.add_(dzr @ rel_emb.transpose(0, 1))
-            drel = q_flat @ dzr.reshape(-1, dzr.size(-1))
 
         def keys_out(x):  # (G, S, D) in reverse order -> (B, H, S, D), with the logits' scale
             return None if x is None else x.flip(1).mul_(scale).view(b, h, s, d)
 
         dk, dgk = keys_out(dk), keys_out(dgk)
         dv = dv.flip(1).view(b, h, s, d)
+        dpos_emb = interpolation_table_grad(dtable)
         return dq.view(b, h, t, d), dk, dv, dpos_emb, dgk, drel, dbias, None, None, None, None
 
 
@@ -291,8 +297,9 @@ def cope_attention_chunked(
     """Same function as `cope_attention` (plus an optional relative table), computed in query blocks.
 
     q: (B, H, T, D); k, v, gate_k: (B, H, S, D) with S >= T; pos_emb: (D, P); rel_emb: optional (D, R), adds
-    q_i . r[clamp(i - j, 0, R - 1)]; bias: optional (H, R'), adds b_h[clamp(i - j, 0, R' - 1)]; block_size: queries per block (default: sized by `block_rows`);
-    dropout_p: attention dropout, with masks drawn from dropout_seed (default: a seed from torch's global RNG).
+    q_i . r[clamp(i - j, 0, R - 1)]; bias: optional (H, R'), adds b_h[clamp(i - j, 0, R' - 1)]; block_size:
+    queries per block (default: sized by `block_rows`); dropout_p: attention dropout, with masks drawn from
+    dropout_seed (default: a seed from torch's global RNG).
     Half-precision inputs are computed in float32 and the output is cast back.
     """
     b, h, t, d = q.shape
