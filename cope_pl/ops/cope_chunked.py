@@ -3,8 +3,8 @@
 The reference op (`cope_pl/ops/cope.py`) holds several (B, H, T, S) tensors for the whole sequence, two of
 them int64, and autograd keeps them all for backward. This op computes the same function block by block:
 for a block of queries it forms logits, gates, positions, the interpolated CoPE term and the softmax, writes
-the block's output and its per-row log-sum-exp, and frees everything else. Backward recomputes each block
-from q, k, v (and gate keys, tables), so what is saved is O(T·D + T) per head, never O(T·S).
+the block's output, and frees everything else. Backward recomputes each block (the same softmax, so no
+log-sum-exp is kept) from q, k, v (and gate keys, tables), so what is saved is O(T·D) per head, never O(T·S).
 
 Two things make it faster as well as smaller. A query block only reads the keys up to its last query (the
 rest are masked), which skips half of the causal square. And each block works with its keys in reverse
