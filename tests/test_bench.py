@@ -15,6 +15,7 @@ def test_bench_cli_writes_csv_and_markdown(tmp_path):
     main(
         ["--lengths", "16", "24", "--impls", "sdpa", "reference", "chunked", "--repeats", "1", "--warmup", "0",
          "--train-lengths", "16", "--train-layers", "1", "--train-d-model", "16", "--train-batch", "1",
+         "--task-lengths", "8", "12", "--task-batch", "2", "--task-layers", "1", "--task-d-model", "8",
          "--decode-lengths", "8", "16", "--no-memory", "--out", str(tmp_path)]
     )  # fmt: skip
     attention = pd.read_csv(tmp_path / "attention.csv")
@@ -22,10 +23,14 @@ def test_bench_cli_writes_csv_and_markdown(tmp_path):
     assert (attention[attention.impl == "sdpa"].time_vs_sdpa == 1).all()
     train = pd.read_csv(tmp_path / "train_step.csv")
     assert list(train.position) == ["rope", "cope/chunked", "cope/reference"] and (train.tokens_per_s > 0).all()
+    task = pd.read_csv(tmp_path / "train_step_task.csv")
+    assert list(task.position) == ["rope", "cope/chunked", "cope/reference"] * 2 and set(task["T"]) == {8, 12}
+    assert (task[task.position == "rope"].tokens_per_s_vs_rope == 1).all()
     decode = pd.read_csv(tmp_path / "decode.csv")
     assert len(decode) == 8 and set(decode.S) == {8, 16} and set(decode.cache) == {"yes", "no"}
     assert (decode[decode.position == "rope"].time_vs_rope == 1).all() and (decode.tokens_per_s > 0).all()
-    for name, column in (("attention.md", "| T |"), ("train_step.md", "| T |"), ("decode.md", "| S |")):
+    for name, column in (("attention.md", "| T |"), ("train_step.md", "| T |"), ("train_step_task.md", "| T |"),
+                         ("decode.md", "| S |")):  # fmt: skip
         text = (tmp_path / name).read_text()
         assert f"torch {torch.__version__}" in text and column in text
 
@@ -39,7 +44,7 @@ def test_peak_memory_sees_the_reference_ops_quadratic_tensors():
 def test_bench_runs_the_attention_op_in_the_chosen_dtype(tmp_path):
     main(
         ["--lengths", "16", "--impls", "sdpa", "chunked", "--dtype", "bfloat16", "--repeats", "1", "--warmup", "0",
-         "--train-lengths", "--decode-lengths", "--no-memory", "--out", str(tmp_path)]
+         "--train-lengths", "--task-lengths", "--decode-lengths", "--no-memory", "--out", str(tmp_path)]
     )  # fmt: skip
     attention = pd.read_csv(tmp_path / "attention.csv")
     assert set(attention.dtype) == {"bfloat16"} and attention.fwd_bwd_ms.notna().all()

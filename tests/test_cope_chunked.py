@@ -228,9 +228,37 @@ def test_dropout_masks_follow_the_seed():
 
 def test_blocks_are_even_so_no_block_is_a_stray_row():
     # T = 129 used to run as 64 + 64 + 1 rows: the last block paid a whole block's op overhead for one query.
-    assert block_rows(1, 1, 129, 129) == 43 and block_rows(1, 1, 128, 128) == 64
-    for t in range(1, 300):
-        rows, fewest = block_rows(1, 1, t, t), math.ceil(t / MAX_BLOCK_ROWS)
-        assert rows <= MAX_BLOCK_ROWS and math.ceil(t / rows) == fewest  # as few blocks as before
+    assert block_rows(129) == 26 and block_rows(128) == 32 and block_rows(1024) == MAX_BLOCK_ROWS
+    for t in range(1, 600):
+        most = max(16, min(t // 4, MAX_BLOCK_ROWS))
+        rows, fewest = block_rows(t), math.ceil(t / most)
+        assert rows <= most and math.ceil(t / rows) == fewest  # as few blocks as the cap allows
         assert fewest * rows - t < fewest  # the last block is short by less than one row per block
-    assert block_rows(64, 16, 4096, 4096) == 16  # the element budget still caps a block, at 16 rows at least
+    assert block_rows(4096, 4096, 16) == 16  # one batch of heads over many keys takes short blocks (memory)
+
+
+@pytest.mark.parametrize("elements", [1, 150, 1 << 17])  # one batch per group, several, all
+def test_head_groups_cover_every_head_once_in_whole_batches(monkeypatch, elements):
+    monkeypatch.setattr(chunked_module, "GROUP_ELEMENTS", elements)
+    for b, h, n, end in [(3, 6, 5, 10), (1, 4, 8, 8), (5, 1, 3, 40), (7, 2, 2, 5)]:
+        groups = list(chunked_module.head_groups(b, h, n, end))
+        assert [i for g in groups for i in range(b * h)[g]] == list(range(b * h))
+        assert all(g.start % h == 0 and (g.stop - g.start) % h == 0 for g in groups)
+
+
+@pytest.mark.parametrize("elements", [1, 100, 1 << 17])
+def test_head_groups_give_the_reference_result(monkeypatch, elements):
+    # One batch per group, several, and everything at once, with every optional term.
+    monkeypatch.setattr(chunked_module, "GROUP_ELEMENTS", elements)
+    q, k, v, e, gk, r = make_inputs(3, 4, 12, 15, 8, 6, torch.float64, sep_keys=True, rel=5)
+    bias = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    distance = (torch.arange(12).unsqueeze(1) + 3 - torch.arange(15)).clamp(0, 6)
+
+    def explicit(q, k, v, e, gk, r, bias):
+        return reference_with_relative(q, k, v, e, gk, r, extra=bias[:, distance])
+
+    inputs, weights = [q, k, v, e, gk, r, bias], torch.randn(3, 4, 12, 8, dtype=torch.float64)
+    ref = output_and_grads(explicit, inputs, weights)
+    fast = output_and_grads(lambda *a: cope_attention_chunked(*a[:6], bias=a[6], block_size=5), inputs, weights)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

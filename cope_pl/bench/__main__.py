@@ -1,6 +1,7 @@
 """`python -m cope_pl.bench`: time and memory of CoPE attention implementations, full training steps and decoding.
 
-Writes reports/bench/attention.{csv,md}, reports/bench/train_step.{csv,md} and reports/bench/decode.{csv,md}.
+Writes reports/bench/attention.{csv,md}, reports/bench/train_step.{csv,md}, reports/bench/train_step_task.{csv,md}
+(the `make train` model: 2 layers, d_model 64, batch 16) and reports/bench/decode.{csv,md}.
 Ratios (to SDPA for the op, to RoPE for the training step and decoding) are computed within this run, from
 timings interleaved in one process.
 """
@@ -52,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--train-precision", choices=TRAIN_PRECISIONS, default="32", help="bf16-mixed: autocast, as gpu_ddp.yaml trains"
     )
+    p.add_argument(
+        "--task-lengths", type=int, nargs="*", default=[128, 512], help="T for the training step of the task model"
+    )
+    p.add_argument("--task-batch", type=int, default=16, help="the task model's batch (configs/data/flipflop_cpu.yaml)")
+    p.add_argument("--task-layers", type=int, default=2, help="configs/model/task_cpu.yaml")
+    p.add_argument("--task-d-model", type=int, default=64)
     p.add_argument("--decode-lengths", type=int, nargs="*", default=[256, 1024, 4096], help="cached tokens S")
     p.add_argument("--decode-batch", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
@@ -109,15 +116,17 @@ def attention_table(args: argparse.Namespace, device: torch.device) -> pd.DataFr
     return df
 
 
-def train_table(args: argparse.Namespace, device: torch.device) -> pd.DataFrame:
+def train_table(args: argparse.Namespace, device: torch.device, model: str = "train") -> pd.DataFrame:
+    """Training steps of RoPE and CoPE; model "train" (--train-*: the paper-like model) or "task" (--task-*)."""
+    lengths, batch, layers, d_model = (getattr(args, f"{model}_{x}") for x in ("lengths", "batch", "layers", "d_model"))
     rows = []
-    for t in args.train_lengths:
+    for t in lengths:
         base = dict(
             kind="train",
             T=t,
-            B=args.train_batch,
-            layers=args.train_layers,
-            d_model=args.train_d_model,
+            B=batch,
+            layers=layers,
+            d_model=d_model,
             heads=args.heads,
             dropout=args.train_dropout,
             precision=args.train_precision,
@@ -127,7 +136,7 @@ def train_table(args: argparse.Namespace, device: torch.device) -> pd.DataFrame:
         times = time_steps({n: make_case(c, device) for n, c in cases.items()}, device, args.warmup, args.repeats)
         for name, case in cases.items():
             memory = float("nan") if args.no_memory else peak_memory(case, device)
-            tokens_per_s = args.train_batch * t / times[name]
+            tokens_per_s = batch * t / times[name]
             rows.append(
                 dict(
                     T=t,
@@ -138,7 +147,7 @@ def train_table(args: argparse.Namespace, device: torch.device) -> pd.DataFrame:
                     tokens_per_s_vs_rope=times["rope"] / times[name],
                 )
             )
-            print(f"train T={t} {name}: {tokens_per_s:.0f} tokens/s, {memory:.1f} MiB", flush=True)
+            print(f"train T={t} d_model={d_model} {name}: {tokens_per_s:.0f} tokens/s, {memory:.1f} MiB", flush=True)
     return pd.DataFrame(rows)
 
 
@@ -184,6 +193,14 @@ def main(argv: list[str] | None = None) -> None:
             "and AdamW step"
         )
         write(train_table(args, device), args.out / "train_step", "Training step", f"{note}\n\n{model}.")
+    if args.task_lengths:
+        model = (
+            f"The `make train` model: {args.task_layers} layers, d_model {args.task_d_model}, {args.heads} heads, "
+            f"batch {args.task_batch}, dropout {args.train_dropout}, precision {args.train_precision}; forward, "
+            "backward and AdamW step"
+        )
+        table = train_table(args, device, "task")
+        write(table, args.out / "train_step_task", "Training step, task model", f"{note}\n\n{model}.")
     if args.decode_lengths:
         model = (
             f"{args.train_layers} layers, d_model {args.train_d_model}, {args.heads} heads, batch {args.decode_batch}; "

@@ -3,8 +3,8 @@
 The reference op (`cope_pl/ops/cope.py`) holds several (B, H, T, S) tensors for the whole sequence, two of
 them int64, and autograd keeps them all for backward. This op computes the same function block by block:
 for a block of queries it forms logits, gates, positions, the interpolated CoPE term and the softmax, writes
-the block's output and its per-row log-sum-exp, and frees everything else. Backward recomputes each block
-from q, k, v (and gate keys, tables), so what is saved is O(T·D + T) per head, never O(T·S).
+the block's output, and frees everything else. Backward recomputes each block (the same softmax, so no
+log-sum-exp is kept) from q, k, v (and gate keys, tables), so what is saved is O(T·D) per head, never O(T·S).
 
 Two things make it faster as well as smaller. A query block only reads the keys up to its last query (the
 rest are masked), which skips half of the causal square. And each block works with its keys in reverse
@@ -26,180 +26,235 @@ from torch import Tensor
 
 from cope_pl.ops.dropout import check_dropout, draw_dropout_seed
 
-# Elements of one (B, H, block, keys) tensor, and at most this many queries per block: small blocks stay in
-# cache and skip more of the masked upper triangle (on CPU, 64 rows beat 128 and whole-T blocks at T=256..1024).
-DEFAULT_BLOCK_ELEMENTS = 1 << 20
+# A block is at most MAX_BLOCK_ROWS queries of a group of whole batches of heads (of the flattened B*H) whose
+# (group, rows, keys) tensors hold about GROUP_ELEMENTS values, so the dozen passes over each stay in a core's
+# cache; short sequences take shorter blocks, which skip more of the masked upper triangle, and so do blocks
+# whose single batch of heads would pass MAX_GROUP_ELEMENTS (memory). docs/benchmarks.md measures the choice.
 MAX_BLOCK_ROWS = 64
+GROUP_ELEMENTS = 1 << 17
+MAX_GROUP_ELEMENTS = 1 << 20
 
 
-def block_rows(b: int, h: int, t: int, s: int, max_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
-    """Queries per block: at most MAX_BLOCK_ROWS, and a (B, H, block, S) tensor within max_elements (>= 16 rows),
-    spread evenly over the blocks that takes (T=129: 3 x 43, not 64 + 64 + a one-row block of full overhead)."""
-    most = max(16, min(t, MAX_BLOCK_ROWS, max_elements // max(b * h * s, 1)))
+def block_rows(t: int, s: int | None = None, h: int = 1) -> int:
+    """Queries per block for T queries of H heads against S keys: T/4 within [16, MAX_BLOCK_ROWS], fewer where
+    (H, rows, S) would pass MAX_GROUP_ELEMENTS, spread evenly over the blocks that takes (T=129 runs as 5 x 26, not
+    32 + 32 + 32 + 32 + a one-row block of full overhead)."""
+    most = max(16, min(t // 4, MAX_BLOCK_ROWS, MAX_GROUP_ELEMENTS // max(h * (s or t), 1)))
     return math.ceil(t / math.ceil(t / most))
 
 
-def block_scores(qb, k_rev, gk_rev, pos_emb, rel_emb, bias, first_row: int):
+def head_groups(b: int, h: int, n: int, end: int):
+    """Slices of the flattened B*H for a block of n queries reading `end` keys: whole batches of heads, as many
+    as keep (group, n, end) within GROUP_ELEMENTS, at least one."""
+    size = h * max(1, min(b, GROUP_ELEMENTS // max(h * n * end, 1)))
+    for g0 in range(0, b * h, size):
+        yield slice(g0, min(g0 + size, b * h))
+
+
+def interpolation_table(pos_emb: Tensor) -> Tensor:
+    """(D, 2P): columns e[p], e[p + 1] - e[p] for each p (the slope is 0 at p = P - 1). q_i . e interpolated at
+    p = f + w is z[f] + w slope[f] with (z[f], slope[f]) the pair f of q_i . table, so one gather of complex
+    pairs at f = floor(p) reads both, and a clamped position (f = P - 1) has no slope."""
+    slopes = torch.cat([pos_emb[:, 1:] - pos_emb[:, :-1], torch.zeros_like(pos_emb[:, :1])], dim=1)
+    return torch.stack([pos_emb, slopes], dim=-1).flatten(1)
+
+
+def interpolation_table_grad(grad: Tensor) -> Tensor:
+    """The gradient of `interpolation_table`'s input (D, P), given the gradient of its output (D, 2P)."""
+    pairs = grad.unflatten(1, (-1, 2))
+    grad_e, grad_slopes = pairs[..., 0].clone(), pairs[:, :-1, 1]
+    grad_e[:, 1:] += grad_slopes
+    grad_e[:, :-1] -= grad_slopes
+    return grad_e
+
+
+COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def as_pairs(x: Tensor) -> Tensor:
+    """(..., 2P) real -> (..., P) complex view: each (z, slope) pair one element, for one gather or scatter."""
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+
+
+def block_masks(n: int, s: int, rel: int, bias: int, dtype: torch.dtype, device: torch.device):
+    """What depends only on a block's shape, for n queries against s keys in reverse order (a block reads the
+    first `end` of them): key column c of query row r is at distance c - (n - 1 - r), whatever the block's
+    offset. Returns the (n, s) additive mask (-inf on later keys, else 0) and (n, s) distances clamped to the
+    relative table's and the bias's widths (None without them)."""
+    distance = torch.arange(s, device=device) - (n - 1 - torch.arange(n, device=device).unsqueeze(1))  # (n, s)
+    mask = torch.zeros(n, s, dtype=dtype, device=device).masked_fill_(distance < 0, float("-inf"))
+    idx_rel = distance.clamp(0, rel - 1) if rel else None
+    idx_bias = distance.clamp(0, bias - 1) if bias else None
+    return mask, idx_rel, idx_bias
+
+
+def block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float):
     """CoPE attention scores of one query block against its keys in reverse order, and what backward reuses.
 
-    qb: (B, H, n, D) queries at absolute positions first_row.. ; k_rev, gk_rev: (B, H, S, D) keys 0..S-1 reversed;
-    rel_emb: optional (D, R) relative table; bias: optional (H, R') per-head bias by distance.
+    Heads are flattened into the batch: qb (G, n, D) for a group of G of them; kb, gkb: (G, S, D) keys S-1..0 of
+    the block (gkb None: gates from the attention logits); table: (D, 2P) `interpolation_table`; rel_emb:
+    optional (D, R); bias_b: optional (H, n, S) bias by distance, G a multiple of H; mask,
+    idx_rel: (n, S) from `block_masks`. The (G, n, P) table products are formed here, block by block: per call
+    they would be (B*H, T, 2P), as large as the logits of short sequences and freshly paged in every call.
     """
-    n, s = qb.size(-2), k_rev.size(-2)
-    npos = pos_emb.size(-1)
-    scale = 1.0 / math.sqrt(qb.size(-1))
-    rows = torch.arange(n, device=qb.device).unsqueeze(1) + first_row  # (n, 1) absolute query positions
-    cols = (s - 1) - torch.arange(s, device=qb.device)  # (S,) key positions in reversed order
-    masked = cols.unsqueeze(0) > rows  # (n, S)
-    logits = (qb @ k_rev.transpose(-1, -2) * scale).masked_fill(masked, float("-inf"))  # (B, H, n, S)
-    if gk_rev is None:
-        gates = torch.sigmoid(logits)  # 0 on masked keys
-    else:
-        gates = torch.sigmoid((qb @ gk_rev.transpose(-1, -2) * scale).masked_fill(masked, float("-inf")))
-    positions = gates.cumsum(-1)  # keys reversed: p_ij = sum_{t=j..i} g_it is a plain cumulative sum
-    unclamped = positions <= npos - 1  # where the clamp passes gradient
-    positions = positions.clamp(max=npos - 1)
-    idx_floor = positions.floor().long()  # (B, H, n, S), block-sized, never (T, S)
-    weight = positions - idx_floor  # interpolation weight, differentiable through the gates
-    idx_ceil = positions.ceil().long()
-    z = qb @ pos_emb  # (B, H, n, P): q_i . e[p]
-    z_floor, z_ceil = z.gather(-1, idx_floor), z.gather(-1, idx_ceil)  # (B, H, n, S)
-    scores = logits + z_floor + weight * (z_ceil - z_floor)
-    distance = rows - cols.unsqueeze(0)  # (n, S): i - j, negative on masked keys
-    idx_rel = idx_bias = None
+    zz = as_pairs(qb @ table)  # (G, n, P) complex pairs (q . e[p], q . slope[p])
+    npos = zz.size(-1)
+    logits = torch.baddbmm(mask, qb, kb.transpose(1, 2), alpha=scale)  # (G, n, S), -inf on masked keys
+    gate_logits = logits if gkb is None else torch.baddbmm(mask, qb, gkb.transpose(1, 2), alpha=scale)
+    gates = torch.sigmoid(gate_logits)  # 0 on masked keys
+    # Keys reversed: p_ij = sum_{t=j..i} g_it is a plain cumulative sum; p >= 0, so long() is floor().
+    positions = gates.cumsum(-1).clamp_(max=npos - 1)
+    idx = positions.long()  # int64: gather and scatter convert narrower indices first
+    weight = positions.frac_()  # p - floor(p), differentiable through the gates
+    pair = torch.view_as_real(zz.gather(-1, idx))  # (G, n, S, 2): q_i . e[f], q_i . (e[f + 1] - e[f])
+    slope = pair[..., 1]  # 0 where clamped
+    scores = torch.addcmul(pair[..., 0], weight, slope).add_(logits)
     if rel_emb is not None:
-        idx_rel = distance.clamp(0, rel_emb.size(-1) - 1).expand_as(scores)
-        scores = scores + (qb @ rel_emb).gather(-1, idx_rel)
-    if bias is not None:
-        idx_bias = distance.clamp(0, bias.size(-1) - 1)  # (n, S)
-        scores = scores + bias[:, idx_bias]  # (H, n, S), broadcast over the batch
-    saved = (gates, unclamped, weight, idx_floor, idx_ceil, z_ceil - z_floor, idx_rel, idx_bias)
-    return scores, saved  # scores (B, H, n, S), -inf on masked keys
+        scores.add_((qb @ rel_emb).gather(-1, idx_rel.expand_as(scores)))
+    if bias_b is not None:
+        scores.view(-1, *bias_b.shape).add_(bias_b)  # broadcast over the batch
+    return scores, (gates, weight, idx, slope)
 
 
-def block_forward(qb, k_rev, v_rev, gk_rev, pos_emb, rel_emb, bias, first_row: int, drop):
-    """One query block: output (B, H, n, D) and per-row log-sum-exp (B, H, n, 1).
-
-    drop: None, or (B, H, n, S) dropout factors, 0 or 1 / (1 - p), for the keys in reversed order."""
-    scores, _ = block_scores(qb, k_rev, gk_rev, pos_emb, rel_emb, bias, first_row)
-    lse = torch.logsumexp(scores, -1, keepdim=True)
-    probs = torch.exp(scores - lse)
-    return (probs if drop is None else probs * drop) @ v_rev, lse
+def block_forward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop):
+    """One query block's output (G, n, D). drop: None, or (G, n, S) factors 0 or 1 / (1 - p) for the keys in
+    reversed order. Backward recomputes the same softmax, so no log-sum-exp is kept."""
+    scores, _ = block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale)
+    probs = torch.softmax(scores, -1)
+    return torch.bmm(probs if drop is None else probs.mul_(drop), vb)
 
 
-def block_backward(qb, k_rev, v_rev, gk_rev, pos_emb, rel_emb, bias, first_row: int, drop, dout, lse, delta):
-    """Gradients of one query block, recomputed from its inputs; key gradients come back in reversed order."""
-    scale = 1.0 / math.sqrt(qb.size(-1))
-    scores, (gates, unclamped, weight, idx_floor, idx_ceil, z_step, idx_rel, idx_bias) = block_scores(
-        qb, k_rev, gk_rev, pos_emb, rel_emb, bias, first_row
-    )
-    probs = torch.exp(scores - lse)  # (B, H, n, S)
-    dprobs = dout @ v_rev.transpose(-1, -2)  # (B, H, n, S): gradient of the (dropped) probabilities
+def block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop, dout):
+    """Gradients of one query block, recomputed from its inputs: dq; dk, dv, d gate_k (keys in reversed order,
+    without the logits' 1/sqrt(D): the caller applies it once); the tables' gradients (D, 2P) and (D, R); the
+    bias's gradient by (row, key) summed over the batch, (H, n, S)."""
+    scores, (gates, weight, idx, slope) = block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale)
+    probs = torch.softmax(scores, -1)  # (G, n, S)
+    dprobs = torch.bmm(dout, vb.transpose(1, 2))  # gradient of the (dropped) probabilities
     if drop is not None:
-        dprobs = dprobs * drop
-    dv_rev = (probs if drop is None else probs * drop).transpose(-1, -2) @ dout  # (B, H, S, D)
-    # delta_i = sum_j P_ij dP_ij = dO_i . O_i, with or without dropout.
-    dscores = probs * (dprobs - delta)  # (B, H, n, S)
-    # The CoPE term z_floor + w (z_ceil - z_floor): to the per-position logits z, and through w to the gates.
-    dz = torch.zeros(*qb.shape[:-1], pos_emb.size(-1), dtype=qb.dtype, device=qb.device)  # (B, H, n, P)
-    dz.scatter_add_(-1, idx_floor, dscores * (1 - weight))
-    dz.scatter_add_(-1, idx_ceil, dscores * weight)
-    dpositions = dscores * z_step * unclamped  # floor and ceil indices carry no gradient
+        dprobs.mul_(drop)
+    dvb = torch.bmm((probs if drop is None else probs * drop).transpose(1, 2), dout)  # (G, S, D)
+    # P (dP - sum_j P_ij dP_ij) in one pass; with dropout too, as dP is taken before it.
+    dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
+    # The CoPE term z[f] + w slope[f]: to z and the slope at f (one scatter of pairs), through w to the gates.
+    dzz = torch.zeros(*qb.shape[:-1], table.size(-1) // 2, dtype=COMPLEX[dscores.dtype], device=qb.device)
+    dzz.scatter_add_(-1, idx, torch.complex(dscores, weight.mul_(dscores)))
+    dzz = torch.view_as_real(dzz).flatten(-2)  # (G, n, 2P), as the table's columns
+    dpositions = slope * dscores  # slope is 0 where the clamp holds
     # positions = cumsum(gates) over reversed keys, so a gate's gradient sums the dpositions from it onwards.
-    dgate_logits = dpositions.flip(-1).cumsum(-1).flip(-1) * gates * (1 - gates)  # 0 on masked keys
-    dlogits = dscores if gk_rev is not None else dscores + dgate_logits
-    dqb = (dlogits @ k_rev) * scale + dz @ pos_emb.transpose(0, 1)  # (B, H, n, D)
-    dk_rev = (dlogits.transpose(-1, -2) @ qb) * scale  # (B, H, S, D)
-    q_flat = qb.reshape(-1, qb.size(-1)).transpose(0, 1)  # (D, B*H*n)
-    dpos_emb = q_flat @ dz.reshape(-1, dz.size(-1))  # (D, P)
-    dgk_rev = drel = dbias = None
-    if gk_rev is not None:
-        dqb = dqb + (dgate_logits @ gk_rev) * scale
-        dgk_rev = (dgate_logits.transpose(-1, -2) @ qb) * scale
+    dgate_logits = torch.ops.aten.sigmoid_backward(dpositions.flip(-1).cumsum_(-1).flip(-1), gates)
+    dqb = dzz @ table.transpose(0, 1)  # (G, n, D)
+    q_flat = qb.reshape(-1, qb.size(-1)).transpose(0, 1)  # (D, G*n)
+    dtable = q_flat @ dzz.reshape(-1, dzz.size(-1))
+    drel = None
     if rel_emb is not None:
-        dzr = torch.zeros(*qb.shape[:-1], rel_emb.size(-1), dtype=qb.dtype, device=qb.device)  # (B, H, n, R)
-        dzr.scatter_add_(-1, idx_rel, dscores)
-        dqb = dqb + dzr @ rel_emb.transpose(0, 1)
+        dzr = torch.zeros(*qb.shape[:-1], rel_emb.size(-1), dtype=qb.dtype, device=qb.device)
+        dzr.scatter_add_(-1, idx_rel.expand_as(dscores), dscores)
+        dqb += dzr @ rel_emb.transpose(0, 1)
         drel = q_flat @ dzr.reshape(-1, dzr.size(-1))
-    if bias is not None:
-        per_head = dscores.sum(0).flatten(1)  # (H, n*S)
-        dbias = torch.zeros_like(bias).scatter_add_(-1, idx_bias.flatten().expand_as(per_head), per_head)
-    return dqb, dk_rev, dv_rev, dgk_rev, dpos_emb, drel, dbias
-
-
-def _reversed_keys(x: Tensor | None, end: int) -> Tensor | None:
-    return None if x is None else x[..., :end, :].flip(-2)  # (B, H, end, D), keys end-1 .. 0
+    dbias = None if bias_b is None else dscores.view(-1, *bias_b.shape).sum(0)
+    if gkb is None:
+        dlogits = dgate_logits.add_(dscores)
+        dqb = torch.baddbmm(dqb, dlogits, kb, alpha=scale)
+        return dqb, torch.bmm(dlogits.transpose(1, 2), qb), dvb, None, dtable, drel, dbias
+    dqb = torch.baddbmm(torch.baddbmm(dqb, dscores, kb, alpha=scale), dgate_logits, gkb, alpha=scale)
+    dkb, dgkb = torch.bmm(dscores.transpose(1, 2), qb), torch.bmm(dgate_logits.transpose(1, 2), qb)
+    return dqb, dkb, dvb, dgkb, dtable, drel, dbias
 
 
 def _dropout_factors(q: Tensor, n: int, end: int, block_start: int, p: float, seed: int) -> Tensor | None:
-    """(B, H, n, end) factors 0 or 1 / (1 - p) for one block, the same every time for (seed, block_start)."""
+    """(B*H, n, end) factors 0 or 1 / (1 - p) for one block, the same every time for (seed, block_start)."""
     if p == 0:
         return None
     generator = torch.Generator(device=q.device).manual_seed(seed * 1_000_003 + block_start)
     keep = torch.rand(*q.shape[:2], n, end, generator=generator, device=q.device, dtype=q.dtype) >= p
-    return keep.to(q.dtype) / (1.0 - p)
+    return (keep.to(q.dtype) / (1.0 - p)).flatten(0, 1)
+
+
+class _Blocks:
+    """The query blocks of one call: (first query, queries, keys read, mask, idx_rel, idx_bias) each. A block
+    reads keys 0 .. its last query (the rest are masked), i.e. the last `end` of the reversed keys; the masks
+    depend only on the block's height, so they are built once per height."""
+
+    def __init__(self, t: int, s: int, block: int, rel_emb, bias, dtype, device):
+        self.t, self.s, self.block = t, s, block
+        self.widths = (0 if rel_emb is None else rel_emb.size(-1), 0 if bias is None else bias.size(-1))
+        self.dtype, self.device, self.masks = dtype, device, {}
+
+    def __iter__(self):
+        for i0 in range(0, self.t, self.block):
+            n = min(self.block, self.t - i0)
+            end = self.s - self.t + i0 + n
+            if n not in self.masks:
+                self.masks[n] = block_masks(n, self.s, *self.widths, self.dtype, self.device)
+            yield (i0, n, end, *(None if x is None else x[:, :end] for x in self.masks[n]))
 
 
 class ChunkedCoPEAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_emb, gate_k, rel_emb, bias, block, fns, dropout_p, seed):  # noqa: D102
-        t, s = q.size(-2), k.size(-2)
+        b, h, t, d = q.shape
+        s, scale = k.size(-2), 1.0 / math.sqrt(d)
         fwd, _ = fns
-        out = torch.empty_like(q)  # (B, H, T, D)
-        lse = torch.empty(*q.shape[:-1], 1, dtype=q.dtype, device=q.device)  # (B, H, T, 1)
-        for i0 in range(0, t, block):
-            n = min(block, t - i0)
-            first_row = s - t + i0
-            end = first_row + n  # a block reads keys 0 .. its last query; the rest are masked
-            rev = [_reversed_keys(x, end) for x in (k, v, gate_k)]
+        q3 = q.reshape(b * h, t, d).contiguous()
+        # Keys in reverse order once per call: every block reads a suffix of them (keys end-1 .. 0), a view.
+        k3, v3, gk3 = (None if x is None else x.flip(-2).reshape(b * h, s, d).contiguous() for x in (k, v, gate_k))
+        table = interpolation_table(pos_emb)
+        out = torch.empty_like(q3)
+        for i0, n, end, mask, idx_rel, idx_bias in _Blocks(t, s, block, rel_emb, bias, q.dtype, q.device):
+            rows, keys = slice(i0, i0 + n), slice(s - end, s)
             drop = _dropout_factors(q, n, end, i0, dropout_p, seed)
-            out[..., i0 : i0 + n, :], lse[..., i0 : i0 + n, :] = fwd(
-                q[..., i0 : i0 + n, :], rev[0], rev[1], rev[2], pos_emb, rel_emb, bias, first_row, drop
-            )
-        ctx.save_for_backward(q, k, v, pos_emb, gate_k, rel_emb, bias, out, lse)
-        ctx.block, ctx.fns, ctx.dropout = block, fns, (dropout_p, seed)
-        return out
+            bias_b = None if bias is None else bias[:, idx_bias]  # (H, n, end)
+            for g in head_groups(b, h, n, end):
+                out[g, rows] = fwd(
+                    q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], table, rel_emb,
+                    bias_b, mask, idx_rel, scale, None if drop is None else drop[g],
+                )  # fmt: skip
+        ctx.save_for_backward(q3, k3, v3, pos_emb, gk3, rel_emb, bias)
+        ctx.block, ctx.fns, ctx.dropout, ctx.shape = block, fns, (dropout_p, seed), (b, h, t, s, d)
+        return out.view(b, h, t, d)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        q, k, v, pos_emb, gate_k, rel_emb, bias, out, lse = ctx.saved_tensors
-        t, s = q.size(-2), k.size(-2)
+        q3, k3, v3, pos_emb, gk3, rel_emb, bias = ctx.saved_tensors
+        b, h, t, s, d = ctx.shape
+        scale = 1.0 / math.sqrt(d)
         _, bwd = ctx.fns
-        grad_out = grad_out.contiguous()
-        delta = (grad_out * out).sum(-1, keepdim=True)  # (B, H, T, 1)
-        grads = [torch.zeros_like(x) if x is not None else None for x in (q, k, v, gate_k, pos_emb, rel_emb, bias)]
-        dq, dk, dv, dgk, dpos_emb, drel, dbias = grads
-        for i0 in range(0, t, ctx.block):
-            n = min(ctx.block, t - i0)
-            first_row = s - t + i0
-            end = first_row + n
-            rows = slice(i0, i0 + n)
-            rev = [_reversed_keys(x, end) for x in (k, v, gate_k)]
-            dqb, dk_rev, dv_rev, dgk_rev, dpe, dr, db = bwd(
-                q[..., rows, :],
-                rev[0],
-                rev[1],
-                rev[2],
-                pos_emb,
-                rel_emb,
-                bias,
-                first_row,
-                _dropout_factors(q, n, end, i0, *ctx.dropout),
-                grad_out[..., rows, :],
-                lse[..., rows, :],
-                delta[..., rows, :],
-            )
-            dq[..., rows, :] = dqb
-            dk[..., :end, :] += dk_rev.flip(-2)
-            dv[..., :end, :] += dv_rev.flip(-2)
-            dpos_emb += dpe
-            if dgk is not None:
-                dgk[..., :end, :] += dgk_rev.flip(-2)
-            if drel is not None:
-                drel += dr
-            if dbias is not None:
-                dbias += db
-        return dq, dk, dv, dpos_emb, dgk, drel, dbias, None, None, None, None
+        dout = grad_out.reshape(b * h, t, d).contiguous()
+        table = interpolation_table(pos_emb)
+        dq, dtable = torch.empty_like(q3), torch.zeros_like(table)
+        dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)  # keys in reverse order
+        dgk = None if gk3 is None else torch.zeros_like(gk3)
+        drel = None if rel_emb is None else torch.zeros_like(rel_emb)
+        dbias = None if bias is None else torch.zeros_like(bias)
+        for i0, n, end, mask, idx_rel, idx_bias in _Blocks(t, s, ctx.block, rel_emb, bias, q3.dtype, q3.device):
+            rows, keys = slice(i0, i0 + n), slice(s - end, s)
+            drop = _dropout_factors(q3.view(b, h, t, d), n, end, i0, *ctx.dropout)
+            bias_b = None if bias is None else bias[:, idx_bias]
+            for g in head_groups(b, h, n, end):
+                dqb, dkb, dvb, dgkb, dtb, drb, dbb = bwd(
+                    q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], table, rel_emb,
+                    bias_b, mask, idx_rel, scale, None if drop is None else drop[g],
+                    dout[g, rows],
+                )  # fmt: skip
+                dq[g, rows] = dqb
+                dk[g, keys] += dkb
+                dv[g, keys] += dvb
+                dtable += dtb
+                if dgk is not None:
+                    dgk[g, keys] += dgkb
+                if drel is not None:
+                    drel += drb
+                if dbias is not None:
+                    dbias.scatter_add_(-1, idx_bias.reshape(1, -1).expand(h, -1), dbb.flatten(1))
+
+        def keys_out(x):  # (G, S, D) in reverse order -> (B, H, S, D), with the logits' scale
+            return None if x is None else x.flip(1).mul_(scale).view(b, h, s, d)
+
+        dk, dgk = keys_out(dk), keys_out(dgk)
+        dv = dv.flip(1).view(b, h, s, d)
+        dpos_emb = interpolation_table_grad(dtable)
+        return dq.view(b, h, t, d), dk, dv, dpos_emb, dgk, drel, dbias, None, None, None, None
 
 
 _COMPILED: dict[str, tuple] = {}
@@ -233,15 +288,16 @@ def cope_attention_chunked(
     """Same function as `cope_attention` (plus an optional relative table), computed in query blocks.
 
     q: (B, H, T, D); k, v, gate_k: (B, H, S, D) with S >= T; pos_emb: (D, P); rel_emb: optional (D, R), adds
-    q_i . r[clamp(i - j, 0, R - 1)]; bias: optional (H, R'), adds b_h[clamp(i - j, 0, R' - 1)]; block_size: queries per block (default: sized by `block_rows`);
-    dropout_p: attention dropout, with masks drawn from dropout_seed (default: a seed from torch's global RNG).
+    q_i . r[clamp(i - j, 0, R - 1)]; bias: optional (H, R'), adds b_h[clamp(i - j, 0, R' - 1)]; block_size:
+    queries per block (default: sized by `block_rows`); dropout_p: attention dropout, with masks drawn from
+    dropout_seed (default: a seed from torch's global RNG).
     Half-precision inputs are computed in float32 and the output is cast back.
     """
     b, h, t, d = q.shape
     s = k.size(-2)
     if s < t:
         raise ValueError(f"cope_attention_chunked needs at least as many keys as queries, got S={s} < T={t}")
-    block = block_size or block_rows(b, h, t, s)
+    block = block_size or block_rows(t, s, h)
     if block < 1:
         raise ValueError(f"cope_attention_chunked: block_size must be >= 1, got {block}")
     check_dropout(dropout_p)

@@ -32,6 +32,8 @@ def resolve_cope_impl(impl: str, device: torch.device, relative: bool = False) -
     table or a distance bias, which the fused kernel does not take."""
     if impl == "auto":
         # chunked: exact, O(T) memory, and faster than the reference on CPU (docs/benchmarks.md, `make bench`).
+        # Eager: torch.compile of its blocks measured slower than eager at the task model's size, after a minute
+        # or more of compiling per process (docs/benchmarks.md), so `compile` stays opt-in.
         # The fused kernel becomes the CUDA default once a GPU check measures it faster there.
         impl = "chunked"
     if impl == "triton" and (relative or device.type != "cuda"):
