@@ -26,29 +26,29 @@ from torch import Tensor
 
 from cope_pl.ops.dropout import check_dropout, draw_dropout_seed
 
-# A block is at most MAX_BLOCK_ROWS queries of a group of whole batches of heads (of the flattened B*H) whose
-# (group, rows, keys) tensors hold about GROUP_ELEMENTS values, so the dozen passes over each stay in a core's
-# cache; short sequences take shorter blocks, which skip more of the masked upper triangle, and so do blocks
-# whose single batch of heads would pass MAX_GROUP_ELEMENTS (memory). docs/benchmarks.md measures the choice.
+# A block is at most MAX_BLOCK_ROWS queries of a group of heads (of the flattened B*H) whose (group, rows, keys)
+# tensors hold about GROUP_ELEMENTS values, so the dozen passes over each stay in a core's cache; short sequences
+# take shorter blocks, which skip more of the masked upper triangle (docs/benchmarks.md measures the choice).
 MAX_BLOCK_ROWS = 64
 GROUP_ELEMENTS = 1 << 17
-MAX_GROUP_ELEMENTS = 1 << 20
 
 
-def block_rows(t: int, s: int | None = None, h: int = 1) -> int:
-    """Queries per block for T queries of H heads against S keys: T/4 within [16, MAX_BLOCK_ROWS], fewer where
-    (H, rows, S) would pass MAX_GROUP_ELEMENTS, spread evenly over the blocks that takes (T=129 runs as 5 x 26, not
-    32 + 32 + 32 + 32 + a one-row block of full overhead)."""
-    most = max(16, min(t // 4, MAX_BLOCK_ROWS, MAX_GROUP_ELEMENTS // max(h * (s or t), 1)))
+def block_rows(t: int) -> int:
+    """Queries per block: T/4 within [16, MAX_BLOCK_ROWS], spread evenly over the blocks that takes (T=129 runs
+    as 3 x 43, not 64 + 64 + a one-row block of full overhead)."""
+    most = max(16, min(t // 4, MAX_BLOCK_ROWS))
     return math.ceil(t / math.ceil(t / most))
 
 
 def head_groups(b: int, h: int, n: int, end: int):
-    """Slices of the flattened B*H for a block of n queries reading `end` keys: whole batches of heads, as many
-    as keep (group, n, end) within GROUP_ELEMENTS, at least one."""
-    size = h * max(1, min(b, GROUP_ELEMENTS // max(h * n * end, 1)))
+    """(slice of the flattened B*H, its first head) per group for a block of n queries reading `end` keys: whole
+    batches of heads, or a divisor of H heads once one batch's (H, n, end) tensors pass GROUP_ELEMENTS."""
+    fit = GROUP_ELEMENTS // max(n * end, 1)
+    size = (
+        h * max(1, min(b, fit // h)) if fit >= h else max(x for x in range(1, h + 1) if h % x == 0 and x <= max(fit, 1))
+    )
     for g0 in range(0, b * h, size):
-        yield slice(g0, min(g0 + size, b * h))
+        yield slice(g0, min(g0 + size, b * h)), g0 % h
 
 
 def interpolation_table(pos_emb: Tensor) -> Tensor:
@@ -93,7 +93,7 @@ def block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: floa
 
     Heads are flattened into the batch: qb (G, n, D) for a group of G of them; kb, gkb: (G, S, D) keys S-1..0 of
     the block (gkb None: gates from the attention logits); table: (D, 2P) `interpolation_table`; rel_emb:
-    optional (D, R); bias_b: optional (H, n, S) bias by distance, G a multiple of H; mask,
+    optional (D, R); bias_b: optional (h, n, S) bias by distance of the group's heads, h dividing G; mask,
     idx_rel: (n, S) from `block_masks`. The (G, n, P) table products are formed here, block by block: per call
     they would be (B*H, T, 2P), as large as the logits of short sequences and freshly paged in every call.
     """
@@ -127,7 +127,7 @@ def block_forward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale:
 def block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop, dout):
     """Gradients of one query block, recomputed from its inputs: dq; dk, dv, d gate_k (keys in reversed order,
     without the logits' 1/sqrt(D): the caller applies it once); the tables' gradients (D, 2P) and (D, R); the
-    bias's gradient by (row, key) summed over the batch, (H, n, S)."""
+    bias's gradient by (row, key) summed over the batch, (h, n, S)."""
     scores, (gates, weight, idx, slope) = block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale)
     probs = torch.softmax(scores, -1)  # (G, n, S)
     dprobs = torch.bmm(dout, vb.transpose(1, 2))  # gradient of the (dropped) probabilities
@@ -171,6 +171,14 @@ def _dropout_factors(q: Tensor, n: int, end: int, block_start: int, p: float, se
     return (keep.to(q.dtype) / (1.0 - p)).flatten(0, 1)
 
 
+def _group_bias(bias_b: Tensor | None, g: slice, h0: int) -> Tensor | None:
+    """The (h, n, end) bias rows of a group's heads: all H for whole batches, else the group's own heads."""
+    if bias_b is None:
+        return None
+    heads = g.stop - g.start
+    return bias_b if heads % bias_b.size(0) == 0 else bias_b[h0 : h0 + heads]
+
+
 class _Blocks:
     """The query blocks of one call: (first query, queries, keys read, mask, idx_rel, idx_bias) each. A block
     reads keys 0 .. its last query (the rest are masked), i.e. the last `end` of the reversed keys; the masks
@@ -205,10 +213,10 @@ class ChunkedCoPEAttention(torch.autograd.Function):
             rows, keys = slice(i0, i0 + n), slice(s - end, s)
             drop = _dropout_factors(q, n, end, i0, dropout_p, seed)
             bias_b = None if bias is None else bias[:, idx_bias]  # (H, n, end)
-            for g in head_groups(b, h, n, end):
+            for g, h0 in head_groups(b, h, n, end):
                 out[g, rows] = fwd(
                     q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], table, rel_emb,
-                    bias_b, mask, idx_rel, scale, None if drop is None else drop[g],
+                    _group_bias(bias_b, g, h0), mask, idx_rel, scale, None if drop is None else drop[g],
                 )  # fmt: skip
         ctx.save_for_backward(q3, k3, v3, pos_emb, gk3, rel_emb, bias)
         ctx.block, ctx.fns, ctx.dropout, ctx.shape = block, fns, (dropout_p, seed), (b, h, t, s, d)
@@ -231,10 +239,10 @@ class ChunkedCoPEAttention(torch.autograd.Function):
             rows, keys = slice(i0, i0 + n), slice(s - end, s)
             drop = _dropout_factors(q3.view(b, h, t, d), n, end, i0, *ctx.dropout)
             bias_b = None if bias is None else bias[:, idx_bias]
-            for g in head_groups(b, h, n, end):
+            for g, h0 in head_groups(b, h, n, end):
                 dqb, dkb, dvb, dgkb, dtb, drb, dbb = bwd(
                     q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], table, rel_emb,
-                    bias_b, mask, idx_rel, scale, None if drop is None else drop[g],
+                    _group_bias(bias_b, g, h0), mask, idx_rel, scale, None if drop is None else drop[g],
                     dout[g, rows],
                 )  # fmt: skip
                 dq[g, rows] = dqb
@@ -246,7 +254,8 @@ class ChunkedCoPEAttention(torch.autograd.Function):
                 if drel is not None:
                     drel += drb
                 if dbias is not None:
-                    dbias.scatter_add_(-1, idx_bias.reshape(1, -1).expand(h, -1), dbb.flatten(1))
+                    heads = dbb.size(0)
+                    dbias[h0 : h0 + heads].scatter_add_(-1, idx_bias.reshape(1, -1).expand(heads, -1), dbb.flatten(1))
 
         def keys_out(x):  # (G, S, D) in reverse order -> (B, H, S, D), with the logits' scale
             return None if x is None else x.flip(1).mul_(scale).view(b, h, s, d)
@@ -297,7 +306,7 @@ def cope_attention_chunked(
     s = k.size(-2)
     if s < t:
         raise ValueError(f"cope_attention_chunked needs at least as many keys as queries, got S={s} < T={t}")
-    block = block_size or block_rows(t, s, h)
+    block = block_size or block_rows(t)
     if block < 1:
         raise ValueError(f"cope_attention_chunked: block_size must be >= 1, got {block}")
     check_dropout(dropout_p)
