@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from cope_pl.ops.dropout import check_dropout, draw_dropout_seed
+from cope_pl.seeding import generator as seeded_generator
 
 # A block is at most MAX_BLOCK_ROWS queries of a group of heads (of the flattened B*H) whose (group, rows, keys)
 # tensors hold about GROUP_ELEMENTS values, so the dozen passes over each stay in a core's cache; short sequences
@@ -97,23 +98,23 @@ def block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: floa
     idx_rel: (n, S) from `block_masks`. The (G, n, P) table products are formed here, block by block: per call
     they would be (B*H, T, 2P), as large as the logits of short sequences and freshly paged in every call.
     """
-    zz = as_pairs(qb @ table)  # (G, n, P) complex pairs (q . e[p], q . slope[p])
+    zz = as_pairs(qb @ table)  # (G, n, P) complex pairs (q . e[p], q . (e[p + 1] - e[p]))
     npos = zz.size(-1)
     logits = torch.baddbmm(mask, qb, kb.transpose(1, 2), alpha=scale)  # (G, n, S), -inf on masked keys
     gate_logits = logits if gkb is None else torch.baddbmm(mask, qb, gkb.transpose(1, 2), alpha=scale)
     gates = torch.sigmoid(gate_logits)  # 0 on masked keys
     # Keys reversed: p_ij = sum_{t=j..i} g_it is a plain cumulative sum; p >= 0, so long() is floor().
     positions = gates.cumsum(-1).clamp_(max=npos - 1)
-    idx = positions.long()  # int64: gather and scatter convert narrower indices first
-    weight = positions.frac_()  # p - floor(p), differentiable through the gates
-    pair = torch.view_as_real(zz.gather(-1, idx))  # (G, n, S, 2): q_i . e[f], q_i . (e[f + 1] - e[f])
-    slope = pair[..., 1]  # 0 where clamped
-    scores = torch.addcmul(pair[..., 0], weight, slope).add_(logits)
+    pos_floor = positions.long()  # int64: gather and scatter convert narrower indices first
+    w = positions.frac_()  # p - floor(p), differentiable through the gates
+    pair = torch.view_as_real(zz.gather(-1, pos_floor))  # (G, n, S, 2): q_i . e[f], q_i . (e[f + 1] - e[f])
+    z_step = pair[..., 1]  # 0 where clamped
+    scores = torch.addcmul(pair[..., 0], w, z_step).add_(logits)
     if rel_emb is not None:
         scores.add_((qb @ rel_emb).gather(-1, idx_rel.expand_as(scores)))
     if bias_b is not None:
         scores.view(-1, *bias_b.shape).add_(bias_b)  # broadcast over the batch
-    return scores, (gates, weight, idx, slope)
+    return scores, (gates, w, pos_floor, z_step)
 
 
 def block_forward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop):
@@ -128,7 +129,7 @@ def block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale
     """Gradients of one query block, recomputed from its inputs: dq; dk, dv, d gate_k (keys in reversed order,
     without the logits' 1/sqrt(D): the caller applies it once); the tables' gradients (D, 2P) and (D, R); the
     bias's gradient by (row, key) summed over the batch, (h, n, S)."""
-    scores, (gates, weight, idx, slope) = block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale)
+    scores, (gates, w, pos_floor, z_step) = block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale)
     probs = torch.softmax(scores, -1)  # (G, n, S)
     dprobs = torch.bmm(dout, vb.transpose(1, 2))  # gradient of the (dropped) probabilities
     if drop is not None:
@@ -136,11 +137,12 @@ def block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale
     dvb = torch.bmm((probs if drop is None else probs * drop).transpose(1, 2), dout)  # (G, S, D)
     # P (dP - sum_j P_ij dP_ij) in one pass; with dropout too, as dP is taken before it.
     dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
-    # The CoPE term z[f] + w slope[f]: to z and the slope at f (one scatter of pairs), through w to the gates.
+    # The CoPE term z[f] + w z_step (docs/cope-ops.md): to z and its step at f in one scatter of pairs, through w
+    # to the gates.
     dzz = torch.zeros(*qb.shape[:-1], table.size(-1) // 2, dtype=COMPLEX[dscores.dtype], device=qb.device)
-    dzz.scatter_add_(-1, idx, torch.complex(dscores, weight.mul_(dscores)))
+    dzz.scatter_add_(-1, pos_floor, torch.complex(dscores, w.mul_(dscores)))
     dzz = torch.view_as_real(dzz).flatten(-2)  # (G, n, 2P), as the table's columns
-    dpositions = slope * dscores  # slope is 0 where the clamp holds
+    dpositions = z_step * dscores  # z_step is 0 where the clamp holds
     # positions = cumsum(gates) over reversed keys, so a gate's gradient sums the dpositions from it onwards.
     dgate_logits = torch.ops.aten.sigmoid_backward(dpositions.flip(-1).cumsum_(-1).flip(-1), gates)
     dqb = dzz @ table.transpose(0, 1)  # (G, n, D)
@@ -166,7 +168,7 @@ def _dropout_factors(q: Tensor, n: int, end: int, block_start: int, p: float, se
     """(B*H, n, end) factors 0 or 1 / (1 - p) for one block, the same every time for (seed, block_start)."""
     if p == 0:
         return None
-    generator = torch.Generator(device=q.device).manual_seed(seed * 1_000_003 + block_start)
+    generator = seeded_generator(seed, block_start, q.device)
     keep = torch.rand(*q.shape[:2], n, end, generator=generator, device=q.device, dtype=q.dtype) >= p
     return (keep.to(q.dtype) / (1.0 - p)).flatten(0, 1)
 
