@@ -19,7 +19,7 @@ import torch
 
 from cope_pl.bench.cases import ATTENTION_IMPLS, TRAIN_PRECISIONS
 from cope_pl.bench.measure import make_case, peak_memory, time_steps
-from cope_pl.bench.tables import write
+from cope_pl.bench.table_files import write
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

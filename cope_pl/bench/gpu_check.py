@@ -31,7 +31,7 @@ import torch
 from cope_pl.bench import __main__ as bench
 from cope_pl.bench.accuracy import accuracy_table
 from cope_pl.bench.cases import attention_case
-from cope_pl.bench.tables import markdown
+from cope_pl.bench.table_files import markdown
 
 # The project's targets for the fused kernel, on the full-size shapes below.
 TARGET_OP_THROUGHPUT_VS_SDPA = 0.5  # forward + backward, T = 4096

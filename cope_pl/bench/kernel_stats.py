@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cope_pl.bench.tables import write
+from cope_pl.bench.table_files import write
 
 KEY_GRAD_NAMES = ("DK", "DV", "DGK")
 INT_ARGS = ("T", "S", "NPOS", "N_KEY_TILES", "seed")

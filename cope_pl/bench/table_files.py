@@ -1,4 +1,4 @@
-"""Benchmark tables on disk: the same frame as CSV (for pandas) and as Markdown (for docs and notes)."""
+"""Benchmark tables on disk (reports/bench/*.csv and *.md): the same frame for pandas and for docs and notes."""
 
 from __future__ import annotations
 
