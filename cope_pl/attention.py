@@ -12,7 +12,8 @@ A position encoding never implements attention. Besides an input embedding and a
   chunked   one CoPE term, plus at most one relative table and one distance bias: the exact
             memory-efficient op (O(T) memory, never T x T logits); `triton` is the fused GPU kernel
             (CoPE alone);
-  explicit  anything else: the (B, H, T, S) logits with every term added, then a softmax.
+  explicit  anything else, and any call of at most EXPLICIT_ROWS queries (a decode step): the (B, H, T, S)
+            logits with every term added, then a softmax.
 A new encoding that contributes these forms, alone or combined with others, gets the same fast paths.
 
 Queries are the last T of S keys (S > T when decoding with a `KVCache`). `recording()` makes every attention
@@ -98,10 +99,18 @@ class Plan:
     bias: DistanceBias | None = None
 
 
-def choose_backend(terms: list[Term], device: torch.device) -> Plan:
-    """The fastest exact way to compute attention with these terms on this device."""
+# Up to this many query rows (decode steps, short prefill chunks) the explicit logits hold no more than one
+# block of the chunked op (at least 16 rows) and skip its per-call setup.
+EXPLICIT_ROWS = 16
+
+
+def choose_backend(terms: list[Term], device: torch.device, rows: int | None = None) -> Plan:
+    """The fastest exact way to compute attention with these terms on this device, for `rows` queries (None: a
+    long sequence)."""
     if not terms:
         return Plan("sdpa")
+    if rows is not None and rows <= EXPLICIT_ROWS:
+        return Plan("explicit")
     by_form: dict[type, list[Term]] = {}
     for term in terms:
         by_form.setdefault(type(term), []).append(term)
@@ -159,7 +168,7 @@ def recording() -> Iterator[list[dict[str, Tensor | None]]]:
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, terms: list[Term], dropout_p: float = 0.0) -> Tensor:
     """softmax(q.k / sqrt(D) + terms, causal) v: q (B, H, T, D), k and v (B, H, S, D) with S >= T -> (B, H, T, D)."""
     t, s = q.size(-2), k.size(-2)
-    plan = Plan("explicit") if _RECORDS else choose_backend(terms, q.device)
+    plan = Plan("explicit") if _RECORDS else choose_backend(terms, q.device, rows=t)
     if plan.backend == "sdpa":
         mask = None if t in (1, s) else causal_mask(t, s, q.device)  # is_causal aligns to the top left when T < S
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=t == s > 1)

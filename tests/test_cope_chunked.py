@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from cope_pl.attention import EXPLICIT_ROWS
 from cope_pl.ops import causal_mask, cope_attention, cope_attention_chunked, resolve_cope_impl
 from cope_pl.ops import cope_chunked as chunked_module
 from cope_pl.ops.cope_chunked import MAX_BLOCK_ROWS, block_rows
@@ -163,14 +164,20 @@ def calls_dropout(calls):
 @pytest.mark.parametrize("position", ["cope", "rope_cope", "relative_cope"])
 def test_default_impl_runs_the_chunked_op_on_cpu(monkeypatch, position):
     calls = count_chunked_calls(monkeypatch)
-    tiny_model(position)(torch.randint(0, 23, (1, 9)))
+    model = tiny_model(position)
+    model(torch.randint(0, 23, (1, EXPLICIT_ROWS + 1)))
     assert len(calls) == 2  # one per layer
     assert resolve_cope_impl("auto", torch.device("cpu")) == "chunked"
+    calls.clear()
+    cache = model.new_cache()
+    model(torch.randint(0, 23, (1, EXPLICIT_ROWS + 4)), cache=cache)  # a prefill takes the op,
+    model(torch.randint(0, 23, (1, 1)), cache=cache)  # a decode step its one row of explicit logits
+    assert len(calls) == 2
 
 
 def test_reference_impl_takes_the_reference_path(monkeypatch):
     calls = count_chunked_calls(monkeypatch)
-    tiny_model("cope", position_options={"impl": "reference"})(torch.randint(0, 23, (1, 9)))
+    tiny_model("cope", position_options={"impl": "reference"})(torch.randint(0, 23, (1, EXPLICIT_ROWS + 1)))
     assert not calls
 
 
@@ -179,7 +186,7 @@ def test_attention_dropout_runs_in_the_chunked_op(monkeypatch, position):
     # The paper-scale model configs all train with dropout 0.1: they must not fall back to O(T^2) memory.
     calls = count_chunked_calls(monkeypatch)
     model = tiny_model(position, dropout=0.1).train()
-    tokens = torch.randint(0, 23, (2, 9))
+    tokens = torch.randint(0, 23, (2, EXPLICIT_ROWS + 1))
     first = model(tokens)
     assert len(calls) == 2 and calls_dropout(calls) == [0.1, 0.1]
     assert not torch.equal(first, model(tokens))  # new masks each call
