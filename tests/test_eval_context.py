@@ -1,42 +1,21 @@
 """eval-context: a tiny checkpoint scored at 1x and 2x its training context; what cannot be scored says why."""
 
-import lightning as L
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from cope_pl.data import CopyDataModule
 from cope_pl.data.windows import SlidingWindows
 from cope_pl.eval_context import evaluate_context, parse_lengths
 from cope_pl.lm import LanguageModel
+from tests.conftest import fitted_run
 
 DATA = {"seq_len": 8, "batch_size": 16, "num_symbols": 6, "eval_size": 32}
 
 
 def tiny_run(tmp_path, position, max_seq_len=32, steps=2):
-    """A run directory as `cope-pl fit` leaves it: config.yaml and checkpoints/last.ckpt."""
-    run = tmp_path / f"copy-{position}" / "version_0"
-    (run / "checkpoints").mkdir(parents=True)
-    config = {"data": {"class_path": "cope_pl.data.CopyDataModule", "init_args": DATA}, "seed_everything": 0}
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    L.seed_everything(0)
-    dm = CopyDataModule(**DATA)
-    model = LanguageModel(
-        vocab_size=dm.vocab_size, n_layers=1, d_model=16, n_heads=2, max_seq_len=max_seq_len, position=position
-    )
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(model, dm)
-    trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
-    return run, trainer, model, dm
+    data_class = "cope_pl.data.CopyDataModule"
+    return fitted_run(tmp_path, f"copy-{position}", data_class, DATA, position, steps, max_seq_len=max_seq_len)
 
 
 def test_scores_one_and_two_times_the_training_context(tmp_path):

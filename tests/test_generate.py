@@ -3,17 +3,13 @@ logit; sampling is seeded; `cope-pl generate` streams a run's continuation and r
 
 import io
 
-import lightning as L
 import pytest
 import torch
-import yaml
 
-from cope_pl.data import FlipFlopDataModule
 from cope_pl.data.codec import TokenIdCodec, VocabularyCodec
 from cope_pl.generate import generate, main, print_stream
-from cope_pl.lm import LanguageModel
 from cope_pl.position import available
-from tests.conftest import tiny_model
+from tests.conftest import fitted_run, tiny_model
 
 ENCODINGS = available()
 
@@ -116,26 +112,9 @@ def test_streamed_text_waits_for_whole_characters():
 @pytest.fixture(scope="module")
 def flipflop_run(tmp_path_factory):
     """A run directory as `cope-pl fit` leaves it, for a tiny Flip-Flop CoPE model."""
-    tmp = tmp_path_factory.mktemp("runs")
-    run = tmp / "flipflop-cope" / "version_0"
-    (run / "checkpoints").mkdir(parents=True)
     data = {"seq_len": 16, "batch_size": 8, "train_size": 16, "eval_size": 8}
-    config = {"data": {"class_path": "cope_pl.data.FlipFlopDataModule", "init_args": data}}
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    dm = FlipFlopDataModule(**data)
-    model = LanguageModel(vocab_size=dm.vocab_size, n_layers=1, d_model=16, n_heads=2, position="cope")
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp,
-    )
-    trainer.fit(model, dm)
-    trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
-    return run
+    tmp = tmp_path_factory.mktemp("runs")
+    return fitted_run(tmp, "flipflop-cope", "cope_pl.data.FlipFlopDataModule", data, "cope", steps=1)[0]
 
 
 def test_the_tool_streams_a_continuation_in_the_task_vocabulary(flipflop_run, capsys):

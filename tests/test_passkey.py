@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import lightning as L
 import pandas as pd
 import pytest
 import torch
@@ -26,6 +25,7 @@ from cope_pl.data.passkey import (
 )
 from cope_pl.eval_passkey import COLUMNS, PASSKEY_FILE, evaluate_passkey
 from cope_pl.lm import LanguageModel
+from tests.conftest import fitted_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -150,29 +150,8 @@ DATA = {"seq_len": 16, "batch_size": 8, "key_len": 3, "depths": [0.0, 0.5, 1.0],
 
 
 def tiny_run(root: Path, position: str, max_seq_len: int = 64) -> Path:
-    """A run directory as `cope-pl fit` leaves it (config.yaml, checkpoints/last.ckpt), trained 2 steps."""
-    run = root / f"passkey-{position}" / "version_0"
-    (run / "checkpoints").mkdir(parents=True)
-    config = {"data": {"class_path": "cope_pl.data.PasskeyDataModule", "init_args": DATA}, "seed_everything": 0}
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    L.seed_everything(0)
-    dm = PasskeyDataModule(**DATA)
-    model = LanguageModel(
-        vocab_size=dm.vocab_size, n_layers=1, d_model=16, n_heads=2, max_seq_len=max_seq_len, position=position
-    )
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
-    trainer.fit(model, dm)
-    trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
-    return run
+    data_class = "cope_pl.data.PasskeyDataModule"
+    return fitted_run(root, f"passkey-{position}", data_class, DATA, position, max_seq_len=max_seq_len)[0]
 
 
 @pytest.fixture(scope="module")
