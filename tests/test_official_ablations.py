@@ -10,6 +10,7 @@ import yaml
 
 from cope_pl.ops import causal_mask, cope_position_logits
 from cope_pl.position import ModelDims, build_position_encoding
+from cope_pl.position.cope import ContextualPositionEncoding
 from tests.conftest import tiny_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "position"
@@ -71,3 +72,54 @@ def test_the_options_take_every_op_path(impl):
 def test_each_ablation_has_a_config_that_builds(name):
     config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]
     build_position_encoding(config["position"], DIMS, config.get("position_options"))
+
+
+def test_value_gates_count_with_the_values():
+    cope = build_position_encoding("cope", DIMS, {"npos_max": 5, "value_gates": True}).double()
+    torch.nn.init.normal_(cope.pos_emb)
+    q, k, logits = random_qk()
+    v = torch.randn_like(k)
+    (term,) = cope.attention_terms(0, q, {"k": k, "v": v})
+    value_logits = (q @ v.transpose(-1, -2) / math.sqrt(8)).masked_fill(~causal_mask(7, 7), float("-inf"))
+    torch.testing.assert_close(term.logits(q, 7, logits), cope_position_logits(q, value_logits, cope.pos_emb[0]))
+    with pytest.raises(ValueError, match="value_gates and sep-keys"):
+        ContextualPositionEncoding(DIMS, sep_keys=True, value_gates=True)
+
+
+@pytest.mark.parametrize("position, options", [("cope", {"value_gates": True}), ("cope_every_k", {"k": 2})])
+def test_value_gates_and_every_kth_layer_take_the_fast_op_exactly(position, options):
+    model = tiny_model(position, position_options=options).double()
+    with torch.no_grad():
+        for p in model.position.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+    reference = tiny_model(position, position_options={**options, "impl": "reference"}).double()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 23, (2, 30))
+    outputs = [m(ids) for m in (model, reference)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-10)
+    grads = [
+        torch.autograd.grad(o.square().sum(), m.blocks[0].attn.qkv.weight)[0]
+        for o, m in zip(outputs, (model, reference))
+    ]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-10)
+
+
+def test_cope_every_kth_layer_uses_relative_pe_on_the_others():
+    from cope_pl.attention import ContextualLogits, RelativeLogits
+
+    enc = build_position_encoding(
+        "cope_every_k", ModelDims(n_layers=4, n_heads=2, d_model=16, max_seq_len=32), {"k": 2}
+    )
+    q = torch.randn(1, 2, 5, 8)
+    forms = [type(enc.attention_terms(layer, q, {"k": q, "v": q})[0]) for layer in range(4)]
+    assert forms == [ContextualLogits, RelativeLogits, ContextualLogits, RelativeLogits]
+    with pytest.raises(ValueError, match="raise max_distance"):
+        enc.check_length(33)  # the relative layers' uncapped table
+
+
+@pytest.mark.parametrize("config", ["cope_value_gates.yaml", "cope_every_2.yaml"])
+def test_the_ablation_configs_build(config):
+    model = yaml.safe_load((CONFIGS / config).read_text())["model"]
+    assert tiny_model(model["position"], position_options=model["position_options"])(
+        torch.randint(0, 23, (1, 20))
+    ).shape == (1, 20, 23)

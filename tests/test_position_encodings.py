@@ -36,12 +36,11 @@ def test_causal(position):
 @pytest.mark.parametrize("position", ENCODINGS)
 def test_gradients_reach_every_parameter(position):
     model = tiny_model(position)
-    if position in ("cope", "cope_sepkeys", "rope_cope", "relative_cope"):
-        # CoPE's table starts at zero (paper), which blocks the gates' gradient; perturb it so both flow.
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "pos_emb" in name:
-                    p.normal_()
+    # CoPE's table starts at zero (paper), which blocks the gates' gradient; perturb it so both flow.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "pos_emb" in name:
+                p.normal_()
     model(torch.randint(0, 23, (2, 12))).logsumexp(-1).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing

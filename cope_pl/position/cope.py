@@ -5,9 +5,11 @@ is the sum of the gates between them, and q_i . e[p_ij] (interpolated) is added 
 position table per layer, shared by its heads (paper, Appendix B). `cope_sepkeys` gates with a separate
 key projection instead of the attention keys.
 
-Two ablations of the official code (facebookresearch/RAM, projects/cope): `divide_by_sqrt_d` divides the
+Ablations of the official code (facebookresearch/RAM, projects/cope): `divide_by_sqrt_d` divides the
 CoPE term by sqrt(D) together with the content logits (that code's default; the paper's listing adds it
-unscaled, this project's default), and `shared_table` uses one position table for every layer.
+unscaled, this project's default), `shared_table` uses one position table for every layer, and `value_gates`
+computes the gates from the values, sigmoid(q_i . v_j / sqrt(D)), instead of the keys. CoPE on every k-th
+layer with relative PE on the others is `cope_every_k` (compose.py).
 
 `impl` chooses the op (cope_pl/ops/dispatch.py): `reference` adds the term to explicit (B, H, T, S) logits;
 `chunked` (and `auto`) and `triton` run the memory-efficient exact op, or the fused kernel, attention dropout
@@ -37,6 +39,7 @@ class ContextualPositionEncoding(PositionEncoding):
         *,
         npos_max: int = 64,
         sep_keys: bool = False,
+        value_gates: bool = False,
         divide_by_sqrt_d: bool = False,
         shared_table: bool = False,
         impl: str = "auto",
@@ -45,6 +48,9 @@ class ContextualPositionEncoding(PositionEncoding):
         super().__init__(dims)
         if npos_max < 1:
             raise ValueError(f"model.position_options.npos_max must be >= 1, got {npos_max}")
+        if sep_keys and value_gates:
+            raise ValueError("model.position_options: value_gates and sep-keys are two sources for the gates; pick one")
+        self.value_gates = value_gates
         self.npos_max = npos_max
         self.impl = check_cope_impl(impl)
         self.compile_blocks = compile  # torch.compile the chunked op's block functions
@@ -72,7 +78,8 @@ class ContextualPositionEncoding(PositionEncoding):
 
     def attention_terms(self, layer: int, q: Tensor, keys: dict[str, Tensor]) -> list[Term]:
         table = self.table(layer, q.dtype)
-        return [ContextualLogits(table, keys.get("cope_gate_k"), impl=self.impl, compiled=self.compile_blocks)]
+        gate_keys = keys["v"] if self.value_gates else keys.get("cope_gate_k")
+        return [ContextualLogits(table, gate_keys, impl=self.impl, compiled=self.compile_blocks)]
 
 
 @register("cope_sepkeys")
