@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,20 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
+
+
+def merge_csv_atomic(
+    path: Path, columns: Sequence[str], rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any], order=None
+) -> None:
+    """Merge rows into a CSV file: old rows whose key(row) a new row has are replaced (all of them), the rest kept;
+    rows sorted by order(row) (default: key). Rows read back from the file hold text, so key must accept both."""
+    old = []
+    if Path(path).exists():
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+    fresh = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in fresh] + list(rows)
+    write_csv_atomic(path, columns, sorted(merged, key=order or key))
 
 
 def write_csv_atomic(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:

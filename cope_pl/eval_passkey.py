@@ -14,7 +14,6 @@ no accuracy, never one scored with wrapped or clipped positions.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from cope_pl.atomic import write_csv_atomic
+from cope_pl.atomic import merge_csv_atomic, write_csv_atomic
 from cope_pl.data.base import IGNORE_INDEX
 from cope_pl.data.passkey import EVAL_DEPTHS, PasskeyDataModule
 from cope_pl.eval_context import fitting_batch_size, parse_lengths, progress, score_batch
@@ -164,14 +163,7 @@ def row_key(row: dict[str, Any]) -> tuple[int, float]:
 
 def save_rows(run: Path, rows: list[dict[str, Any]]) -> None:
     """Merge rows into the run's passkey.csv (a re-scored (length, depth) replaces its old row)."""
-    path = run / PASSKEY_FILE
-    old = []
-    if path.exists():
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
-    merged = {row_key(r): r for r in old}
-    merged.update({row_key(r): r for r in rows})
-    write_csv_atomic(path, COLUMNS, [merged[k] for k in sorted(merged)])
+    merge_csv_atomic(run / PASSKEY_FILE, COLUMNS, rows, key=row_key)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> Iterator[str]:

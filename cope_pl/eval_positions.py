@@ -8,13 +8,12 @@ The token-weighted mean of a length's bucket losses is its `loss` in eval_contex
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from cope_pl.atomic import write_csv_atomic
+from cope_pl.atomic import merge_csv_atomic
 from cope_pl.runs import POSITIONS_FILE
 
 POSITION_COLUMNS = (
@@ -54,12 +53,5 @@ def position_key(row: dict[str, Any]) -> tuple[int, str, str]:
 
 def save_position_rows(run: Path, rows: list[dict[str, Any]]) -> None:
     """Merge rows into the run's positions CSV: a re-evaluated (length, set) replaces all its old rows."""
-    path = run / POSITIONS_FILE
-    old = []
-    if path.exists():
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
-    fresh = {position_key(r) for r in rows}
-    merged = [r for r in old if position_key(r) not in fresh] + rows
-    merged.sort(key=lambda r: (*position_key(r), int(r["bucket_start"])))
-    write_csv_atomic(path, POSITION_COLUMNS, merged)
+    order = lambda r: (*position_key(r), int(r["bucket_start"]))  # noqa: E731
+    merge_csv_atomic(run / POSITIONS_FILE, POSITION_COLUMNS, rows, key=position_key, order=order)
