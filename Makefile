@@ -42,6 +42,7 @@ $(STAMP): pyproject.toml
 		$(BIN)/pip install -q torch==2.13.0; \
 	fi
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -c "from cope_pl.ops.cope_cpu import report_build; report_build()"
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -117,7 +117,7 @@ def choose_backend(terms: list[Term], device: torch.device, rows: int | None = N
     cope = by_form.get(ContextualLogits, [])
     relative, bias = by_form.get(RelativeLogits, []), by_form.get(DistanceBias, [])
     if len(cope) == 1 and len(relative) <= 1 and len(bias) <= 1:
-        impl = resolve_cope_impl(cope[0].impl, device, relative=bool(relative or bias))
+        impl = resolve_cope_impl(cope[0].impl, device, relative=bool(relative or bias), compiled=cope[0].compiled)
         if impl != "reference":
             return Plan(impl, cope[0], relative[0] if relative else None, bias[0] if bias else None)
     return Plan("explicit")

@@ -9,12 +9,14 @@ import torch
 from cope_pl.bench import gpu_check
 from cope_pl.bench.__main__ import main
 from cope_pl.bench.measure import peak_memory_here
+from cope_pl.ops import cope_cpu
 
 
 def test_bench_cli_writes_csv_and_markdown(tmp_path):
     main(
         ["--lengths", "16", "24", "--impls", "sdpa", "reference", "chunked", "--repeats", "1", "--warmup", "0",
-         "--train-lengths", "16", "--train-layers", "1", "--train-d-model", "16", "--train-batch", "1",
+         "--train-impls", "chunked", "reference", "--train-lengths", "16", "--train-layers", "1",
+         "--train-d-model", "16", "--train-batch", "1",
          "--task-lengths", "8", "12", "--task-batch", "2", "--task-layers", "1", "--task-d-model", "8",
          "--decode-lengths", "8", "16", "--no-memory", "--out", str(tmp_path)]
     )  # fmt: skip
@@ -33,6 +35,17 @@ def test_bench_cli_writes_csv_and_markdown(tmp_path):
                          ("decode.md", "| S |")):  # fmt: skip
         text = (tmp_path / name).read_text()
         assert f"torch {torch.__version__}" in text and column in text
+
+
+@pytest.mark.skipif(not cope_cpu.available(), reason="no C++ compiler: the CPU blocks are not built")
+def test_bench_reports_the_cpu_blocks_build_time_from_scratch(tmp_path):
+    main(
+        ["--lengths", "16", "--impls", "sdpa", "cpu", "--repeats", "1", "--warmup", "0", "--train-lengths",
+         "--decode-lengths", "--task-lengths", "--no-memory", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert set(pd.read_csv(tmp_path / "attention.csv").impl) == {"sdpa", "cpu"}
+    build = pd.read_csv(tmp_path / "build.csv")
+    assert list(build.step) == ["compile (fresh machine)", "load (already built)"] and (build.seconds > 0).all()
 
 
 def test_peak_memory_sees_the_reference_ops_quadratic_tensors():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cope_pl.attention import EXPLICIT_ROWS
-from cope_pl.ops import causal_mask, cope_attention, cope_attention_chunked, resolve_cope_impl
+from cope_pl.ops import causal_mask, cope_attention, cope_attention_chunked, cope_cpu, resolve_cope_impl
 from cope_pl.ops import cope_chunked as chunked_module
 from cope_pl.ops.cope_chunked import MAX_BLOCK_ROWS, block_rows
 from tests.conftest import tiny_model
@@ -47,30 +47,36 @@ def reference_with_relative(q, k, v, e, gk, r, extra=None):
     return torch.softmax(logits, -1) @ v
 
 
+# The torch blocks, and the same op with its C++ blocks (impl `cpu`; tests/test_cope_cpu.py has the rest).
+cpu_blocks = pytest.mark.skipif(not cope_cpu.available(), reason=f"C++ blocks not built: {cope_cpu.build_error()}")
+FUSED = [False, pytest.param(True, marks=cpu_blocks, id="cpu_blocks")]
+
 # (T, S, block, npos_max): blocks that do not divide T, S > T (a query block over a longer key cache), and a
 # small npos_max so that positions hit the clamp.
 SHAPES = [(37, 37, 8, 5), (20, 45, 7, 4), (16, 16, 16, 32), (33, 50, 64, 3)]
 
 
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("sep_keys", [False, True])
 @pytest.mark.parametrize("t,s,block,npos", SHAPES)
-def test_chunked_equals_reference_in_float64(sep_keys, t, s, block, npos):
+def test_chunked_equals_reference_in_float64(sep_keys, t, s, block, npos, fused):
     inputs = make_inputs(2, 3, t, s, 8, npos, torch.float64, sep_keys)[:5]
     weights = torch.randn(2, 3, t, 8, dtype=torch.float64)
     ref = output_and_grads(cope_attention, inputs, weights)
-    fast = output_and_grads(lambda *a: cope_attention_chunked(*a, block_size=block), inputs, weights)
+    fast = output_and_grads(lambda *a: cope_attention_chunked(*a, block_size=block, fused=fused), inputs, weights)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("sep_keys", [False, True])
-def test_chunked_equals_reference_in_float32(sep_keys):
+def test_chunked_equals_reference_in_float32(sep_keys, fused):
     # Outputs within 1e-5; gradients within 1e-5 of their largest element (the reference's own float32
     # gradients differ from float64 by more than that in absolute terms; see docs/cope-ops.md).
     inputs = make_inputs(2, 2, 150, 200, 16, 16, torch.float32, sep_keys)[:5]
     weights = torch.randn(2, 2, 150, 16)
     ref = output_and_grads(cope_attention, inputs, weights)
-    fast = output_and_grads(lambda *a: cope_attention_chunked(*a, block_size=48), inputs, weights)
+    fast = output_and_grads(lambda *a: cope_attention_chunked(*a, block_size=48, fused=fused), inputs, weights)
     torch.testing.assert_close(fast[0], ref[0], rtol=0, atol=1e-5)
     for a, b in zip(fast[1:], ref[1:]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
@@ -129,23 +135,27 @@ def test_chunked_rejects_fewer_keys_than_queries():
         cope_attention_chunked(q, q[..., :3, :], q[..., :3, :], torch.randn(2, 3))
 
 
-@pytest.mark.parametrize("position", ["cope", "cope_sepkeys", "rope_cope", "relative_cope"])
-def test_model_chunked_path_equals_reference_path(position):
+@pytest.mark.parametrize(
+    "position,impl",
+    [(p, "chunked") for p in ("cope", "cope_sepkeys", "rope_cope", "relative_cope")]
+    + [pytest.param(p, "cpu", marks=cpu_blocks) for p in ("cope", "cope_sepkeys", "rope_cope")],
+)
+def test_model_fast_path_equals_reference_path(position, impl):
     ids = torch.randint(0, 23, (2, 40))
     models = {}
-    for impl in ("reference", "chunked"):
+    for which in ("reference", impl):
         torch.manual_seed(1)
-        models[impl] = tiny_model(position, position_options={"impl": impl, "npos_max": 8}).double()
+        models[which] = tiny_model(position, position_options={"impl": which, "npos_max": 8}).double()
         with torch.no_grad():  # non-zero CoPE tables, so the position term matters
-            for name, p in models[impl].named_parameters():
+            for name, p in models[which].named_parameters():
                 if "pos_emb" in name:
                     p.copy_(torch.randn_like(p))
-    outs = {impl: m(ids) for impl, m in models.items()}
-    torch.testing.assert_close(outs["chunked"], outs["reference"])
+    outs = {which: m(ids) for which, m in models.items()}
+    torch.testing.assert_close(outs[impl], outs["reference"])
     for out in outs.values():
         out.square().mean().backward()
     ref_params = dict(models["reference"].named_parameters())
-    for name, p in models["chunked"].named_parameters():
+    for name, p in models[impl].named_parameters():
         torch.testing.assert_close(p.grad, ref_params[name].grad, msg=name)
 
 
@@ -167,7 +177,7 @@ def test_default_impl_runs_the_chunked_op_on_cpu(monkeypatch, position):
     model = tiny_model(position)
     model(torch.randint(0, 23, (1, EXPLICIT_ROWS + 1)))
     assert len(calls) == 2  # one per layer
-    assert resolve_cope_impl("auto", torch.device("cpu")) == "chunked"
+    assert resolve_cope_impl("auto", torch.device("cpu")) in ("chunked", "cpu")  # cpu: its C++ blocks
     calls.clear()
     cache = model.new_cache()
     model(torch.randint(0, 23, (1, EXPLICIT_ROWS + 4)), cache=cache)  # a prefill takes the op,
@@ -196,7 +206,7 @@ def test_attention_dropout_runs_in_the_chunked_op(monkeypatch, position):
 
 def test_unknown_impl_is_one_clear_error():
     with pytest.raises(
-        ValueError, match=r"impl must be one of \['auto', 'reference', 'chunked', 'triton'\], got 'fast'"
+        ValueError, match=r"impl must be one of \['auto', 'reference', 'chunked', 'cpu', 'triton'\], got 'fast'"
     ):
         tiny_model("rope_cope", position_options={"impl": "fast"})
 

@@ -12,6 +12,10 @@ import argparse
 import datetime
 import os
 import platform
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[256, 512, 1024, 2048, 4096] if cpu else [1024, 2048, 4096, 8192, 16384],
         help="context lengths T for the attention op",
     )
-    p.add_argument("--impls", nargs="+", default=["sdpa", "reference", "chunked"], choices=ATTENTION_IMPLS)
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        default=["sdpa", "reference", "chunked"] + (["cpu"] if cpu else []),
+        choices=ATTENTION_IMPLS,
+    )
     p.add_argument(
         "--reference-max-len",
         type=int,
@@ -48,7 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--train-layers", type=int, default=4)
     p.add_argument("--train-d-model", type=int, default=256)
-    p.add_argument("--train-impls", nargs="+", default=["chunked", "reference"], help="CoPE impls in the step")
+    p.add_argument(
+        "--train-impls",
+        nargs="+",
+        default=["chunked", "cpu", "reference"] if cpu else ["chunked", "reference"],
+        help="CoPE impls in the step",
+    )
     p.add_argument("--train-dropout", type=float, default=0.0, help="model dropout (the paper-scale configs use 0.1)")
     p.add_argument(
         "--train-precision", choices=TRAIN_PRECISIONS, default="32", help="bf16-mixed: autocast, as gpu_ddp.yaml trains"
@@ -179,6 +193,22 @@ def decode_table(args: argparse.Namespace, device: torch.device) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
+def build_table() -> pd.DataFrame:
+    """Seconds to make the CPU C++ blocks usable: compiled from scratch (a fresh extensions folder, as on a new
+    machine; `make install` pays this once) and loaded when already built (every later process)."""
+    code = "from cope_pl.ops import cope_cpu; assert cope_cpu.available(), cope_cpu.build_error()"
+    rows = []
+    with tempfile.TemporaryDirectory() as fresh:
+        for what, folder in (("compile (fresh machine)", fresh), ("load (already built)", fresh)):
+            start = time.perf_counter()
+            env = {**os.environ, "TORCH_EXTENSIONS_DIR": folder}
+            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            rows.append(dict(step=what, seconds=seconds if done.returncode == 0 else float("nan")))
+            print(f"CPU blocks {what}: {seconds:.1f} s (whole process)", flush=True)
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     note = header(args, device)
     op = f"B={args.batch}, H={args.heads}, D={args.head_dim}, npos_max={args.npos_max}; forward + backward"
     write(attention_table(args, device), args.out / "attention", "CoPE attention op", f"{note}\n\n{op}.")
+    if device.type == "cpu" and "cpu" in (*args.impls, *args.train_impls):
+        process = "Whole process: python start, torch import, then building or loading cope_pl/ops/cope_cpu.cpp"
+        write(build_table(), args.out / "build", "CPU C++ blocks: build and load time", f"{note}\n\n{process}.")
     if args.train_lengths:
         model = (
             f"{args.train_layers} layers, d_model {args.train_d_model}, {args.heads} heads, batch "

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from cope_pl.ops import cope_attention, cope_attention_chunked, cope_attention_triton
 
-# The fused kernel (CUDA only) with its backward forced: triton = two passes, triton_atomic = atomic adds.
-ATTENTION_IMPLS = ("sdpa", "reference", "chunked", "chunked_compiled", "triton", "triton_atomic")
+# cpu: the chunked op with its C++ blocks. The fused kernel (CUDA only) with its backward forced: triton = two
+# passes, triton_atomic = atomic adds.
+ATTENTION_IMPLS = ("sdpa", "reference", "chunked", "chunked_compiled", "cpu", "triton", "triton_atomic")
 TRAIN_PRECISIONS = ("32", "bf16-mixed")
 
 
@@ -36,9 +37,9 @@ def attention_case(case: dict[str, Any], device: torch.device) -> Callable[[], N
         op = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
     elif impl == "reference":
         op = lambda: cope_attention(q, k, v, pos_emb)  # noqa: E731
-    elif impl in ("chunked", "chunked_compiled"):
-        compiled = impl == "chunked_compiled"
-        op = lambda: cope_attention_chunked(q, k, v, pos_emb, compiled=compiled)  # noqa: E731
+    elif impl in ("chunked", "chunked_compiled", "cpu"):
+        compiled, fused = impl == "chunked_compiled", impl == "cpu"
+        op = lambda: cope_attention_chunked(q, k, v, pos_emb, compiled=compiled, fused=fused)  # noqa: E731
     elif impl in ("triton", "triton_atomic"):
         backward = "atomic" if impl == "triton_atomic" else "two_pass"
         op = lambda: cope_attention_triton(q, k, v, pos_emb, backward=backward)  # noqa: E731

@@ -271,8 +271,13 @@ class ChunkedCoPEAttention(torch.autograd.Function):
 _COMPILED: dict[str, tuple] = {}
 
 
-def block_functions(compiled: bool) -> tuple:
-    """(forward, backward) block functions; with compiled=True, torch.compile'd once and reused."""
+def block_functions(compiled: bool, fused: bool = False) -> tuple:
+    """(forward, backward) block functions; with compiled=True, torch.compile'd once and reused; with fused=True,
+    the C++ ones of cope_cpu.py (CPU; no relative table or bias)."""
+    if fused:
+        from cope_pl.ops.cope_cpu import fused_block_backward, fused_block_forward
+
+        return fused_block_forward, fused_block_backward
     if not compiled:
         return block_forward, block_backward
     if "fns" not in _COMPILED:
@@ -295,13 +300,15 @@ def cope_attention_chunked(
     compiled: bool = False,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    fused: bool = False,
 ) -> Tensor:
     """Same function as `cope_attention` (plus an optional relative table), computed in query blocks.
 
     q: (B, H, T, D); k, v, gate_k: (B, H, S, D) with S >= T; pos_emb: (D, P); rel_emb: optional (D, R), adds
     q_i . r[clamp(i - j, 0, R - 1)]; bias: optional (H, R'), adds b_h[clamp(i - j, 0, R' - 1)]; block_size:
     queries per block (default: sized by `block_rows`); dropout_p: attention dropout, with masks drawn from
-    dropout_seed (default: a seed from torch's global RNG).
+    dropout_seed (default: a seed from torch's global RNG); fused: each block's elementwise work in the C++
+    extension of cope_cpu.py (CPU tensors, no rel_emb or bias, not compiled).
     Half-precision inputs are computed in float32 and the output is cast back.
     """
     b, h, t, d = q.shape
@@ -312,10 +319,17 @@ def cope_attention_chunked(
     if block < 1:
         raise ValueError(f"cope_attention_chunked: block_size must be >= 1, got {block}")
     check_dropout(dropout_p)
+    if fused:
+        from cope_pl.ops.cope_cpu import available, build_error
+
+        if rel_emb is not None or bias is not None or compiled or q.device.type != "cpu":
+            raise ValueError("the fused CPU blocks take CPU tensors without a relative table, bias or compile")
+        if not available():
+            raise RuntimeError(f"the CPU CoPE kernel could not be built ({build_error()}); use impl=chunked")
     if dropout_p > 0 and dropout_seed is None:
         dropout_seed = draw_dropout_seed()
     dtype = torch.promote_types(q.dtype, torch.float32)
     args = [x if x is None else x.to(dtype) for x in (q, k, v, pos_emb, gate_k, rel_emb, bias)]
     with torch.autocast(q.device.type, enabled=False):
-        out = ChunkedCoPEAttention.apply(*args, block, block_functions(compiled), dropout_p, dropout_seed or 0)
+        out = ChunkedCoPEAttention.apply(*args, block, block_functions(compiled, fused), dropout_p, dropout_seed or 0)
     return out.to(q.dtype)

@@ -1,0 +1,111 @@
+"""The chunked CoPE op's elementwise work fused for CPU: a small C++ extension (cope_cpu.cpp) built once per machine.
+
+Per query block the chunked op forms logits, gates, positions, the interpolated term and the softmax in about a
+dozen tensor passes (and as many again backward), each over a few thousand elements: at the task model's size
+that, not the matrix products, is its time. These block functions keep the products (torch's BLAS) and do the
+rest in one C++ pass per row each way. They take plain and sep-keys CoPE (with attention dropout); a relative
+table or distance bias stays on the eager block functions.
+
+The extension is compiled with torch's C++ extension builder on first use and cached in torch's extensions
+folder (`make install` builds it, so a run pays nothing). Without a compiler `available()` is False and
+`auto` uses the chunked op; `build_seconds()` is what the bench reports as build time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cope_cpu.cpp")
+_STATE: dict[str, object] = {}
+
+
+def _cpu_tag() -> str:
+    """Short hash of this CPU's instruction-set flags: the build uses -march=native, so a home folder carried to
+    a machine with another CPU must not load code compiled for this one."""
+    flags = platform.machine()
+    try:
+        flags += next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags += platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load
+
+    start = time.perf_counter()
+    load(
+        name=f"cope_pl_cpu_{_cpu_tag()}",
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    _STATE["seconds"] = time.perf_counter() - start
+
+
+def available() -> bool:
+    """True once the extension is built and loaded (built here on first call, then cached per machine)."""
+    if "ok" not in _STATE:
+        try:
+            _build()
+            _STATE["ok"] = True
+        except Exception as err:  # no compiler, no headers: the chunked op runs instead
+            lines = str(err).strip().splitlines() or [""]
+            _STATE["ok"], _STATE["error"] = False, f"{type(err).__name__}: {lines[-1]}"
+    return bool(_STATE["ok"])
+
+
+def build_error() -> str | None:
+    available()
+    return _STATE.get("error")  # type: ignore[return-value]
+
+
+def build_seconds() -> float | None:
+    """Seconds the first `available()` of this process took (compile, or loading a cached build)."""
+    available()
+    return _STATE.get("seconds")  # type: ignore[return-value]
+
+
+def fused_block_forward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop):
+    """`cope_chunked.block_forward` with its elementwise passes in one fused call (no relative table or bias)."""
+    logits = torch.baddbmm(mask, qb, kb.transpose(1, 2), alpha=scale)
+    gate_logits = _NONE if gkb is None else torch.baddbmm(mask, qb, gkb.transpose(1, 2), alpha=scale)
+    probs = torch.ops.cope_pl_cpu.block_probs(logits, gate_logits, qb @ table)
+    return torch.bmm(probs if drop is None else probs.mul_(drop), vb)
+
+
+def fused_block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop, dout):
+    """`cope_chunked.block_backward`, same returns, with the elementwise gradients in one fused call."""
+    logits = torch.baddbmm(mask, qb, kb.transpose(1, 2), alpha=scale)
+    gate_logits = _NONE if gkb is None else torch.baddbmm(mask, qb, gkb.transpose(1, 2), alpha=scale)
+    dprobs = torch.bmm(dout, vb.transpose(1, 2))
+    if drop is not None:
+        dprobs.mul_(drop)
+    probs, dscores, dgate_logits, dzz = torch.ops.cope_pl_cpu.block_grads(logits, gate_logits, qb @ table, dprobs)
+    dvb = torch.bmm((probs if drop is None else probs.mul_(drop)).transpose(1, 2), dout)
+    dqb = dzz @ table.transpose(0, 1)
+    dtable = qb.reshape(-1, qb.size(-1)).transpose(0, 1) @ dzz.reshape(-1, dzz.size(-1))
+    if gkb is None:  # dscores is the logits' whole gradient: the softmax's and the gates'
+        dqb = torch.baddbmm(dqb, dscores, kb, alpha=scale)
+        return dqb, torch.bmm(dscores.transpose(1, 2), qb), dvb, None, dtable, None, None
+    dqb = torch.baddbmm(torch.baddbmm(dqb, dscores, kb, alpha=scale), dgate_logits, gkb, alpha=scale)
+    dkb, dgkb = torch.bmm(dscores.transpose(1, 2), qb), torch.bmm(dgate_logits.transpose(1, 2), qb)
+    return dqb, dkb, dvb, dgkb, dtable, None, None
+
+
+_NONE = torch.empty(0)
+
+
+def report_build() -> None:
+    """`make install`: build the extension now (not in the first run) and say how it went; never fails."""
+    if available():
+        print(f"CPU CoPE blocks (cope_pl/ops/cope_cpu.cpp): ready in {build_seconds():.1f} s")
+    else:
+        print(f"CPU CoPE blocks not built ({build_error()}); CoPE runs the chunked op's torch blocks instead")
