@@ -47,8 +47,10 @@ class RelativeLogits:
     table: Tensor
 
     def logits(self, q: Tensor, s: int, content: Tensor) -> Tensor:
-        z = q @ self.table.to(q.dtype)  # (B, H, T, R): q_i . r[d] for every distance d
-        index = distance_index(q.size(-2), s, self.table.size(-1), q.device)
+        # Distances are below S, so a longer table's later columns are never read: leave them out of the product.
+        table = self.table[:, :s].to(q.dtype)
+        z = q @ table  # (B, H, T, min(R, S)): q_i . r[d] for every distance d
+        index = distance_index(q.size(-2), s, table.size(-1), q.device)
         return z.gather(-1, index.expand(*z.shape[:-2], *index.shape))  # (B, H, T, S)
 
 
