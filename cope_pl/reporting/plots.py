@@ -33,19 +33,19 @@ from cope_pl.reporting.tables import Table, varying
 def panel_grid(count: int, rows: int = 1, width: float = 5.0, height: float = 3.6):
     """(figure, axes[row][panel]) for `count` panels per row of metrics."""
     plt = pyplot()
-    fig, axes = plt.subplots(rows, max(count, 1), figsize=(width * max(count, 1), height * rows), squeeze=False)
+    size = (width * max(count, 1), height * rows)
+    fig, axes = plt.subplots(rows, max(count, 1), figsize=size, squeeze=False, layout="constrained")
     return fig, axes
 
 
 def finish(fig, axes, path: Path, title: str, handles: dict | None = None) -> Path:
-    """Shared legend under the title (encodings only), then save."""
+    """Title above the panels, the shared legend (encodings only) under them, then save; the constrained layout of
+    `panel_grid` leaves room for exactly those."""
     plt = pyplot()
-    height = fig.get_figheight()  # inches; the title and legend take a fixed strip on top
     if handles:
-        fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=min(len(handles), 6), fontsize=8,
-                   bbox_to_anchor=(0.5, 1 - 0.3 / height), frameon=False)  # fmt: skip
+        fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 6),
+                   fontsize=8, frameon=False)  # fmt: skip
     fig.suptitle(textwrap.fill(title, int(14 * fig.get_figwidth())), fontsize=9)  # about 14 characters per inch
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.65 if handles else 0.35) / height))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
