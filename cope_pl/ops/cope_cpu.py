@@ -22,6 +22,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("cope_cpu.cpp")
 _STATE: dict[str, object] = {}
+_NONE = torch.empty(0)  # "no gate logits" for the C++ functions: gates from the logits
 
 
 def _cpu_tag() -> str:
@@ -98,9 +99,6 @@ def fused_block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel,
     dqb = torch.baddbmm(torch.baddbmm(dqb, dscores, kb, alpha=scale), dgate_logits, gkb, alpha=scale)
     dkb, dgkb = torch.bmm(dscores.transpose(1, 2), qb), torch.bmm(dgate_logits.transpose(1, 2), qb)
     return dqb, dkb, dvb, dgkb, dtable, None, None
-
-
-_NONE = torch.empty(0)
 
 
 def report_build() -> None:
