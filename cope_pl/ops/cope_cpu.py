@@ -8,7 +8,7 @@ table or distance bias stays on the eager block functions.
 
 The extension is compiled with torch's C++ extension builder on first use and cached in torch's extensions
 folder (`make install` builds it, so a run pays nothing). Without a compiler `available()` is False and
-`auto` uses the chunked op; `build_seconds()` is what the bench reports as build time.
+`auto` uses the chunked op's torch blocks; `make bench` times a fresh compile and a load (its `build` table).
 """
 
 from __future__ import annotations
@@ -74,18 +74,22 @@ def build_seconds() -> float | None:
     return _STATE.get("seconds")  # type: ignore[return-value]
 
 
+def _block_logits(qb, kb, gkb, mask, scale: float):
+    """The block's masked logits and gate logits (_NONE: gates from the logits)."""
+    logits = torch.baddbmm(mask, qb, kb.transpose(1, 2), alpha=scale)
+    return logits, _NONE if gkb is None else torch.baddbmm(mask, qb, gkb.transpose(1, 2), alpha=scale)
+
+
 def fused_block_forward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop):
     """`cope_chunked.block_forward` with its elementwise passes in one fused call (no relative table or bias)."""
-    logits = torch.baddbmm(mask, qb, kb.transpose(1, 2), alpha=scale)
-    gate_logits = _NONE if gkb is None else torch.baddbmm(mask, qb, gkb.transpose(1, 2), alpha=scale)
+    logits, gate_logits = _block_logits(qb, kb, gkb, mask, scale)
     probs = torch.ops.cope_pl_cpu.block_probs(logits, gate_logits, qb @ table)
     return torch.bmm(probs if drop is None else probs.mul_(drop), vb)
 
 
 def fused_block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop, dout):
     """`cope_chunked.block_backward`, same returns, with the elementwise gradients in one fused call."""
-    logits = torch.baddbmm(mask, qb, kb.transpose(1, 2), alpha=scale)
-    gate_logits = _NONE if gkb is None else torch.baddbmm(mask, qb, gkb.transpose(1, 2), alpha=scale)
+    logits, gate_logits = _block_logits(qb, kb, gkb, mask, scale)
     dprobs = torch.bmm(dout, vb.transpose(1, 2))
     if drop is not None:
         dprobs.mul_(drop)
