@@ -43,7 +43,7 @@ def _build() -> None:
     load(
         name=f"cope_pl_cpu_{_cpu_tag()}",
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
