@@ -19,7 +19,8 @@ namespace {
 
 // exp for float32 in [-87, 88] (Cephes' expf: range reduction by ln 2, degree-6 polynomial, ~1 ulp), written
 // without calls or branches so that loops over it vectorise: n = round(x / ln 2) by adding and subtracting
-// 1.5 * 2^23 (std::floor does not vectorise without -fno-trapping-math), 2^n from its exponent bits.
+// 1.5 * 2^23 rather than std::floor, 2^n from its exponent bits. The clamp's comparisons vectorise only under
+// -fno-trapping-math (cope_cpu.py builds with it); without it every exp loop stays scalar.
 inline float exp_approx(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
