@@ -9,7 +9,7 @@ import yaml
 
 from cope_pl.reporting.collect import load_eval_context_positions, load_runs
 from cope_pl.reporting.plots import plot_bars, plot_extrapolation, plot_learning_curves, plot_loss_by_position
-from cope_pl.reporting.report import build_report
+from cope_pl.reporting.report import build_report, report_group
 from cope_pl.reporting.tables import Table, metric_table
 
 ERRORS = {  # position -> seed -> (test/error@in_dist, test/error@ood)
@@ -126,6 +126,13 @@ def test_report_writes_tables_and_figures_with_extrapolation_and_not_applicable(
     assert reason in extrapolation  # the reason is given under the table
     numbers = pd.read_csv(out / "extrapolation.csv").set_index("position")
     assert numbers.loc["cope", "64_mean"] == 2.75 and math.isnan(numbers.loc["absolute", "64_mean"])
+
+
+def test_a_table_in_percent_says_so_in_its_heading(tmp_path):
+    write_run(tmp_path / "runs" / "c" / "version_0", "cope", 0, (0.1, 0.2))
+    spec = {"title": "Demo task", "tables": [{"name": "test_error", "metric": "test/error", "scale": 100}]}
+    report_group(load_runs(tmp_path / "runs"), tmp_path / "out", spec, None)
+    assert (tmp_path / "out" / "test_error.md").read_text().startswith("### Demo task: test/error in %")
 
 
 def test_report_on_an_empty_directory_says_so(tmp_path):

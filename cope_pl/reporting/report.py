@@ -75,9 +75,8 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
     for entry in spec.get("tables") or default_tables(runs):
         options = {k: entry[k] for k in ("scale", "digits", "paper") if k in entry}
         metric = entry["metric"]
-        table = metric_table(
-            runs, metric, row_keys, f"{title}: {metric}", entry.get("lower_is_better", True), **options
-        )
+        heading = f"{title}: {metric}" + (" in %" if entry.get("scale") == 100 else "")
+        table = metric_table(runs, metric, row_keys, heading, entry.get("lower_is_better", True), **options)
         if table is None:
             continue
         written += table.write(out, entry.get("name", metric.replace("/", "_")))
