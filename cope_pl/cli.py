@@ -38,6 +38,7 @@ TOOLS = {
     "sweep": "cope_pl.sweep",
     "report": "cope_pl.reporting.report",
     "position-maps": "cope_pl.position_maps",
+    "count-probe": "cope_pl.count_probe",
     "generate": "cope_pl.generate",
     "launch": "cope_pl.launch",
 }
@@ -51,6 +52,7 @@ COMMANDS = {
     "sweep": "run an ablation grid: cope-pl sweep configs/sweeps/FILE.yaml [--slurm]",
     "report": "tables and figures from finished runs: cope-pl report RUNS_DIR --out reports/",
     "position-maps": "draw CoPE gates, positions and attention of a run: cope-pl position-maps RUN_DIR",
+    "count-probe": "what each CoPE head of a Counting run counts: cope-pl count-probe RUN_DIR [--set ood_long]",
     "generate": "continue a prompt with a trained run: cope-pl generate RUN_DIR --prompt TEXT [--max-new-tokens N]",
     "launch": "write (and submit) a SLURM job or print a torchrun command for multi-node training",
 }
