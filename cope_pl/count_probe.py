@@ -9,7 +9,7 @@ the printed variable's increments, the other variables', no-ops (`pass;`, or `pa
 `;`, `print`); the selectivity (printed increments' gate minus the others'); and how well p at the set follows
 the answer (R² of a least-squares line), its mean and the share of those p at the clamp. A gate that tells the
 printed variable's `++;` from the others' needs the letter before it carried into that token's key, which a
-first layer cannot have done.
+first layer cannot have done (no position encoding enters the embeddings of a CoPE model).
 
 Writes count_probe.csv and count_probe.md (one row per layer and head) in <run>/count_probe/ or --out.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from cope_pl.bench.table_files import write
 from cope_pl.data.counting import LETTERS, TOKEN_ID, CountingDataModule
 from cope_pl.runs import build_datamodule, load_config, resolve_run, run_label
 
@@ -59,9 +60,10 @@ def r_squared(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x * y).sum() ** 2 / denom) if denom > 0 else 0.0
 
 
-def probe(model, programs: list[tuple[str, ...]], batch_size: int = 32) -> pd.DataFrame:
+def probe(model, programs: list[tuple[str, ...]], batch_size: int = 8) -> pd.DataFrame:
     """One row per (layer, head): the mean gate at the query per kind of key from the last set on, the selectivity,
-    and R² of p at the last set against the answer, its mean and the share at the clamp."""
+    and R² of p at the last set against the answer, its mean and the share at the clamp. A batch records every
+    layer's (B, H, T, T) maps, hence the small batches."""
     facts = [program_facts(list(p)) for p in programs]
     positions, gate_sums, gate_counts, npos_max = {}, {}, {}, None
     for start in range(0, len(programs), batch_size):
@@ -105,14 +107,6 @@ def probe(model, programs: list[tuple[str, ...]], batch_size: int = 32) -> pd.Da
     return pd.DataFrame(rows)
 
 
-def markdown(table: pd.DataFrame, title: str) -> str:
-    lines = [f"# {title}", "", "| " + " | ".join(table.columns) + " |", "|" + " --- |" * len(table.columns)]
-    for _, row in table.iterrows():
-        cells = [str(int(v)) if c in ("layer", "head") else f"{v:.2f}" for c, v in row.items()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> None:
     from cope_pl.lm import LanguageModel
 
@@ -137,10 +131,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{err} ({run})") from None
     out = args.out or run / OUT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "count_probe.csv", index=False)
-    title = f"{run_label(run)}: what each CoPE head counts ({args.set}, {len(programs)} programs)"
-    (out / "count_probe.md").write_text(markdown(table, title))
-    print(markdown(table, title))
+    title = f"{run_label(run)}: what each CoPE head counts"
+    note = (
+        f"{args.set}, {len(programs)} programs: mean gates at the scored query over the keys from the printed "
+        "variable's last set on, by kind of key; selectivity = printed increments' gate - the others'."
+    )
+    write(table.round(3), out / "count_probe", title, note)
+    print((out / "count_probe.md").read_text())
     print(f"wrote {out}/count_probe.csv and count_probe.md")
 
 
