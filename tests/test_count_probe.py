@@ -51,7 +51,7 @@ def test_probe_reads_every_head_and_the_first_layer_cannot_tell_the_variables_in
     assert ((table.r2_answer >= 0) & (table.r2_answer <= 1)).all()
 
 
-def test_count_probe_writes_its_table_beside_the_run_and_refuses_runs_without_cope(tmp_path, capsys):
+def test_count_probe_writes_its_table_beside_the_run_and_refuses_runs_without_cope(tmp_path):
     run = fitted_run(tmp_path, "counting-cope", COUNTING, DATA, "cope")[0]
     main([str(run), "--programs", "6"])
     table = pd.read_csv(run / "count_probe" / "count_probe.csv")
