@@ -9,6 +9,7 @@ import torch
 from cope_pl.attention import EXPLICIT_ROWS
 from cope_pl.ops import causal_mask, cope_attention, cope_attention_chunked, cope_cpu, resolve_cope_impl
 from cope_pl.ops import cope_chunked as chunked_module
+from cope_pl.ops import dispatch as dispatch_module
 from cope_pl.ops.cope_chunked import MAX_BLOCK_ROWS, block_rows
 from tests.conftest import tiny_model
 from tests.cope_dropout import check_dropout_semantics, compare_with_masked_reference, dropout_inputs
@@ -160,15 +161,15 @@ def test_model_fast_path_equals_reference_path(position, impl):
 
 
 def count_chunked_calls(monkeypatch):
-    """Every call of the chunked op from now on, with its arguments."""
+    """Every call of the chunked op (either kind of blocks) from now on, as its keyword arguments."""
     calls = []
-    real = chunked_module.ChunkedCoPEAttention.apply
-    monkeypatch.setattr(chunked_module.ChunkedCoPEAttention, "apply", lambda *a: calls.append(a) or real(*a))
+    real = dispatch_module.cope_attention_chunked
+    monkeypatch.setattr(dispatch_module, "cope_attention_chunked", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     return calls
 
 
 def calls_dropout(calls):
-    return [args[-2] for args in calls]  # ChunkedCoPEAttention.apply(..., dropout_p, seed)
+    return [kw["dropout_p"] for kw in calls]
 
 
 @pytest.mark.parametrize("position", ["cope", "rope_cope", "relative_cope"])

@@ -9,10 +9,9 @@ import torch
 
 from cope_pl.attention import EXPLICIT_ROWS
 from cope_pl.ops import cope_attention_chunked, cope_cpu, resolve_cope_impl
-from cope_pl.ops import cope_chunked as chunked_module
 from tests.conftest import tiny_model
 from tests.cope_dropout import check_dropout_semantics, compare_with_masked_reference, dropout_inputs
-from tests.test_cope_chunked import make_inputs
+from tests.test_cope_chunked import count_chunked_calls, make_inputs
 
 if os.environ.get("CI"):  # CI has a compiler: the blocks must build there, not be skipped
     assert cope_cpu.available(), cope_cpu.build_error()
@@ -47,12 +46,10 @@ def test_auto_takes_the_cpu_blocks_only_where_they_apply(monkeypatch):
     assert resolve_cope_impl("auto", cpu, relative=True) == "chunked"  # a relative table or bias: torch blocks
     assert resolve_cope_impl("auto", cpu, compiled=True) == "chunked"  # compile asked for: torch blocks
     assert resolve_cope_impl("cpu", torch.device("meta")) == "chunked"
-    calls = []
-    real = chunked_module.block_functions
-    monkeypatch.setattr(chunked_module, "block_functions", lambda *a: calls.append(a) or real(*a))
+    calls = count_chunked_calls(monkeypatch)
     tiny_model("cope")(torch.randint(0, 23, (1, EXPLICIT_ROWS + 1)))
     tiny_model("relative_cope")(torch.randint(0, 23, (1, EXPLICIT_ROWS + 1)))
-    assert calls == [(False, True)] * 2 + [(False, False)] * 2  # (compiled, fused) per layer
+    assert [kw["fused"] for kw in calls] == [True] * 2 + [False] * 2  # per layer
 
 
 def test_without_a_compiler_auto_runs_the_torch_blocks_and_cpu_is_one_clear_error(monkeypatch):

@@ -331,5 +331,9 @@ def cope_attention_chunked(
     dtype = torch.promote_types(q.dtype, torch.float32)
     args = [x if x is None else x.to(dtype) for x in (q, k, v, pos_emb, gate_k, rel_emb, bias)]
     with torch.autocast(q.device.type, enabled=False):
+        if fused and dropout_p == 0:  # the block loop in C++ too
+            from cope_pl.ops.cope_cpu import CPUCoPEAttention
+
+            return CPUCoPEAttention.apply(*args[:5], block).to(q.dtype)
         out = ChunkedCoPEAttention.apply(*args, block, block_functions(compiled, fused), dropout_p, dropout_seed or 0)
     return out.to(q.dtype)

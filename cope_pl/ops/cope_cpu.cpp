@@ -244,9 +244,122 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_grads(const at:
   return {probs, dscores, dgate, dzz};
 }
 
+// The whole call, block loop included (without dropout): heads split into tasks of `heads_per_task`, the tasks
+// over the threads, and each task's blocks one after another, so a task's products run on one thread (BLAS in a
+// parallel region) with its block tensors in that core's cache, and no Python runs between the blocks.
+// q (BH, T, D); k, v, gate_k (BH, S, D) keys in reverse order (gate_k empty: gates from the logits); table (D, 2P).
+struct Call {
+  at::Tensor q, k, v, gk, table;
+  int64_t bh, t, s, d, block, per_task;
+  double scale;
+  std::vector<at::Tensor> masks;  // (n, S) additive mask by block height n: -inf on a row's later keys
+
+  Call(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& gk_, const at::Tensor& table_,
+       int64_t block_, int64_t per_task_, double scale_)
+      : q(q_), k(k_), v(v_), gk(gk_), table(table_), bh(q_.size(0)), t(q_.size(1)), s(k_.size(1)), d(q_.size(2)),
+        block(block_), per_task(per_task_), scale(scale_), masks(block_ + 1) {
+    TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous() &&
+                    k.sizes() == v.sizes() && k.size(0) == bh && k.size(2) == d && s >= t,
+                "cope_cpu: q (BH, T, D), k and v (BH, S, D) with S >= T, contiguous, on CPU");
+    TORCH_CHECK(gk.numel() == 0 || (gk.sizes() == k.sizes() && gk.is_contiguous()), "cope_cpu: gate keys shaped as k");
+    TORCH_CHECK(table.dim() == 2 && table.size(0) == d && block >= 1 && per_task >= 1,
+                "cope_cpu: table (D, 2P), block and heads per task >= 1");
+    for (int64_t i0 = 0; i0 < t; i0 += block) {
+      const int64_t n = std::min(block, t - i0);
+      if (masks[n].defined()) continue;
+      auto col = at::arange(s, q.options().dtype(at::kLong));
+      auto row = at::arange(n, q.options().dtype(at::kLong)).unsqueeze(1);
+      masks[n] = at::zeros({n, s}, q.options()).masked_fill_(col.lt(row.neg().add(n - 1)), -INFINITY);
+    }
+  }
+  int64_t tasks() const { return (bh + per_task - 1) / per_task; }
+
+  // Block (i0, n) of heads h0..h1: its queries, keys read (the last `end` of the reversed keys), mask, logits.
+  struct Block {
+    at::Tensor qb, kb, vb, gkb, logits, gate_logits, zz;
+    int64_t end;
+  };
+  Block open(int64_t h0, int64_t h1, int64_t i0, int64_t n) const {
+    Block b;
+    b.end = s - t + i0 + n;
+    b.qb = q.slice(0, h0, h1).slice(1, i0, i0 + n);
+    b.kb = k.slice(0, h0, h1).slice(1, s - b.end, s);
+    b.vb = v.slice(0, h0, h1).slice(1, s - b.end, s);
+    auto mask = masks[n].slice(1, 0, b.end);
+    b.logits = at::baddbmm(mask, b.qb, b.kb.transpose(1, 2), 1.0, scale);
+    if (gk.numel()) {
+      b.gkb = gk.slice(0, h0, h1).slice(1, s - b.end, s);
+      b.gate_logits = at::baddbmm(mask, b.qb, b.gkb.transpose(1, 2), 1.0, scale);
+    } else {
+      b.gate_logits = at::empty({0}, q.options());
+    }
+    b.zz = at::matmul(b.qb, table);
+    return b;
+  }
+};
+
+at::Tensor attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& gk,
+                             const at::Tensor& table, int64_t block, int64_t per_task, double scale) {
+  const Call call(q, k, v, gk, table, block, per_task, scale);
+  auto out = at::empty_like(q);
+  at::parallel_for(0, call.tasks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h0 = task * per_task, h1 = std::min(h0 + per_task, call.bh);
+      for (int64_t i0 = 0; i0 < call.t; i0 += block) {
+        const int64_t n = std::min(block, call.t - i0);
+        auto b = call.open(h0, h1, i0, n);
+        auto probs = block_probs(b.logits, b.gate_logits, b.zz);
+        out.slice(0, h0, h1).slice(1, i0, i0 + n).copy_(at::bmm(probs, b.vb));
+      }
+    }
+  });
+  return out;
+}
+
+// Gradients of the whole call: dq, dk, dv, d gate_k (keys in reverse order, without the logits' scale: the caller
+// applies it) and the table's (D, 2P) (per-task partial sums, added at the end).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& gk, const at::Tensor& table,
+    const at::Tensor& dout, int64_t block, int64_t per_task, double scale) {
+  const Call call(q, k, v, gk, table, block, per_task, scale);
+  TORCH_CHECK(dout.sizes() == q.sizes() && dout.is_contiguous(), "cope_cpu: dout shaped as q, contiguous");
+  auto dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  auto dgk = gk.numel() ? at::zeros_like(gk) : at::empty({0}, q.options());
+  auto dtables = at::zeros({call.tasks(), table.size(0), table.size(1)}, table.options());
+  const auto table_t = table.transpose(0, 1);
+  at::parallel_for(0, call.tasks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h0 = task * per_task, h1 = std::min(h0 + per_task, call.bh);
+      auto dtable = dtables[task];
+      for (int64_t i0 = 0; i0 < call.t; i0 += block) {
+        const int64_t n = std::min(block, call.t - i0);
+        auto b = call.open(h0, h1, i0, n);
+        auto doutb = dout.slice(0, h0, h1).slice(1, i0, i0 + n);
+        auto dprobs = at::bmm(doutb, b.vb.transpose(1, 2));
+        auto [probs, dscores, dgate, dzz] = block_grads(b.logits, b.gate_logits, b.zz, dprobs);
+        const auto keys = [&](const at::Tensor& x) { return x.slice(0, h0, h1).slice(1, call.s - b.end, call.s); };
+        keys(dv).add_(at::bmm(probs.transpose(1, 2), doutb));
+        auto dqb = at::matmul(dzz, table_t);
+        dtable.addmm_(b.qb.reshape({-1, call.d}).transpose(0, 1), dzz.reshape({-1, dzz.size(-1)}));
+        // Plain CoPE: dscores is the logits' whole gradient, the softmax's and the gates'.
+        dqb.baddbmm_(dscores, b.kb, 1.0, scale);
+        keys(dk).add_(at::bmm(dscores.transpose(1, 2), b.qb));
+        if (gk.numel()) {
+          dqb.baddbmm_(dgate, b.gkb, 1.0, scale);
+          keys(dgk).add_(at::bmm(dgate.transpose(1, 2), b.qb));
+        }
+        dq.slice(0, h0, h1).slice(1, i0, i0 + n).copy_(dqb);
+      }
+    }
+  });
+  return {dq, dk, dv, dgk, dtables.sum(0)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cope_pl_cpu, m) {
   m.def("block_probs", &block_probs);
   m.def("block_grads", &block_grads);
+  m.def("attention_forward", &attention_forward);
+  m.def("attention_backward", &attention_backward);
 }

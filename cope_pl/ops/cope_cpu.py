@@ -14,15 +14,21 @@ folder (`make install` builds it, so a run pays nothing). Without a compiler `av
 from __future__ import annotations
 
 import hashlib
+import math
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from cope_pl.ops.cope_chunked import interpolation_table, interpolation_table_grad
+
 SOURCE = Path(__file__).with_name("cope_cpu.cpp")
 _STATE: dict[str, object] = {}
 _NONE = torch.empty(0)  # "no gate logits" for the C++ functions: gates from the logits
+# The whole-call functions' tasks (heads_per_task); docs/benchmarks.md measures the choice.
+TASKS_PER_THREAD = 4
+TASK_ELEMENTS = 1 << 17
 
 
 def _cpu_tag() -> str:
@@ -103,6 +109,47 @@ def fused_block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel,
     dqb = torch.baddbmm(torch.baddbmm(dqb, dscores, kb, alpha=scale), dgate_logits, gkb, alpha=scale)
     dkb, dgkb = torch.bmm(dscores.transpose(1, 2), qb), torch.bmm(dgate_logits.transpose(1, 2), qb)
     return dqb, dkb, dvb, dgkb, dtable, None, None
+
+
+def heads_per_task(bh: int, block: int, s: int) -> int:
+    """Heads per task of the whole-call functions: TASKS_PER_THREAD tasks per thread or more (so a thread that
+    is slowed by another process does not hold up the call), each task's (heads, block rows, keys) tensors within
+    TASK_ELEMENTS so that they stay in one core's cache."""
+    tasks = max(1, TASKS_PER_THREAD * torch.get_num_threads())
+    return max(1, min(math.ceil(bh / tasks), TASK_ELEMENTS // max(block * s, 1)))
+
+
+class CPUCoPEAttention(torch.autograd.Function):
+    """The chunked op without dropout, its block loop in C++ too (`attention_forward` / `attention_backward` of
+    cope_cpu.cpp): same blocks, same arithmetic, one call per direction instead of a Python loop over blocks
+    and head groups, with threads splitting heads rather than each product's rows."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos_emb, gate_k, block):  # noqa: D102
+        b, h, t, d = q.shape
+        s = k.size(-2)
+        q3 = q.reshape(b * h, t, d).contiguous()
+        k3, v3 = (x.flip(-2).reshape(b * h, s, d).contiguous() for x in (k, v))  # keys in reverse order
+        gk3 = _NONE if gate_k is None else gate_k.flip(-2).reshape(b * h, s, d).contiguous()
+        table, per_task = interpolation_table(pos_emb), heads_per_task(b * h, block, s)
+        out = torch.ops.cope_pl_cpu.attention_forward(q3, k3, v3, gk3, table, block, per_task, 1.0 / math.sqrt(d))
+        ctx.save_for_backward(q3, k3, v3, gk3, pos_emb)
+        ctx.block, ctx.per_task, ctx.shape = block, per_task, (b, h, t, s, d)
+        return out.view(b, h, t, d)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        q3, k3, v3, gk3, pos_emb = ctx.saved_tensors
+        b, h, t, s, d = ctx.shape
+        scale = 1.0 / math.sqrt(d)
+        dout = grad_out.reshape(b * h, t, d).contiguous()
+        dq, dk, dv, dgk, dtable = torch.ops.cope_pl_cpu.attention_backward(
+            q3, k3, v3, gk3, interpolation_table(pos_emb), dout, ctx.block, ctx.per_task, scale
+        )
+        dk = dk.flip(1).mul_(scale).view(b, h, s, d)
+        dgk = dgk.flip(1).mul_(scale).view(b, h, s, d) if dgk.numel() else None
+        dv = dv.flip(1).view(b, h, s, d)
+        return dq.view(b, h, t, d), dk, dv, interpolation_table_grad(dtable), dgk, None
 
 
 def report_build() -> None:
