@@ -23,9 +23,9 @@ fused = functools.partial(cope_attention_chunked, fused=True)
 def test_the_float32_exp_is_close_to_torchs_over_its_range():
     # Every score and gate goes through the blocks' polynomial exp: one row of scores from 0 down to -87 (where
     # float32's exp reaches its smallest normal numbers), no CoPE term (z and z_step 0).
-    logits = torch.linspace(-87, 0, 1000).view(1, 1, -1)
+    logits = torch.linspace(-87, 0, 1000).view(1, -1, 1)  # (G, S, n): keys-major
     probs = torch.ops.cope_pl_cpu.block_probs(logits, torch.empty(0), torch.zeros(1, 1, 4))
-    torch.testing.assert_close(probs, torch.softmax(logits, -1), rtol=2e-6, atol=1e-37)
+    torch.testing.assert_close(probs, torch.softmax(logits, 1), rtol=2e-6, atol=1e-37)
 
 
 @pytest.mark.parametrize("sep_keys", [False, True])

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -39,192 +40,159 @@ inline float exp_approx(float x) {
 inline float exp_of(float x) { return exp_approx(x); }
 inline double exp_of(double x) { return std::exp(x); }
 
+// One head's query block, laid out keys-major: (S, n), element (c, r) for key column c and query row r, keys in
+// reverse order, so row r reads columns c0 = n - 1 - r .. S - 1 (column c0 is the query's own key) and the
+// paper's cumulative sum from the right is a running sum over increasing columns. With the n rows of a column
+// side by side every step is one vectorised loop over the rows: the running sums of all rows advance together
+// (no serial chain per row), and each row's softmax max and sum are per-lane reductions. The matrix products read
+// and write this layout as a transpose, at no cost. Masked entries (c < c0) are never read: their gates and
+// probabilities are 0.
 template <typename scalar_t>
-void sigmoid(const scalar_t* x, scalar_t* y, int64_t begin, int64_t end) {
-#pragma omp simd
-  for (int64_t c = begin; c < end; ++c) {
-    const scalar_t e = exp_of(-x[c]);
-    y[c] = scalar_t(1) / (scalar_t(1) + e);
-  }
-}
+struct Block {
+  int64_t n, s_len, npos;
+  std::vector<scalar_t> gate, w, dpos;  // (S, n) each
+  std::vector<int32_t> pos_floor;       // (S, n)
+  std::vector<double> running;                      // (n)
+  std::vector<scalar_t> top, total;                 // (n) softmax max and sum per row
+  Block(int64_t n_, int64_t s_len_, int64_t npos_)
+      : n(n_), s_len(s_len_), npos(npos_), gate(n_ * s_len_), w(n_ * s_len_), dpos(n_ * s_len_),
+        pos_floor(n_ * s_len_), running(n_), top(n_), total(n_) {}
+  int64_t first(int64_t c) const { return std::max<int64_t>(0, n - 1 - c); }  // the column's first unmasked row
 
-// One query block's rows, as the chunked op lays them out: keys in reverse order, so row r of an n-row block
-// reads columns c0 = n - 1 - r .. S - 1 (column c0 is the query's own key) and the paper's cumulative sum from
-// the right is a running sum over increasing columns. Running sums are serial along a row, so rows are taken
-// ROWS at a time and their sums advance together (independent chains, not one add's latency per column);
-// everything else is a vectorised loop over one row.
-constexpr int64_t ROWS = 8;
-
-template <typename scalar_t>
-struct RowGroup {
-  int64_t s_len, npos, m = 0, c0[ROWS] = {};
-  std::vector<scalar_t> gate, w;  // (ROWS, S): 0 before each row's c0
-  std::vector<int32_t> pos_floor;
-  RowGroup(int64_t s_len_, int64_t npos_)
-      : s_len(s_len_), npos(npos_), gate(ROWS * s_len_), w(ROWS * s_len_), pos_floor(ROWS * s_len_) {}
-  scalar_t* g(int64_t k) { return gate.data() + k * s_len; }
-  scalar_t* wk(int64_t k) { return w.data() + k * s_len; }
-  int32_t* fk(int64_t k) { return pos_floor.data() + k * s_len; }
-  int64_t first() const { return *std::min_element(c0, c0 + m); }
-
-  // Rows r0 .. r0 + m - 1 (n rows per block): scores (logit + z[f] + w z_step[f]) into out + k * S, from their
-  // logits, gate logits and (z, z_step) pairs zz (2P per row).
-  void scores(int64_t r0, int64_t m_, int64_t n, const scalar_t* logits, const scalar_t* gate_logits,
-              const scalar_t* zz, scalar_t* out) {
-    m = m_;
-    for (int64_t k = 0; k < m; ++k) {
-      c0[k] = n - 1 - (r0 + k) % n;
-      std::fill(g(k), g(k) + c0[k], scalar_t(0));
-      sigmoid(gate_logits + k * s_len, g(k), c0[k], s_len);
-    }
+  // Probabilities (S, n) into probs, from the logits, gate logits (the logits themselves for plain CoPE) and the
+  // rows' (z, z_step) pairs zz (n, 2P); keeps gates, w and floor(p) for backward.
+  void probs(const scalar_t* logits, const scalar_t* gate_logits, const scalar_t* zz, scalar_t* out) {
     // The running sums in double, as torch's CPU cumsum accumulates float32 (positions reach P - 1 after
     // hundreds of gates; float32 sums would move w by ~1e-5 there).
-    const double top = double(npos - 1);
-    double running[ROWS] = {};
-    for (int64_t c = first(); c < s_len; ++c) {
-      for (int64_t k = 0; k < m; ++k) {
-        running[k] += gate[k * s_len + c];
-        w[k * s_len + c] = scalar_t(std::min(running[k], top));  // the position; w below
+    const double clamp = double(npos - 1);
+    std::fill(running.begin(), running.end(), 0.0);
+    std::fill(top.begin(), top.end(), -std::numeric_limits<scalar_t>::infinity());
+    const int64_t pairs = 2 * npos;
+    for (int64_t c = 0; c < s_len; ++c) {
+      const int64_t o = c * n, r0 = first(c);
+      const scalar_t *lc = logits + o, *gc = gate_logits + o;
+      scalar_t *g = gate.data() + o, *wc = w.data() + o, *sc = out + o, *mx = top.data();
+      int32_t* fc = pos_floor.data() + o;
+      double* run = running.data();
+      for (int64_t r = 0; r < r0; ++r) g[r] = wc[r] = sc[r] = 0, fc[r] = 0;
+#pragma omp simd
+      for (int64_t r = r0; r < n; ++r) g[r] = scalar_t(1) / (scalar_t(1) + exp_of(-gc[r]));
+#pragma omp simd
+      for (int64_t r = r0; r < n; ++r) {
+        run[r] += double(g[r]);
+        wc[r] = scalar_t(run[r] < clamp ? run[r] : clamp);  // the position, then w below
+      }
+#pragma omp simd
+      for (int64_t r = r0; r < n; ++r) {
+        const int32_t f = static_cast<int32_t>(wc[r]);  // p >= 0: truncation is floor
+        fc[r] = f;
+        wc[r] -= scalar_t(f);
+        sc[r] = lc[r] + zz[r * pairs + 2 * f] + wc[r] * zz[r * pairs + 2 * f + 1];
+      }
+#pragma omp simd
+      for (int64_t r = r0; r < n; ++r) mx[r] = std::max(mx[r], sc[r]);
+    }
+    std::fill(total.begin(), total.end(), scalar_t(0));
+    for (int64_t c = 0; c < s_len; ++c) {
+      scalar_t *sc = out + c * n, *mx = top.data(), *sum = total.data();
+#pragma omp simd
+      for (int64_t r = first(c); r < n; ++r) {
+        sc[r] = exp_of(sc[r] - mx[r]);
+        sum[r] += sc[r];
       }
     }
-    for (int64_t k = 0; k < m; ++k) {
-      scalar_t *pos = wk(k), *score = out + k * s_len;
-      int32_t* fl = fk(k);
-      const scalar_t *lk = logits + k * s_len, *zk = zz + k * 2 * npos;
-      std::fill(fl, fl + c0[k], 0);
+    for (int64_t r = 0; r < n; ++r) total[r] = scalar_t(1) / total[r];
+    for (int64_t c = 0; c < s_len; ++c) {
+      scalar_t *sc = out + c * n, *inv = total.data();
 #pragma omp simd
-      for (int64_t c = c0[k]; c < s_len; ++c) {
-        const int32_t f = static_cast<int32_t>(pos[c]);
-        fl[c] = f;
-        pos[c] -= scalar_t(f);
-        score[c] = lk[c] + zk[2 * f] + pos[c] * zk[2 * f + 1];
+      for (int64_t r = first(c); r < n; ++r) sc[r] *= inv[r];
+    }
+  }
+
+  // Backward of `probs` (called right after it, on the same block): the scores' gradient (for plain CoPE, the
+  // logits' whole gradient, the softmax's and the gates'), the gate logits' (sep-keys: into dgate) and the
+  // (z, z_step) pairs' (n, 2P), given the probabilities' gradient dprobs (S, n).
+  void grads(const scalar_t* probs, const scalar_t* dprobs, const scalar_t* zz, scalar_t* dscores, scalar_t* dgate,
+             scalar_t* dzz) {
+    const int64_t pairs = 2 * npos;
+    scalar_t* delta = total.data();  // sum over keys of p dp, per row
+    std::fill(total.begin(), total.end(), scalar_t(0));
+    for (int64_t c = 0; c < s_len; ++c) {
+      const scalar_t *pc = probs + c * n, *dc = dprobs + c * n;
+#pragma omp simd
+      for (int64_t r = 0; r < n; ++r) delta[r] += pc[r] * dc[r];  // masked probabilities are 0
+    }
+    // Through the softmax; through w to the position (z_step is 0 where clamped); and to the (z, z_step) pair
+    // at floor(p).
+    std::fill(dzz, dzz + n * pairs, scalar_t(0));
+    for (int64_t c = 0; c < s_len; ++c) {
+      const int64_t o = c * n;
+      const scalar_t *pc = probs + o, *dc = dprobs + o, *wc = w.data() + o;
+      const int32_t* fc = pos_floor.data() + o;
+      scalar_t *ds = dscores + o, *dp = dpos.data() + o;
+#pragma omp simd
+      for (int64_t r = 0; r < n; ++r) {
+        ds[r] = pc[r] * (dc[r] - delta[r]);
+        dp[r] = ds[r] * zz[r * pairs + 2 * fc[r] + 1];
+      }
+#pragma omp simd
+      for (int64_t r = 0; r < n; ++r) {  // each row its own pairs: the rows' adds are independent
+        scalar_t* dz = dzz + r * pairs + 2 * fc[r];
+        dz[0] += ds[r];
+        dz[1] += wc[r] * ds[r];
+      }
+    }
+    // A gate's gradient: the sum of its row's positions' gradients from its column onwards (in double, as the
+    // forward's sums), times the sigmoid's slope; plain CoPE adds it to the scores' gradient.
+    const bool sep = dgate != dscores;
+    std::fill(running.begin(), running.end(), 0.0);
+    for (int64_t c = s_len - 1; c >= 0; --c) {
+      const int64_t o = c * n;
+      const scalar_t *ds = dscores + o, *dp = dpos.data() + o, *g = gate.data() + o;
+      scalar_t* dg = dgate + o;
+      double* run = running.data();
+      const scalar_t keep = sep ? scalar_t(0) : scalar_t(1);
+#pragma omp simd
+      for (int64_t r = 0; r < n; ++r) {
+        run[r] += double(dp[r]);
+        dg[r] = keep * ds[r] + scalar_t(run[r]) * g[r] * (scalar_t(1) - g[r]);  // masked: g = 0, ds = 0
       }
     }
   }
 };
 
-// Softmax of score[c0..S-1] in place into probs (0 before c0).
-template <typename scalar_t>
-void softmax_row(scalar_t* score, int64_t c0, int64_t s_len) {
-  scalar_t m = score[c0];
-#pragma omp simd reduction(max : m)
-  for (int64_t c = c0 + 1; c < s_len; ++c) m = std::max(m, score[c]);
-  scalar_t total = 0;
-#pragma omp simd reduction(+ : total)
-  for (int64_t c = c0; c < s_len; ++c) {
-    score[c] = exp_of(score[c] - m);
-    total += score[c];
-  }
-  const scalar_t inv = scalar_t(1) / total;
-#pragma omp simd
-  for (int64_t c = c0; c < s_len; ++c) score[c] *= inv;
-  for (int64_t c = 0; c < c0; ++c) score[c] = 0;
-}
-
 void check_block(const at::Tensor& logits, const at::Tensor& gate_logits, const at::Tensor& zz) {
   TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 3 && logits.is_contiguous(),
-              "cope_cpu: logits (G, n, S), contiguous, on CPU");
+              "cope_cpu: logits (G, S, n), keys-major, contiguous, on CPU");
   TORCH_CHECK(gate_logits.numel() == 0 || (gate_logits.sizes() == logits.sizes() && gate_logits.is_contiguous()),
               "cope_cpu: gate logits shaped as the logits");
-  TORCH_CHECK(zz.dim() == 3 && zz.size(0) == logits.size(0) && zz.size(1) == logits.size(1) && zz.size(2) % 2 == 0 &&
+  TORCH_CHECK(zz.dim() == 3 && zz.size(0) == logits.size(0) && zz.size(1) == logits.size(2) && zz.size(2) % 2 == 0 &&
                   zz.is_contiguous(),
               "cope_cpu: (z, z_step) pairs (G, n, 2P)");
-  TORCH_CHECK(logits.size(2) >= logits.size(1), "cope_cpu: a block reads at least its own rows' keys");
+  TORCH_CHECK(logits.size(1) >= logits.size(2), "cope_cpu: a block reads at least its own rows' keys");
   TORCH_CHECK(zz.scalar_type() == logits.scalar_type() &&
                   (gate_logits.numel() == 0 || gate_logits.scalar_type() == logits.scalar_type()),
               "cope_cpu: one dtype for all inputs");
 }
 
-template <typename scalar_t>
-void forward_rows(const at::Tensor& logits, const at::Tensor& gate_logits, const at::Tensor& zz, at::Tensor& probs) {
-  const int64_t n = logits.size(1), s_len = logits.size(2), npos = zz.size(2) / 2;
-  const scalar_t *lp = logits.data_ptr<scalar_t>(), *zp = zz.data_ptr<scalar_t>();
-  const scalar_t* gp = gate_logits.numel() ? gate_logits.data_ptr<scalar_t>() : lp;
-  scalar_t* pp = probs.data_ptr<scalar_t>();
-  const int64_t rows = logits.size(0) * n, groups = (rows + ROWS - 1) / ROWS;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    RowGroup<scalar_t> group(s_len, npos);
-    for (int64_t gi = begin; gi < end; ++gi) {
-      const int64_t r0 = gi * ROWS, m = std::min(ROWS, rows - r0), off = r0 * s_len;
-      group.scores(r0, m, n, lp + off, gp + off, zp + r0 * 2 * npos, pp + off);
-      for (int64_t k = 0; k < m; ++k) softmax_row(pp + off + k * s_len, group.c0[k], s_len);
-    }
-  });
-}
-
-// The block's probabilities (G, n, S): softmax over its keys of logit + the interpolated CoPE term.
+// The block's probabilities (G, S, n): softmax over its keys of logit + the interpolated CoPE term, per head.
 at::Tensor block_probs(const at::Tensor& logits, const at::Tensor& gate_logits, const at::Tensor& zz) {
   check_block(logits, gate_logits, zz);
   auto probs = at::empty_like(logits);
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cope_block_probs",
-                             [&] { forward_rows<scalar_t>(logits, gate_logits, zz, probs); });
-  return probs;
-}
-
-template <typename scalar_t>
-void backward_rows(const at::Tensor& logits, const at::Tensor& gate_logits, const at::Tensor& zz,
-                   const at::Tensor& dprobs, at::Tensor& probs, at::Tensor& dscores, at::Tensor& dgate, at::Tensor& dzz) {
-  const int64_t n = logits.size(1), s_len = logits.size(2), npos = zz.size(2) / 2;
-  const bool sep = gate_logits.numel() != 0;
-  const scalar_t *lp = logits.data_ptr<scalar_t>(), *zp = zz.data_ptr<scalar_t>(), *dpp = dprobs.data_ptr<scalar_t>();
-  const scalar_t* gp = sep ? gate_logits.data_ptr<scalar_t>() : lp;
-  scalar_t *pp = probs.data_ptr<scalar_t>(), *dsp = dscores.data_ptr<scalar_t>(), *dzp = dzz.data_ptr<scalar_t>();
-  scalar_t* dgp = sep ? dgate.data_ptr<scalar_t>() : dsp;
-  const scalar_t keep = sep ? scalar_t(0) : scalar_t(1);  // plain: the gates' gradient joins the logits'
-  const int64_t rows = logits.size(0) * n, groups = (rows + ROWS - 1) / ROWS;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    RowGroup<scalar_t> group(s_len, npos);
-    std::vector<scalar_t> dpos_buf(ROWS * s_len);
-    for (int64_t gi = begin; gi < end; ++gi) {
-      const int64_t r0 = gi * ROWS, m = std::min(ROWS, rows - r0), off = r0 * s_len;
-      group.scores(r0, m, n, lp + off, gp + off, zp + r0 * 2 * npos, pp + off);
-      for (int64_t k = 0; k < m; ++k) {
-        const int64_t c0 = group.c0[k], o = off + k * s_len;
-        scalar_t *prob = pp + o, *ds = dsp + o, *dpos = dpos_buf.data() + k * s_len;
-        const scalar_t *dprob = dpp + o, *zk = zp + (r0 + k) * 2 * npos;
-        const int32_t* fl = group.fk(k);
-        softmax_row(prob, c0, s_len);
-        scalar_t delta = 0;
-#pragma omp simd reduction(+ : delta)
-        for (int64_t c = c0; c < s_len; ++c) delta += prob[c] * dprob[c];
-        std::fill(ds, ds + c0, scalar_t(0));
-        std::fill(dpos, dpos + c0, scalar_t(0));
-#pragma omp simd
-        for (int64_t c = c0; c < s_len; ++c) {
-          ds[c] = prob[c] * (dprob[c] - delta);
-          dpos[c] = ds[c] * zk[2 * fl[c] + 1];  // through w to the position; z_step is 0 where clamped
-        }
-        std::fill(dzp + (r0 + k) * 2 * npos, dzp + (r0 + k + 1) * 2 * npos, scalar_t(0));
+  const int64_t heads = logits.size(0), s_len = logits.size(1), n = logits.size(2), npos = zz.size(2) / 2;
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cope_block_probs", [&] {
+    const scalar_t *lp = logits.data_ptr<scalar_t>(), *zp = zz.data_ptr<scalar_t>();
+    const scalar_t* gp = gate_logits.numel() ? gate_logits.data_ptr<scalar_t>() : lp;
+    scalar_t* pp = probs.data_ptr<scalar_t>();
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      Block<scalar_t> block(n, s_len, npos);
+      for (int64_t h = begin; h < end; ++h) {
+        const int64_t o = h * s_len * n;
+        block.probs(lp + o, gp + o, zp + h * n * 2 * npos, pp + o);
       }
-      // To the (z, z_step) pair at floor(p) (each row its own pairs, so the rows' adds are independent), and a
-      // gate's gradient: the sum of its row's positions' gradients from its column onwards.
-      const int64_t first = group.first();
-      for (int64_t c = first; c < s_len; ++c) {
-        for (int64_t k = 0; k < m; ++k) {
-          const int64_t i = k * s_len + c;
-          const scalar_t d = dsp[off + i];  // 0 before the row's c0 (where pos_floor is 0)
-          scalar_t* dz = dzp + (r0 + k) * 2 * npos + 2 * group.pos_floor[i];
-          dz[0] += d;
-          dz[1] += group.w[i] * d;
-        }
-      }
-      double running[ROWS] = {};
-      for (int64_t c = s_len - 1; c >= first; --c) {
-        for (int64_t k = 0; k < m; ++k) {
-          running[k] += dpos_buf[k * s_len + c];
-          dpos_buf[k * s_len + c] = scalar_t(running[k]);
-        }
-      }
-      for (int64_t k = 0; k < m; ++k) {
-        const int64_t c0 = group.c0[k], o = off + k * s_len;
-        const scalar_t *ds = dsp + o, *dpos = dpos_buf.data() + k * s_len, *g = group.g(k);
-        scalar_t* dg = dgp + o;
-#pragma omp simd
-        for (int64_t c = c0; c < s_len; ++c) dg[c] = keep * ds[c] + dpos[c] * g[c] * (scalar_t(1) - g[c]);
-        if (sep) std::fill(dg, dg + c0, scalar_t(0));
-      }
-    }
+    });
   });
+  return probs;
 }
 
 // Recomputes a block's probabilities and returns them with the gradients of its scores, gate logits (without
@@ -236,10 +204,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_grads(const at:
   TORCH_CHECK(dprobs.sizes() == logits.sizes() && dprobs.is_contiguous() &&
                   dprobs.scalar_type() == logits.scalar_type(),
               "cope_cpu: dprobs shaped as the logits");
+  const bool sep = gate_logits.numel() != 0;
   auto probs = at::empty_like(logits), dscores = at::empty_like(logits), dzz = at::empty_like(zz);
-  auto dgate = gate_logits.numel() ? at::empty_like(logits) : at::empty({0}, logits.options());
+  auto dgate = sep ? at::empty_like(logits) : at::empty({0}, logits.options());
+  const int64_t heads = logits.size(0), s_len = logits.size(1), n = logits.size(2), npos = zz.size(2) / 2;
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cope_block_grads", [&] {
-    backward_rows<scalar_t>(logits, gate_logits, zz, dprobs, probs, dscores, dgate, dzz);
+    const scalar_t *lp = logits.data_ptr<scalar_t>(), *zp = zz.data_ptr<scalar_t>(), *dpp = dprobs.data_ptr<scalar_t>();
+    const scalar_t* gp = sep ? gate_logits.data_ptr<scalar_t>() : lp;
+    scalar_t *pp = probs.data_ptr<scalar_t>(), *dsp = dscores.data_ptr<scalar_t>(), *dzp = dzz.data_ptr<scalar_t>();
+    scalar_t* dgp = sep ? dgate.data_ptr<scalar_t>() : dsp;
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      Block<scalar_t> block(n, s_len, npos);
+      for (int64_t h = begin; h < end; ++h) {
+        const int64_t o = h * s_len * n, oz = h * n * 2 * npos;
+        block.probs(lp + o, gp + o, zp + oz, pp + o);
+        block.grads(pp + o, dpp + o, zp + oz, dsp + o, dgp + o, dzp + oz);
+      }
+    });
   });
   return {probs, dscores, dgate, dzz};
 }
@@ -252,44 +233,38 @@ struct Call {
   at::Tensor q, k, v, gk, table;
   int64_t bh, t, s, d, block, per_task;
   double scale;
-  std::vector<at::Tensor> masks;  // (n, S) additive mask by block height n: -inf on a row's later keys
+  at::Tensor zero;  // the logits' products start from nothing (beta 0): masked entries are never read
 
   Call(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& gk_, const at::Tensor& table_,
        int64_t block_, int64_t per_task_, double scale_)
       : q(q_), k(k_), v(v_), gk(gk_), table(table_), bh(q_.size(0)), t(q_.size(1)), s(k_.size(1)), d(q_.size(2)),
-        block(block_), per_task(per_task_), scale(scale_), masks(block_ + 1) {
+        block(block_), per_task(per_task_), scale(scale_), zero(at::zeros({}, q_.options())) {
     TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous() &&
                     k.sizes() == v.sizes() && k.size(0) == bh && k.size(2) == d && s >= t,
                 "cope_cpu: q (BH, T, D), k and v (BH, S, D) with S >= T, contiguous, on CPU");
     TORCH_CHECK(gk.numel() == 0 || (gk.sizes() == k.sizes() && gk.is_contiguous()), "cope_cpu: gate keys shaped as k");
     TORCH_CHECK(table.dim() == 2 && table.size(0) == d && block >= 1 && per_task >= 1,
                 "cope_cpu: table (D, 2P), block and heads per task >= 1");
-    for (int64_t i0 = 0; i0 < t; i0 += block) {
-      const int64_t n = std::min(block, t - i0);
-      if (masks[n].defined()) continue;
-      auto col = at::arange(s, q.options().dtype(at::kLong));
-      auto row = at::arange(n, q.options().dtype(at::kLong)).unsqueeze(1);
-      masks[n] = at::zeros({n, s}, q.options()).masked_fill_(col.lt(row.neg().add(n - 1)), -INFINITY);
-    }
   }
   int64_t tasks() const { return (bh + per_task - 1) / per_task; }
 
-  // Block (i0, n) of heads h0..h1: its queries, keys read (the last `end` of the reversed keys), mask, logits.
-  struct Block {
+  // Block (i0, n) of heads h0..h1: its queries, keys read (the last `end` of the reversed keys) and, keys-major
+  // (G, end, n), its logits and gate logits; the rows' (z, z_step) pairs (G, n, 2P).
+  struct Span {
     at::Tensor qb, kb, vb, gkb, logits, gate_logits, zz;
     int64_t end;
   };
-  Block open(int64_t h0, int64_t h1, int64_t i0, int64_t n) const {
-    Block b;
+  Span open(int64_t h0, int64_t h1, int64_t i0, int64_t n) const {
+    Span b;
     b.end = s - t + i0 + n;
     b.qb = q.slice(0, h0, h1).slice(1, i0, i0 + n);
     b.kb = k.slice(0, h0, h1).slice(1, s - b.end, s);
     b.vb = v.slice(0, h0, h1).slice(1, s - b.end, s);
-    auto mask = masks[n].slice(1, 0, b.end);
-    b.logits = at::baddbmm(mask, b.qb, b.kb.transpose(1, 2), 1.0, scale);
+    const auto qt = b.qb.transpose(1, 2);
+    b.logits = at::baddbmm(zero, b.kb, qt, 0.0, scale);
     if (gk.numel()) {
       b.gkb = gk.slice(0, h0, h1).slice(1, s - b.end, s);
-      b.gate_logits = at::baddbmm(mask, b.qb, b.gkb.transpose(1, 2), 1.0, scale);
+      b.gate_logits = at::baddbmm(zero, b.gkb, qt, 0.0, scale);
     } else {
       b.gate_logits = at::empty({0}, q.options());
     }
@@ -308,8 +283,8 @@ at::Tensor attention_forward(const at::Tensor& q, const at::Tensor& k, const at:
       for (int64_t i0 = 0; i0 < call.t; i0 += block) {
         const int64_t n = std::min(block, call.t - i0);
         auto b = call.open(h0, h1, i0, n);
-        auto probs = block_probs(b.logits, b.gate_logits, b.zz);
-        out.slice(0, h0, h1).slice(1, i0, i0 + n).copy_(at::bmm(probs, b.vb));
+        auto probs = block_probs(b.logits, b.gate_logits, b.zz);  // (G, end, n)
+        out.slice(0, h0, h1).slice(1, i0, i0 + n).copy_(at::bmm(probs.transpose(1, 2), b.vb));
       }
     }
   });
@@ -335,18 +310,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
         const int64_t n = std::min(block, call.t - i0);
         auto b = call.open(h0, h1, i0, n);
         auto doutb = dout.slice(0, h0, h1).slice(1, i0, i0 + n);
-        auto dprobs = at::bmm(doutb, b.vb.transpose(1, 2));
+        auto dprobs = at::bmm(b.vb, doutb.transpose(1, 2));  // (G, end, n), as the logits
         auto [probs, dscores, dgate, dzz] = block_grads(b.logits, b.gate_logits, b.zz, dprobs);
         const auto keys = [&](const at::Tensor& x) { return x.slice(0, h0, h1).slice(1, call.s - b.end, call.s); };
-        keys(dv).add_(at::bmm(probs.transpose(1, 2), doutb));
+        keys(dv).add_(at::bmm(probs, doutb));
         auto dqb = at::matmul(dzz, table_t);
         dtable.addmm_(b.qb.reshape({-1, call.d}).transpose(0, 1), dzz.reshape({-1, dzz.size(-1)}));
         // Plain CoPE: dscores is the logits' whole gradient, the softmax's and the gates'.
-        dqb.baddbmm_(dscores, b.kb, 1.0, scale);
-        keys(dk).add_(at::bmm(dscores.transpose(1, 2), b.qb));
+        dqb.baddbmm_(dscores.transpose(1, 2), b.kb, 1.0, scale);
+        keys(dk).add_(at::bmm(dscores, b.qb));
         if (gk.numel()) {
-          dqb.baddbmm_(dgate, b.gkb, 1.0, scale);
-          keys(dgk).add_(at::bmm(dgate.transpose(1, 2), b.qb));
+          dqb.baddbmm_(dgate.transpose(1, 2), b.gkb, 1.0, scale);
+          keys(dgk).add_(at::bmm(dgate, b.qb));
         }
         dq.slice(0, h0, h1).slice(1, i0, i0 + n).copy_(dqb);
       }

@@ -80,35 +80,38 @@ def build_seconds() -> float | None:
     return _STATE.get("seconds")  # type: ignore[return-value]
 
 
-def _block_logits(qb, kb, gkb, mask, scale: float):
-    """The block's masked logits and gate logits (_NONE: gates from the logits)."""
-    logits = torch.baddbmm(mask, qb, kb.transpose(1, 2), alpha=scale)
-    return logits, _NONE if gkb is None else torch.baddbmm(mask, qb, gkb.transpose(1, 2), alpha=scale)
+def _block_logits(qb, kb, gkb, scale: float):
+    """The block's logits and gate logits (_NONE: gates from the logits), keys-major (G, S, n) as the C++ blocks
+    take them; masked entries are left as computed, the C++ blocks never read them."""
+    qt, zero = qb.transpose(1, 2), qb.new_zeros(())
+    logits = torch.baddbmm(zero, kb, qt, beta=0, alpha=scale)
+    return logits, _NONE if gkb is None else torch.baddbmm(zero, gkb, qt, beta=0, alpha=scale)
 
 
 def fused_block_forward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop):
     """`cope_chunked.block_forward` with its elementwise passes in one fused call (no relative table or bias)."""
-    logits, gate_logits = _block_logits(qb, kb, gkb, mask, scale)
-    probs = torch.ops.cope_pl_cpu.block_probs(logits, gate_logits, qb @ table)
-    return torch.bmm(probs if drop is None else probs.mul_(drop), vb)
+    logits, gate_logits = _block_logits(qb, kb, gkb, scale)
+    probs = torch.ops.cope_pl_cpu.block_probs(logits, gate_logits, qb @ table)  # (G, S, n)
+    return torch.bmm((probs if drop is None else probs.mul_(drop.transpose(1, 2))).transpose(1, 2), vb)
 
 
 def fused_block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop, dout):
     """`cope_chunked.block_backward`, same returns, with the elementwise gradients in one fused call."""
-    logits, gate_logits = _block_logits(qb, kb, gkb, mask, scale)
-    dprobs = torch.bmm(dout, vb.transpose(1, 2))
+    logits, gate_logits = _block_logits(qb, kb, gkb, scale)
+    drop = None if drop is None else drop.transpose(1, 2)
+    dprobs = torch.bmm(vb, dout.transpose(1, 2))  # (G, S, n), as the logits
     if drop is not None:
         dprobs.mul_(drop)
     probs, dscores, dgate_logits, dzz = torch.ops.cope_pl_cpu.block_grads(logits, gate_logits, qb @ table, dprobs)
-    dvb = torch.bmm((probs if drop is None else probs.mul_(drop)).transpose(1, 2), dout)
+    dvb = torch.bmm(probs if drop is None else probs.mul_(drop), dout)
     dqb = dzz @ table.transpose(0, 1)
     dtable = qb.reshape(-1, qb.size(-1)).transpose(0, 1) @ dzz.reshape(-1, dzz.size(-1))
     if gkb is None:  # dscores is the logits' whole gradient: the softmax's and the gates'
-        dqb = torch.baddbmm(dqb, dscores, kb, alpha=scale)
-        return dqb, torch.bmm(dscores.transpose(1, 2), qb), dvb, None, dtable, None, None
-    dqb = torch.baddbmm(torch.baddbmm(dqb, dscores, kb, alpha=scale), dgate_logits, gkb, alpha=scale)
-    dkb, dgkb = torch.bmm(dscores.transpose(1, 2), qb), torch.bmm(dgate_logits.transpose(1, 2), qb)
-    return dqb, dkb, dvb, dgkb, dtable, None, None
+        dqb = torch.baddbmm(dqb, dscores.transpose(1, 2), kb, alpha=scale)
+        return dqb, torch.bmm(dscores, qb), dvb, None, dtable, None, None
+    dqb = torch.baddbmm(dqb, dscores.transpose(1, 2), kb, alpha=scale)
+    dqb = torch.baddbmm(dqb, dgate_logits.transpose(1, 2), gkb, alpha=scale)
+    return dqb, torch.bmm(dscores, qb), dvb, torch.bmm(dgate_logits, qb), dtable, None, None
 
 
 def heads_per_task(bh: int, block: int, s: int) -> int:
