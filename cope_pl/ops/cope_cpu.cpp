@@ -7,6 +7,7 @@
 // float32 uses a polynomial exp that the compiler vectorises (the row loops are exp-bound); float64 uses std::exp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -54,9 +55,14 @@ struct Block {
   std::vector<int32_t> pos_floor;       // (S, n)
   std::vector<double> running;                      // (n)
   std::vector<scalar_t> top, total;                 // (n) softmax max and sum per row
+  // Scratch for blocks of up to n_ rows and s_len_ keys, allocated once per thread and reused block after block.
   Block(int64_t n_, int64_t s_len_, int64_t npos_)
       : n(n_), s_len(s_len_), npos(npos_), gate(n_ * s_len_), w(n_ * s_len_), dpos(n_ * s_len_),
         pos_floor(n_ * s_len_), running(n_), top(n_), total(n_) {}
+  void shape(int64_t n_, int64_t s_len_) {
+    TORCH_CHECK(n_ * s_len_ <= int64_t(gate.size()) && n_ <= int64_t(running.size()), "cope_cpu: block scratch too small");
+    n = n_, s_len = s_len_;
+  }
   int64_t first(int64_t c) const { return std::max<int64_t>(0, n - 1 - c); }  // the column's first unmasked row
 
   // Probabilities (S, n) into probs, from the logits, gate logits (the logits themselves for plain CoPE) and the
@@ -175,24 +181,47 @@ void check_block(const at::Tensor& logits, const at::Tensor& gate_logits, const 
               "cope_cpu: one dtype for all inputs");
 }
 
+// One block's tensors, heads first: logits, gate logits (empty: plain CoPE), (z, z_step) pairs, and what is
+// computed: probabilities; backward also the scores', gate logits' and pairs' gradients from dprobs.
+struct BlockTensors {
+  at::Tensor logits, gate_logits, zz, probs, dprobs, dscores, dgate, dzz;
+
+  // Heads h0 .. h1 - 1, with `work` as scratch (backward: recomputes the probabilities, then the gradients).
+  template <typename scalar_t>
+  void run(Block<scalar_t>& work, int64_t h0, int64_t h1, bool backward) const {
+    const int64_t s_len = logits.size(1), n = logits.size(2), npos = zz.size(2) / 2, size = s_len * n;
+    work.shape(n, s_len);
+    const bool sep = gate_logits.numel() != 0;
+    const scalar_t *lp = logits.data_ptr<scalar_t>(), *zp = zz.data_ptr<scalar_t>();
+    const scalar_t* gp = sep ? gate_logits.data_ptr<scalar_t>() : lp;
+    scalar_t* pp = probs.data_ptr<scalar_t>();
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t o = h * size, oz = h * n * 2 * npos;
+      work.probs(lp + o, gp + o, zp + oz, pp + o);
+      if (!backward) continue;
+      scalar_t* dsp = dscores.data_ptr<scalar_t>();
+      work.grads(pp + o, dprobs.data_ptr<scalar_t>() + o, zp + oz, dsp + o,
+                 (sep ? dgate.data_ptr<scalar_t>() : dsp) + o, dzz.data_ptr<scalar_t>() + oz);
+    }
+  }
+  // All heads, split over the threads.
+  void run_all(bool backward) const {
+    const int64_t n = logits.size(2), s_len = logits.size(1), npos = zz.size(2) / 2;
+    AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cope_block", [&] {
+      at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
+        Block<scalar_t> work(n, s_len, npos);
+        run(work, begin, end, backward);
+      });
+    });
+  }
+};
+
 // The block's probabilities (G, S, n): softmax over its keys of logit + the interpolated CoPE term, per head.
 at::Tensor block_probs(const at::Tensor& logits, const at::Tensor& gate_logits, const at::Tensor& zz) {
   check_block(logits, gate_logits, zz);
-  auto probs = at::empty_like(logits);
-  const int64_t heads = logits.size(0), s_len = logits.size(1), n = logits.size(2), npos = zz.size(2) / 2;
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cope_block_probs", [&] {
-    const scalar_t *lp = logits.data_ptr<scalar_t>(), *zp = zz.data_ptr<scalar_t>();
-    const scalar_t* gp = gate_logits.numel() ? gate_logits.data_ptr<scalar_t>() : lp;
-    scalar_t* pp = probs.data_ptr<scalar_t>();
-    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-      Block<scalar_t> block(n, s_len, npos);
-      for (int64_t h = begin; h < end; ++h) {
-        const int64_t o = h * s_len * n;
-        block.probs(lp + o, gp + o, zp + h * n * 2 * npos, pp + o);
-      }
-    });
-  });
-  return probs;
+  BlockTensors b{logits, gate_logits, zz, at::empty_like(logits)};
+  b.run_all(false);
+  return b.probs;
 }
 
 // Recomputes a block's probabilities and returns them with the gradients of its scores, gate logits (without
@@ -205,24 +234,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_grads(const at:
                   dprobs.scalar_type() == logits.scalar_type(),
               "cope_cpu: dprobs shaped as the logits");
   const bool sep = gate_logits.numel() != 0;
-  auto probs = at::empty_like(logits), dscores = at::empty_like(logits), dzz = at::empty_like(zz);
-  auto dgate = sep ? at::empty_like(logits) : at::empty({0}, logits.options());
-  const int64_t heads = logits.size(0), s_len = logits.size(1), n = logits.size(2), npos = zz.size(2) / 2;
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cope_block_grads", [&] {
-    const scalar_t *lp = logits.data_ptr<scalar_t>(), *zp = zz.data_ptr<scalar_t>(), *dpp = dprobs.data_ptr<scalar_t>();
-    const scalar_t* gp = sep ? gate_logits.data_ptr<scalar_t>() : lp;
-    scalar_t *pp = probs.data_ptr<scalar_t>(), *dsp = dscores.data_ptr<scalar_t>(), *dzp = dzz.data_ptr<scalar_t>();
-    scalar_t* dgp = sep ? dgate.data_ptr<scalar_t>() : dsp;
-    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-      Block<scalar_t> block(n, s_len, npos);
-      for (int64_t h = begin; h < end; ++h) {
-        const int64_t o = h * s_len * n, oz = h * n * 2 * npos;
-        block.probs(lp + o, gp + o, zp + oz, pp + o);
-        block.grads(pp + o, dpp + o, zp + oz, dsp + o, dgp + o, dzp + oz);
-      }
-    });
-  });
-  return {probs, dscores, dgate, dzz};
+  BlockTensors b{logits, gate_logits, zz, at::empty_like(logits), dprobs, at::empty_like(logits),
+                 sep ? at::empty_like(logits) : at::empty({0}, logits.options()), at::empty_like(zz)};
+  b.run_all(true);
+  return {b.probs, b.dscores, b.dgate, b.dzz};
 }
 
 // The whole call, block loop included (without dropout): heads split into tasks of `heads_per_task`, the tasks
@@ -248,28 +263,71 @@ struct Call {
   }
   int64_t tasks() const { return (bh + per_task - 1) / per_task; }
 
+  // Per-thread buffers, sized for a task's largest block (per_task heads, `block` rows, S keys): every block
+  // takes a prefix of them, so that a call allocates once per thread, not a dozen tensors per block.
+  struct Scratch {
+    at::Tensor logits, gate_logits, probs, dprobs, dscores, dgate, zz, dzz, keys_out, rows_out, rows_in;
+    Scratch(const Call& c, bool backward) {
+      const auto opt = c.q.options();
+      const int64_t big = c.per_task * c.s * c.block, rows = c.per_task * c.block;
+      const auto sized = [&](int64_t numel, bool wanted = true) { return at::empty({wanted ? numel : 0}, opt); };
+      const bool sep = c.gk.numel() != 0;
+      logits = sized(big), gate_logits = sized(big, sep), probs = sized(big), zz = sized(rows * c.table.size(1));
+      rows_out = sized(rows * c.d);
+      if (!backward) return;
+      dprobs = sized(big), dscores = sized(big), dgate = sized(big, sep), dzz = sized(rows * c.table.size(1));
+      keys_out = sized(c.per_task * c.s * c.d), rows_in = sized(rows * c.d);
+    }
+  };
+  static at::Tensor take(const at::Tensor& buf, at::IntArrayRef shape) {
+    return buf.numel() ? buf.narrow(0, 0, c10::multiply_integers(shape)).view(shape) : buf;
+  }
+
   // Block (i0, n) of heads h0..h1: its queries, keys read (the last `end` of the reversed keys) and, keys-major
   // (G, end, n), its logits and gate logits; the rows' (z, z_step) pairs (G, n, 2P).
   struct Span {
-    at::Tensor qb, kb, vb, gkb, logits, gate_logits, zz;
+    at::Tensor qb, kb, vb, gkb;
+    BlockTensors t;
     int64_t end;
   };
-  Span open(int64_t h0, int64_t h1, int64_t i0, int64_t n) const {
+  Span open(Scratch& sc, int64_t h0, int64_t h1, int64_t i0, int64_t n, bool backward) const {
     Span b;
+    const int64_t g = h1 - h0;
     b.end = s - t + i0 + n;
     b.qb = q.slice(0, h0, h1).slice(1, i0, i0 + n);
     b.kb = k.slice(0, h0, h1).slice(1, s - b.end, s);
     b.vb = v.slice(0, h0, h1).slice(1, s - b.end, s);
     const auto qt = b.qb.transpose(1, 2);
-    b.logits = at::baddbmm(zero, b.kb, qt, 0.0, scale);
+    const std::vector<int64_t> keys_rows{g, b.end, n};
+    auto& bt = b.t;
+    bt.logits = take(sc.logits, keys_rows);
+    at::baddbmm_out(bt.logits, zero, b.kb, qt, 0.0, scale);
+    bt.gate_logits = take(sc.gate_logits, keys_rows);  // empty: plain CoPE
     if (gk.numel()) {
       b.gkb = gk.slice(0, h0, h1).slice(1, s - b.end, s);
-      b.gate_logits = at::baddbmm(zero, b.gkb, qt, 0.0, scale);
-    } else {
-      b.gate_logits = at::empty({0}, q.options());
+      at::baddbmm_out(bt.gate_logits, zero, b.gkb, qt, 0.0, scale);
     }
-    b.zz = at::matmul(b.qb, table);
+    bt.zz = take(sc.zz, {g, n, table.size(1)});
+    at::matmul_out(bt.zz, b.qb, table);
+    bt.probs = take(sc.probs, keys_rows);
+    if (backward) {
+      bt.dprobs = take(sc.dprobs, keys_rows), bt.dscores = take(sc.dscores, keys_rows);
+      bt.dgate = take(sc.dgate, keys_rows), bt.dzz = take(sc.dzz, {g, n, table.size(1)});
+    }
     return b;
+  }
+
+  // fn(scratch, work, task, h0, h1) for every task, the tasks split over the threads.
+  template <typename F>
+  void for_tasks(bool backward, F fn) const {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cope_call", [&] {
+      at::parallel_for(0, tasks(), 1, [&](int64_t begin, int64_t end) {
+        const at::NoGradGuard no_grad;  // products into the scratch buffers (out=) on inputs that may need grad
+        Scratch sc(*this, backward);
+        Block<scalar_t> work(block, s, table.size(1) / 2);
+        for (int64_t task = begin; task < end; ++task) fn(sc, work, task, task * per_task, std::min(bh, (task + 1) * per_task));
+      });
+    });
   }
 };
 
@@ -277,15 +335,14 @@ at::Tensor attention_forward(const at::Tensor& q, const at::Tensor& k, const at:
                              const at::Tensor& table, int64_t block, int64_t per_task, double scale) {
   const Call call(q, k, v, gk, table, block, per_task, scale);
   auto out = at::empty_like(q);
-  at::parallel_for(0, call.tasks(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t h0 = task * per_task, h1 = std::min(h0 + per_task, call.bh);
-      for (int64_t i0 = 0; i0 < call.t; i0 += block) {
-        const int64_t n = std::min(block, call.t - i0);
-        auto b = call.open(h0, h1, i0, n);
-        auto probs = block_probs(b.logits, b.gate_logits, b.zz);  // (G, end, n)
-        out.slice(0, h0, h1).slice(1, i0, i0 + n).copy_(at::bmm(probs.transpose(1, 2), b.vb));
-      }
+  call.for_tasks(false, [&](Call::Scratch& sc, auto& work, int64_t, int64_t h0, int64_t h1) {
+    for (int64_t i0 = 0; i0 < call.t; i0 += block) {
+      const int64_t n = std::min(block, call.t - i0);
+      auto b = call.open(sc, h0, h1, i0, n, false);
+      b.t.run(work, 0, h1 - h0, false);
+      auto rows = Call::take(sc.rows_out, {h1 - h0, n, call.d});
+      at::bmm_out(rows, b.t.probs.transpose(1, 2), b.vb);
+      out.slice(0, h0, h1).slice(1, i0, i0 + n).copy_(rows);
     }
   });
   return out;
@@ -302,29 +359,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   auto dgk = gk.numel() ? at::zeros_like(gk) : at::empty({0}, q.options());
   auto dtables = at::zeros({call.tasks(), table.size(0), table.size(1)}, table.options());
   const auto table_t = table.transpose(0, 1);
-  at::parallel_for(0, call.tasks(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t h0 = task * per_task, h1 = std::min(h0 + per_task, call.bh);
-      auto dtable = dtables[task];
-      for (int64_t i0 = 0; i0 < call.t; i0 += block) {
-        const int64_t n = std::min(block, call.t - i0);
-        auto b = call.open(h0, h1, i0, n);
-        auto doutb = dout.slice(0, h0, h1).slice(1, i0, i0 + n);
-        auto dprobs = at::bmm(b.vb, doutb.transpose(1, 2));  // (G, end, n), as the logits
-        auto [probs, dscores, dgate, dzz] = block_grads(b.logits, b.gate_logits, b.zz, dprobs);
-        const auto keys = [&](const at::Tensor& x) { return x.slice(0, h0, h1).slice(1, call.s - b.end, call.s); };
-        keys(dv).add_(at::bmm(probs, doutb));
-        auto dqb = at::matmul(dzz, table_t);
-        dtable.addmm_(b.qb.reshape({-1, call.d}).transpose(0, 1), dzz.reshape({-1, dzz.size(-1)}));
-        // Plain CoPE: dscores is the logits' whole gradient, the softmax's and the gates'.
-        dqb.baddbmm_(dscores.transpose(1, 2), b.kb, 1.0, scale);
-        keys(dk).add_(at::bmm(dscores, b.qb));
-        if (gk.numel()) {
-          dqb.baddbmm_(dgate.transpose(1, 2), b.gkb, 1.0, scale);
-          keys(dgk).add_(at::bmm(dgate, b.qb));
-        }
-        dq.slice(0, h0, h1).slice(1, i0, i0 + n).copy_(dqb);
+  call.for_tasks(true, [&](Call::Scratch& sc, auto& work, int64_t task, int64_t h0, int64_t h1) {
+    auto dtable = dtables[task];
+    const int64_t g = h1 - h0;
+    for (int64_t i0 = 0; i0 < call.t; i0 += block) {
+      const int64_t n = std::min(block, call.t - i0);
+      auto b = call.open(sc, h0, h1, i0, n, true);
+      auto& bt = b.t;
+      auto doutb = dout.slice(0, h0, h1).slice(1, i0, i0 + n);
+      at::bmm_out(bt.dprobs, b.vb, doutb.transpose(1, 2));  // (G, end, n), as the logits
+      bt.run(work, 0, g, true);
+      const auto keys = [&](const at::Tensor& x) { return x.slice(0, h0, h1).slice(1, call.s - b.end, call.s); };
+      auto key_rows = Call::take(sc.keys_out, {g, b.end, call.d});
+      keys(dv).add_(at::bmm_out(key_rows, bt.probs, doutb));
+      auto dqb = Call::take(sc.rows_out, {g, n, call.d});
+      at::matmul_out(dqb, bt.dzz, table_t);
+      auto q_rows = Call::take(sc.rows_in, {g, n, call.d}).copy_(b.qb);
+      dtable.addmm_(q_rows.view({-1, call.d}).transpose(0, 1), bt.dzz.view({-1, bt.dzz.size(-1)}));
+      // Plain CoPE: dscores is the logits' whole gradient, the softmax's and the gates'.
+      dqb.baddbmm_(bt.dscores.transpose(1, 2), b.kb, 1.0, scale);
+      keys(dk).add_(at::bmm_out(key_rows, bt.dscores, b.qb));
+      if (gk.numel()) {
+        dqb.baddbmm_(bt.dgate.transpose(1, 2), b.gkb, 1.0, scale);
+        keys(dgk).add_(at::bmm_out(key_rows, bt.dgate, b.qb));
       }
+      dq.slice(0, h0, h1).slice(1, i0, i0 + n).copy_(dqb);
     }
   });
   return {dq, dk, dv, dgk, dtables.sum(0)};
