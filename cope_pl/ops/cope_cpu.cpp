@@ -1,10 +1,11 @@
-// The elementwise part of the chunked CoPE op (cope_chunked.py) for one query block, fused for CPU: from the
-// block's logits, gate logits and (z, z_step) pairs, per row in one pass: gates, their running sum (the
-// positions), floor and w, the interpolated CoPE term and the softmax; backward recomputes that row and walks the
-// softmax's, the interpolation's and the running sum's gradients back in one more pass. The matrix products stay
-// with torch's BLAS in cope_chunked.py. Names as in docs/cope-ops.md ("Names and gradients").
+// The chunked CoPE op (cope_chunked.py) for CPU: per query block, from its logits, gate logits and (z, z_step)
+// pairs, in one pass each way: gates, their running sum (the positions), floor and w, the interpolated CoPE term
+// and the softmax; backward recomputes them and walks the softmax's, the interpolation's and the running sum's
+// gradients back. The matrix products stay with torch's BLAS. `attention_forward` / `attention_backward` run the
+// whole call (the block loop too) with threads splitting heads. Names as in docs/cope-ops.md ("Names and
+// gradients"; the layout and the loops: "The C++ blocks").
 //
-// float32 uses a polynomial exp that the compiler vectorises (the row loops are exp-bound); float64 uses std::exp.
+// float32 uses a polynomial exp that the compiler vectorises (the loops are exp-bound); float64 uses std::exp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/accumulate.h>

@@ -2,9 +2,10 @@
 
 Per query block the chunked op forms logits, gates, positions, the interpolated term and the softmax in about a
 dozen tensor passes (and as many again backward), each over a few thousand elements: at the task model's size
-that, not the matrix products, is its time. These block functions keep the products (torch's BLAS) and do the
-rest in one C++ pass per row each way. They take plain and sep-keys CoPE (with attention dropout); a relative
-table or distance bias stays on the eager block functions.
+that, not the matrix products, is its time. The C++ blocks keep the products (torch's BLAS) and do the rest in
+one pass per block each way; without attention dropout the block loop runs in C++ too (`CPUCoPEAttention`),
+with dropout the chunked op's Python loop calls the block functions below. They take plain and sep-keys CoPE; a
+relative table or distance bias stays on the eager block functions.
 
 The extension is compiled with torch's C++ extension builder on first use and cached in torch's extensions
 folder (`make install` builds it, so a run pays nothing). Without a compiler `available()` is False and
