@@ -29,6 +29,22 @@ def test_the_float32_exp_is_close_to_torchs_over_its_range():
 
 
 @pytest.mark.parametrize("sep_keys", [False, True])
+def test_the_whole_call_runs_under_inference_mode_on_every_thread(sep_keys):
+    # Lightning validates under torch.inference_mode(); the C++ call's worker threads must see it too (they write
+    # into outputs the calling thread allocated), and give the same output as with autograd on.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        q, k, v, e, gk, _ = make_inputs(4, 2, 40, 40, 16, 8, torch.float32, sep_keys=sep_keys)
+        expected = fused(q, k, v, e, gate_k=gk, block_size=8)
+        with torch.inference_mode():
+            out = fused(q, k, v, e, gate_k=gk, block_size=8)
+    finally:
+        torch.set_num_threads(threads)
+    assert out.is_inference() and torch.equal(out, expected.detach())
+
+
+@pytest.mark.parametrize("sep_keys", [False, True])
 def test_cpu_blocks_dropout_is_the_chunked_ops(sep_keys):
     # As the chunked op's dropout tests: the same masks from the same seeds, the masked reference's gradients.
     op = functools.partial(fused, block_size=8)

@@ -8,6 +8,7 @@
 // float32 uses a polynomial exp that the compiler vectorises (the loops are exp-bound); float64 uses std::exp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
@@ -321,9 +322,13 @@ struct Call {
   // fn(scratch, work, task, h0, h1) for every task, the tasks split over the threads.
   template <typename F>
   void for_tasks(bool backward, F fn) const {
+    // The caller's thread-local state (inference mode, as Lightning validates under) in every worker thread, and
+    // no autograd: the products write into scratch buffers (out=) from inputs that may require grad.
+    const at::ThreadLocalState caller;
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cope_call", [&] {
       at::parallel_for(0, tasks(), 1, [&](int64_t begin, int64_t end) {
-        const at::NoGradGuard no_grad;  // products into the scratch buffers (out=) on inputs that may need grad
+        const at::ThreadLocalStateGuard state(caller);
+        const at::NoGradGuard no_grad;
         Scratch sc(*this, backward);
         Block<scalar_t> work(block, s, table.size(1) / 2);
         for (int64_t task = begin; task < end; ++task) fn(sc, work, task, task * per_task, std::min(bh, (task + 1) * per_task));
