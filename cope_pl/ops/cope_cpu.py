@@ -107,12 +107,13 @@ def fused_block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel,
     dvb = torch.bmm(probs if drop is None else probs.mul_(drop), dout)
     dqb = dzz @ table.transpose(0, 1)
     dtable = qb.reshape(-1, qb.size(-1)).transpose(0, 1) @ dzz.reshape(-1, dzz.size(-1))
-    if gkb is None:  # dscores is the logits' whole gradient: the softmax's and the gates'
-        dqb = torch.baddbmm(dqb, dscores.transpose(1, 2), kb, alpha=scale)
-        return dqb, torch.bmm(dscores, qb), dvb, None, dtable, None, None
+    # Without gate keys dscores is the logits' whole gradient: the softmax's and the gates'.
     dqb = torch.baddbmm(dqb, dscores.transpose(1, 2), kb, alpha=scale)
-    dqb = torch.baddbmm(dqb, dgate_logits.transpose(1, 2), gkb, alpha=scale)
-    return dqb, torch.bmm(dscores, qb), dvb, torch.bmm(dgate_logits, qb), dtable, None, None
+    dkb = torch.bmm(dscores, qb)
+    if gkb is None:
+        return dqb, dkb, dvb, None, dtable, None, None
+    dqb.baddbmm_(dgate_logits.transpose(1, 2), gkb, alpha=scale)
+    return dqb, dkb, dvb, torch.bmm(dgate_logits, qb), dtable, None, None
 
 
 def heads_per_task(bh: int, block: int, s: int) -> int:
