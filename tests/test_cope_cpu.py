@@ -2,6 +2,7 @@
 tests on both kinds of blocks), and when `auto` takes them."""
 
 import functools
+import math
 import os
 
 import pytest
@@ -42,6 +43,19 @@ def test_the_whole_call_runs_under_inference_mode_on_every_thread(sep_keys):
     finally:
         torch.set_num_threads(threads)
     assert out.is_inference() and torch.equal(out, expected.detach())
+
+
+@pytest.mark.parametrize("sep_keys", [False, True])
+def test_the_whole_call_saves_rows_not_query_by_key_tensors(sep_keys):
+    # Backward recomputes the probabilities from each row's softmax max and 1 / sum: what is kept is O(T·D) per
+    # head (q, k, v, gate keys, the output) and O(T) (the row statistics), however long the context.
+    t, d = 96, 8
+    q, k, v, e, gk, _ = make_inputs(1, 2, t, t, d, 8, torch.float32, sep_keys=sep_keys)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
+        out = fused(q, k, v, e, gate_k=gk, block_size=16)
+    out.sum().backward()
+    assert saved and max(math.prod(shape) for shape in saved) <= 2 * t * d  # (B·H, T, D)
 
 
 @pytest.mark.parametrize("sep_keys", [False, True])

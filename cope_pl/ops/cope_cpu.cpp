@@ -50,101 +50,131 @@ inline double exp_of(double x) { return std::exp(x); }
 // (no serial chain per row), and each row's softmax max and sum are per-lane reductions. The matrix products read
 // and write this layout as a transpose, at no cost. Masked entries (c < c0) are never read: their gates and
 // probabilities are 0.
+//
+// Forward keeps per row only the softmax's max and 1 / sum (`top`, `inv`, as flash attention keeps its
+// log-sum-exp); backward recomputes a column's scores from them with the forward's own arithmetic (so its
+// probabilities are the forward's, bit for bit) and walks the softmax's and the interpolation's gradients in the
+// same pass, given each row's delta = sum over keys of p dp; a second pass, over the columns backwards, is the
+// running sum's gradient.
 template <typename scalar_t>
 struct Block {
   int64_t n, s_len, npos;
-  std::vector<scalar_t> gate, w, dpos;  // (S, n) each
-  std::vector<int32_t> pos_floor;       // (S, n)
-  std::vector<double> running;                      // (n)
-  std::vector<scalar_t> top, total;                 // (n) softmax max and sum per row
+  std::vector<scalar_t> gate, dpos;       // (S, n): backward's gates and the positions' gradients
+  std::vector<double> running;            // (n) the rows' running sums of gates
+  std::vector<scalar_t> g_col, w_col, z_step, total;  // (n) one column's gates, w and z_step; softmax sums
+  std::vector<int32_t> f_col;             // (n) one column's floor(p)
   // Scratch for blocks of up to n_ rows and s_len_ keys, allocated once per thread and reused block after block.
   Block(int64_t n_, int64_t s_len_, int64_t npos_)
-      : n(n_), s_len(s_len_), npos(npos_), gate(n_ * s_len_), w(n_ * s_len_), dpos(n_ * s_len_),
-        pos_floor(n_ * s_len_), running(n_), top(n_), total(n_) {}
+      : n(n_), s_len(s_len_), npos(npos_), gate(n_ * s_len_), dpos(n_ * s_len_), running(n_), g_col(n_), w_col(n_),
+        z_step(n_), total(n_), f_col(n_) {}
   void shape(int64_t n_, int64_t s_len_) {
     TORCH_CHECK(n_ * s_len_ <= int64_t(gate.size()) && n_ <= int64_t(running.size()), "cope_cpu: block scratch too small");
     n = n_, s_len = s_len_;
   }
   int64_t first(int64_t c) const { return std::max<int64_t>(0, n - 1 - c); }  // the column's first unmasked row
 
-  // Probabilities (S, n) into probs, from the logits, gate logits (the logits themselves for plain CoPE) and the
-  // rows' (z, z_step) pairs zz (n, 2P); keeps gates, w and floor(p) for backward.
-  void probs(const scalar_t* logits, const scalar_t* gate_logits, const scalar_t* zz, scalar_t* out) {
+  // Column c's scores (logit + interpolated CoPE term) into sc, rows r0 .. n - 1, from its logits lc and gate
+  // logits gc and the rows' (z, z_step) pairs zz (n, 2P): gates into g, the running sums advanced, w, floor(p)
+  // and z_step into the column's scratch.
+  void column_scores(int64_t r0, const scalar_t* lc, const scalar_t* gc, const scalar_t* zz, scalar_t* g,
+                     scalar_t* sc) {
     // The running sums in double, as torch's CPU cumsum accumulates float32 (positions reach P - 1 after
     // hundreds of gates; float32 sums would move w by ~1e-5 there).
     const double clamp = double(npos - 1);
-    std::fill(running.begin(), running.end(), 0.0);
-    std::fill(top.begin(), top.end(), -std::numeric_limits<scalar_t>::infinity());
     const int64_t pairs = 2 * npos;
+    double* run = running.data();
+    scalar_t *wc = w_col.data(), *zs = z_step.data();
+    int32_t* fc = f_col.data();
+#pragma omp simd
+    for (int64_t r = r0; r < n; ++r) g[r] = scalar_t(1) / (scalar_t(1) + exp_of(-gc[r]));
+#pragma omp simd
+    for (int64_t r = r0; r < n; ++r) {
+      run[r] += double(g[r]);
+      wc[r] = scalar_t(run[r] < clamp ? run[r] : clamp);  // the position, then w below
+    }
+#pragma omp simd
+    for (int64_t r = r0; r < n; ++r) {
+      const int32_t f = static_cast<int32_t>(wc[r]);  // p >= 0: truncation is floor
+      fc[r] = f;
+      wc[r] -= scalar_t(f);
+      zs[r] = zz[r * pairs + 2 * f + 1];
+      sc[r] = lc[r] + zz[r * pairs + 2 * f] + wc[r] * zs[r];
+    }
+  }
+
+  // The softmax's numerators exp(score - max) (S, n) into out, and per row the max into top and 1 / sum into
+  // inv; normalising (out * inv) is the caller's: the whole call scales the rows of probs @ v instead.
+  void forward(const scalar_t* logits, const scalar_t* gate_logits, const scalar_t* zz, scalar_t* out,
+               scalar_t* top, scalar_t* inv) {
+    std::fill(running.begin(), running.end(), 0.0);
+    std::fill(top, top + n, -std::numeric_limits<scalar_t>::infinity());
     for (int64_t c = 0; c < s_len; ++c) {
       const int64_t o = c * n, r0 = first(c);
-      const scalar_t *lc = logits + o, *gc = gate_logits + o;
-      scalar_t *g = gate.data() + o, *wc = w.data() + o, *sc = out + o, *mx = top.data();
-      int32_t* fc = pos_floor.data() + o;
-      double* run = running.data();
-      for (int64_t r = 0; r < r0; ++r) g[r] = wc[r] = sc[r] = 0, fc[r] = 0;
+      scalar_t* sc = out + o;
+      for (int64_t r = 0; r < r0; ++r) sc[r] = 0;
+      column_scores(r0, logits + o, gate_logits + o, zz, g_col.data(), sc);
 #pragma omp simd
-      for (int64_t r = r0; r < n; ++r) g[r] = scalar_t(1) / (scalar_t(1) + exp_of(-gc[r]));
-#pragma omp simd
-      for (int64_t r = r0; r < n; ++r) {
-        run[r] += double(g[r]);
-        wc[r] = scalar_t(run[r] < clamp ? run[r] : clamp);  // the position, then w below
-      }
-#pragma omp simd
-      for (int64_t r = r0; r < n; ++r) {
-        const int32_t f = static_cast<int32_t>(wc[r]);  // p >= 0: truncation is floor
-        fc[r] = f;
-        wc[r] -= scalar_t(f);
-        sc[r] = lc[r] + zz[r * pairs + 2 * f] + wc[r] * zz[r * pairs + 2 * f + 1];
-      }
-#pragma omp simd
-      for (int64_t r = r0; r < n; ++r) mx[r] = std::max(mx[r], sc[r]);
+      for (int64_t r = r0; r < n; ++r) top[r] = std::max(top[r], sc[r]);
     }
-    std::fill(total.begin(), total.end(), scalar_t(0));
+    scalar_t* sum = total.data();
+    std::fill(sum, sum + n, scalar_t(0));
     for (int64_t c = 0; c < s_len; ++c) {
-      scalar_t *sc = out + c * n, *mx = top.data(), *sum = total.data();
+      scalar_t* sc = out + c * n;
 #pragma omp simd
       for (int64_t r = first(c); r < n; ++r) {
-        sc[r] = exp_of(sc[r] - mx[r]);
+        sc[r] = exp_of(sc[r] - top[r]);
         sum[r] += sc[r];
       }
     }
-    for (int64_t r = 0; r < n; ++r) total[r] = scalar_t(1) / total[r];
+    for (int64_t r = 0; r < n; ++r) inv[r] = scalar_t(1) / sum[r];
+  }
+
+  void normalize(scalar_t* out, const scalar_t* inv) const {
     for (int64_t c = 0; c < s_len; ++c) {
-      scalar_t *sc = out + c * n, *inv = total.data();
+      scalar_t* sc = out + c * n;
 #pragma omp simd
       for (int64_t r = first(c); r < n; ++r) sc[r] *= inv[r];
     }
   }
 
-  // Backward of `probs` (called right after it, on the same block): the scores' gradient (for plain CoPE, the
-  // logits' whole gradient, the softmax's and the gates'), the gate logits' (sep-keys: into dgate) and the
-  // (z, z_step) pairs' (n, 2P), given the probabilities' gradient dprobs (S, n).
-  void grads(const scalar_t* probs, const scalar_t* dprobs, const scalar_t* zz, scalar_t* dscores, scalar_t* dgate,
-             scalar_t* dzz) {
-    const int64_t pairs = 2 * npos;
-    scalar_t* delta = total.data();  // sum over keys of p dp, per row
-    std::fill(total.begin(), total.end(), scalar_t(0));
+  // delta = sum over keys of p dp per row, from the numerators e (p = e * inv) of `forward`.
+  void delta_of(const scalar_t* numerators, const scalar_t* dprobs, const scalar_t* inv, scalar_t* delta) const {
+    std::fill(delta, delta + n, scalar_t(0));
     for (int64_t c = 0; c < s_len; ++c) {
-      const scalar_t *pc = probs + c * n, *dc = dprobs + c * n;
+      const scalar_t *ec = numerators + c * n, *dc = dprobs + c * n;
 #pragma omp simd
-      for (int64_t r = 0; r < n; ++r) delta[r] += pc[r] * dc[r];  // masked probabilities are 0
+      for (int64_t r = 0; r < n; ++r) delta[r] += ec[r] * dc[r];  // masked numerators are 0
     }
-    // Through the softmax; through w to the position (z_step is 0 where clamped); and to the (z, z_step) pair
-    // at floor(p).
+    for (int64_t r = 0; r < n; ++r) delta[r] *= inv[r];
+  }
+
+  // Backward from the rows' top, inv and delta and the probabilities' gradient dprobs (S, n): the probabilities
+  // (recomputed, into probs), the scores' gradient (for plain CoPE the logits' whole gradient, the softmax's and
+  // the gates'), the gate logits' (sep-keys: into dgate) and the (z, z_step) pairs' (n, 2P).
+  void backward(const scalar_t* logits, const scalar_t* gate_logits, const scalar_t* zz, const scalar_t* top,
+                const scalar_t* inv, const scalar_t* delta, const scalar_t* dprobs, scalar_t* probs,
+                scalar_t* dscores, scalar_t* dgate, scalar_t* dzz) {
+    const int64_t pairs = 2 * npos;
+    std::fill(running.begin(), running.end(), 0.0);
     std::fill(dzz, dzz + n * pairs, scalar_t(0));
+    const scalar_t *wc = w_col.data(), *zs = z_step.data();
+    const int32_t* fc = f_col.data();
     for (int64_t c = 0; c < s_len; ++c) {
-      const int64_t o = c * n;
-      const scalar_t *pc = probs + o, *dc = dprobs + o, *wc = w.data() + o;
-      const int32_t* fc = pos_floor.data() + o;
-      scalar_t *ds = dscores + o, *dp = dpos.data() + o;
+      const int64_t o = c * n, r0 = first(c);
+      const scalar_t* dc = dprobs + o;
+      scalar_t *g = gate.data() + o, *pc = probs + o, *ds = dscores + o, *dp = dpos.data() + o;
+      for (int64_t r = 0; r < r0; ++r) g[r] = pc[r] = ds[r] = dp[r] = 0;
+      column_scores(r0, logits + o, gate_logits + o, zz, g, pc);
+      // Through the softmax; through w to the position (z_step is 0 where clamped).
 #pragma omp simd
-      for (int64_t r = 0; r < n; ++r) {
+      for (int64_t r = r0; r < n; ++r) {
+        pc[r] = exp_of(pc[r] - top[r]) * inv[r];
         ds[r] = pc[r] * (dc[r] - delta[r]);
-        dp[r] = ds[r] * zz[r * pairs + 2 * fc[r] + 1];
+        dp[r] = ds[r] * zs[r];
       }
+      // To the (z, z_step) pair at floor(p): each row its own pairs, so the rows' adds are independent.
 #pragma omp simd
-      for (int64_t r = 0; r < n; ++r) {  // each row its own pairs: the rows' adds are independent
+      for (int64_t r = r0; r < n; ++r) {
         scalar_t* dz = dzz + r * pairs + 2 * fc[r];
         dz[0] += ds[r];
         dz[1] += wc[r] * ds[r];
@@ -183,46 +213,65 @@ void check_block(const at::Tensor& logits, const at::Tensor& gate_logits, const 
               "cope_cpu: one dtype for all inputs");
 }
 
-// One block's tensors, heads first: logits, gate logits (empty: plain CoPE), (z, z_step) pairs, and what is
-// computed: probabilities; backward also the scores', gate logits' and pairs' gradients from dprobs.
+// One block's tensors, heads first: logits, gate logits (empty: plain CoPE), (z, z_step) pairs (G, n, 2P) and
+// the probabilities (forward: their numerators); the rows' softmax max and 1 / sum (G, n; a row of the whole
+// call's (BH, T) tensors, so heads may stride); backward also each row's delta, the probabilities' gradient and
+// the scores', gate logits' and pairs' gradients.
 struct BlockTensors {
-  at::Tensor logits, gate_logits, zz, probs, dprobs, dscores, dgate, dzz;
+  at::Tensor logits, gate_logits, zz, probs, top, inv;
+  at::Tensor delta, dprobs, dscores, dgate, dzz;
 
-  // Heads h0 .. h1 - 1, with `work` as scratch (backward: recomputes the probabilities, then the gradients).
+  // Heads h0 .. h1 - 1 forward, with `work` as scratch (normalize: probabilities, else numerators).
   template <typename scalar_t>
-  void run(Block<scalar_t>& work, int64_t h0, int64_t h1, bool backward) const {
-    const int64_t s_len = logits.size(1), n = logits.size(2), npos = zz.size(2) / 2, size = s_len * n;
-    work.shape(n, s_len);
+  void forward(Block<scalar_t>& work, int64_t h0, int64_t h1, bool normalize) const {
+    const int64_t size = logits.size(1) * logits.size(2), pairs = zz.size(2);
+    work.shape(logits.size(2), logits.size(1));
+    const scalar_t *lp = logits.data_ptr<scalar_t>(), *zp = zz.data_ptr<scalar_t>();
+    const scalar_t* gp = gate_logits.numel() ? gate_logits.data_ptr<scalar_t>() : lp;
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t o = h * size;
+      scalar_t *pp = probs.data_ptr<scalar_t>() + o, *ip = inv.data_ptr<scalar_t>() + h * inv.stride(0);
+      work.forward(lp + o, gp + o, zp + h * work.n * pairs, pp, top.data_ptr<scalar_t>() + h * top.stride(0), ip);
+      if (normalize) work.normalize(pp, ip);
+    }
+  }
+  // Heads h0 .. h1 - 1 backward (top, inv and delta given): recomputes the probabilities, then the gradients.
+  template <typename scalar_t>
+  void backward(Block<scalar_t>& work, int64_t h0, int64_t h1) const {
+    const int64_t size = logits.size(1) * logits.size(2), pairs = zz.size(2);
+    work.shape(logits.size(2), logits.size(1));
     const bool sep = gate_logits.numel() != 0;
     const scalar_t *lp = logits.data_ptr<scalar_t>(), *zp = zz.data_ptr<scalar_t>();
     const scalar_t* gp = sep ? gate_logits.data_ptr<scalar_t>() : lp;
-    scalar_t* pp = probs.data_ptr<scalar_t>();
+    scalar_t* dsp = dscores.data_ptr<scalar_t>();
+    scalar_t* dgp = sep ? dgate.data_ptr<scalar_t>() : dsp;
     for (int64_t h = h0; h < h1; ++h) {
-      const int64_t o = h * size, oz = h * n * 2 * npos;
-      work.probs(lp + o, gp + o, zp + oz, pp + o);
-      if (!backward) continue;
-      scalar_t* dsp = dscores.data_ptr<scalar_t>();
-      work.grads(pp + o, dprobs.data_ptr<scalar_t>() + o, zp + oz, dsp + o,
-                 (sep ? dgate.data_ptr<scalar_t>() : dsp) + o, dzz.data_ptr<scalar_t>() + oz);
+      const int64_t o = h * size, oz = h * work.n * pairs;
+      work.backward(lp + o, gp + o, zp + oz, top.data_ptr<scalar_t>() + h * top.stride(0),
+                    inv.data_ptr<scalar_t>() + h * inv.stride(0), delta.data_ptr<scalar_t>() + h * delta.stride(0),
+                    dprobs.data_ptr<scalar_t>() + o, probs.data_ptr<scalar_t>() + o, dsp + o, dgp + o,
+                    dzz.data_ptr<scalar_t>() + oz);
     }
   }
-  // All heads, split over the threads.
-  void run_all(bool backward) const {
-    const int64_t n = logits.size(2), s_len = logits.size(1), npos = zz.size(2) / 2;
-    AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cope_block", [&] {
-      at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
-        Block<scalar_t> work(n, s_len, npos);
-        run(work, begin, end, backward);
-      });
-    });
-  }
 };
+
+void check_rows(const at::Tensor& x, const at::Tensor& logits) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == logits.size(0) && x.size(1) == logits.size(2) && x.stride(1) == 1 &&
+                  x.scalar_type() == logits.scalar_type(),
+              "cope_cpu: per-row statistics (G, n), rows contiguous");
+}
 
 // The block's probabilities (G, S, n): softmax over its keys of logit + the interpolated CoPE term, per head.
 at::Tensor block_probs(const at::Tensor& logits, const at::Tensor& gate_logits, const at::Tensor& zz) {
   check_block(logits, gate_logits, zz);
-  BlockTensors b{logits, gate_logits, zz, at::empty_like(logits)};
-  b.run_all(false);
+  const auto rows = logits.new_empty({logits.size(0), logits.size(2)});
+  BlockTensors b{logits, gate_logits, zz, at::empty_like(logits), rows, at::empty_like(rows)};
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cope_block_probs", [&] {
+    at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
+      Block<scalar_t> work(logits.size(2), logits.size(1), zz.size(2) / 2);
+      b.forward(work, begin, end, true);
+    });
+  });
   return b.probs;
 }
 
@@ -236,9 +285,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_grads(const at:
                   dprobs.scalar_type() == logits.scalar_type(),
               "cope_cpu: dprobs shaped as the logits");
   const bool sep = gate_logits.numel() != 0;
-  BlockTensors b{logits, gate_logits, zz, at::empty_like(logits), dprobs, at::empty_like(logits),
-                 sep ? at::empty_like(logits) : at::empty({0}, logits.options()), at::empty_like(zz)};
-  b.run_all(true);
+  const auto rows = logits.new_empty({logits.size(0), logits.size(2)});
+  BlockTensors b{logits, gate_logits, zz, at::empty_like(logits), rows, at::empty_like(rows), at::empty_like(rows),
+                 dprobs, at::empty_like(logits), sep ? at::empty_like(logits) : at::empty({0}, logits.options()),
+                 at::empty_like(zz)};
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cope_block_grads", [&] {
+    at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
+      Block<scalar_t> work(logits.size(2), logits.size(1), zz.size(2) / 2);
+      const int64_t size = logits.size(1) * logits.size(2), n = logits.size(2);
+      b.forward(work, begin, end, false);  // the rows' top and inv; delta from the numerators
+      for (int64_t h = begin; h < end; ++h)
+        work.delta_of(b.probs.data_ptr<scalar_t>() + h * size, dprobs.data_ptr<scalar_t>() + h * size,
+                      b.inv.data_ptr<scalar_t>() + h * n, b.delta.data_ptr<scalar_t>() + h * n);
+      b.backward(work, begin, end);
+    });
+  });
   return {b.probs, b.dscores, b.dgate, b.dzz};
 }
 
@@ -292,7 +353,8 @@ struct Call {
     BlockTensors t;
     int64_t end;
   };
-  Span open(Scratch& sc, int64_t h0, int64_t h1, int64_t i0, int64_t n, bool backward) const {
+  Span open(Scratch& sc, int64_t h0, int64_t h1, int64_t i0, int64_t n, bool backward, const at::Tensor& top,
+            const at::Tensor& inv) const {
     Span b;
     const int64_t g = h1 - h0;
     b.end = s - t + i0 + n;
@@ -312,6 +374,7 @@ struct Call {
     bt.zz = take(sc.zz, {g, n, table.size(1)});
     at::matmul_out(bt.zz, b.qb, table);
     bt.probs = take(sc.probs, keys_rows);
+    bt.top = top.slice(0, h0, h1).slice(1, i0, i0 + n), bt.inv = inv.slice(0, h0, h1).slice(1, i0, i0 + n);
     if (backward) {
       bt.dprobs = take(sc.dprobs, keys_rows), bt.dscores = take(sc.dscores, keys_rows);
       bt.dgate = take(sc.dgate, keys_rows), bt.dzz = take(sc.dzz, {g, n, table.size(1)});
@@ -337,30 +400,42 @@ struct Call {
   }
 };
 
-at::Tensor attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& gk,
-                             const at::Tensor& table, int64_t block, int64_t per_task, double scale) {
+// Returns the output (BH, T, D) and the rows' softmax max and 1 / sum (BH, T), which backward takes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v, const at::Tensor& gk,
+                                                                 const at::Tensor& table, int64_t block,
+                                                                 int64_t per_task, double scale) {
   const Call call(q, k, v, gk, table, block, per_task, scale);
-  auto out = at::empty_like(q);
+  auto out = at::empty_like(q), top = q.new_empty({call.bh, call.t}), inv = at::empty_like(top);
   call.for_tasks(false, [&](Call::Scratch& sc, auto& work, int64_t, int64_t h0, int64_t h1) {
     for (int64_t i0 = 0; i0 < call.t; i0 += block) {
       const int64_t n = std::min(block, call.t - i0);
-      auto b = call.open(sc, h0, h1, i0, n, false);
-      b.t.run(work, 0, h1 - h0, false);
+      auto b = call.open(sc, h0, h1, i0, n, false, top, inv);
+      b.t.forward(work, 0, h1 - h0, false);
+      // The numerators' product, its rows scaled by 1 / sum: (n, D) multiplies instead of (S, n).
       auto rows = Call::take(sc.rows_out, {h1 - h0, n, call.d});
       at::bmm_out(rows, b.t.probs.transpose(1, 2), b.vb);
-      out.slice(0, h0, h1).slice(1, i0, i0 + n).copy_(rows);
+      out.slice(0, h0, h1).slice(1, i0, i0 + n).copy_(rows.mul_(b.t.inv.unsqueeze(-1)));
     }
   });
-  return out;
+  return {out, top, inv};
 }
 
-// Gradients of the whole call: dq, dk, dv, d gate_k (keys in reverse order, without the logits' scale: the caller
-// applies it) and the table's (D, 2P) (per-task partial sums, added at the end).
+// Gradients of the whole call, given its output and the rows' top and inv from `attention_forward`: dq, dk, dv,
+// d gate_k (keys in reverse order, without the logits' scale: the caller applies it) and the table's (D, 2P)
+// (per-task partial sums, added at the end).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& gk, const at::Tensor& table,
-    const at::Tensor& dout, int64_t block, int64_t per_task, double scale) {
+    const at::Tensor& out, const at::Tensor& top, const at::Tensor& inv, const at::Tensor& dout, int64_t block,
+    int64_t per_task, double scale) {
   const Call call(q, k, v, gk, table, block, per_task, scale);
-  TORCH_CHECK(dout.sizes() == q.sizes() && dout.is_contiguous(), "cope_cpu: dout shaped as q, contiguous");
+  TORCH_CHECK(dout.sizes() == q.sizes() && dout.is_contiguous() && out.sizes() == q.sizes(),
+              "cope_cpu: dout and out shaped as q, dout contiguous");
+  TORCH_CHECK(top.sizes() == at::IntArrayRef({call.bh, call.t}) && inv.sizes() == top.sizes() && top.is_contiguous() &&
+                  inv.is_contiguous(),
+              "cope_cpu: the rows' top and inv (BH, T) from attention_forward");
+  // delta = sum over keys of p dp = dout . out per row, as flash attention forms it: no pass over the keys.
+  const auto delta = (dout * out).sum(-1);
   auto dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   auto dgk = gk.numel() ? at::zeros_like(gk) : at::empty({0}, q.options());
   auto dtables = at::zeros({call.tasks(), table.size(0), table.size(1)}, table.options());
@@ -370,11 +445,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const int64_t g = h1 - h0;
     for (int64_t i0 = 0; i0 < call.t; i0 += block) {
       const int64_t n = std::min(block, call.t - i0);
-      auto b = call.open(sc, h0, h1, i0, n, true);
+      auto b = call.open(sc, h0, h1, i0, n, true, top, inv);
       auto& bt = b.t;
+      bt.delta = delta.slice(0, h0, h1).slice(1, i0, i0 + n);
       auto doutb = dout.slice(0, h0, h1).slice(1, i0, i0 + n);
       at::bmm_out(bt.dprobs, b.vb, doutb.transpose(1, 2));  // (G, end, n), as the logits
-      bt.run(work, 0, g, true);
+      bt.backward(work, 0, g);
       const auto keys = [&](const at::Tensor& x) { return x.slice(0, h0, h1).slice(1, call.s - b.end, call.s); };
       auto key_rows = Call::take(sc.keys_out, {g, b.end, call.d});
       keys(dv).add_(at::bmm_out(key_rows, bt.probs, doutb));

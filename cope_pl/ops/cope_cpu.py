@@ -126,8 +126,9 @@ def heads_per_task(bh: int, block: int, s: int) -> int:
 
 class CPUCoPEAttention(torch.autograd.Function):
     """The chunked op without dropout, its block loop in C++ too (`attention_forward` / `attention_backward` of
-    cope_cpu.cpp): same blocks, same arithmetic, one call per direction instead of a Python loop over blocks
-    and head groups, with threads splitting heads rather than each product's rows."""
+    cope_cpu.cpp): same blocks, one call per direction instead of a Python loop over blocks and head groups,
+    with threads splitting heads rather than each product's rows. Backward gets, besides the inputs, the output
+    and each row's softmax max and 1 / sum (O(T·D) and O(T) per head), not the probabilities."""
 
     @staticmethod
     def forward(ctx, q, k, v, pos_emb, gate_k, block):  # noqa: D102
@@ -136,20 +137,20 @@ class CPUCoPEAttention(torch.autograd.Function):
         q3 = q.reshape(b * h, t, d).contiguous()
         k3, v3 = (x.flip(-2).reshape(b * h, s, d).contiguous() for x in (k, v))  # keys in reverse order
         gk3 = _NONE if gate_k is None else gate_k.flip(-2).reshape(b * h, s, d).contiguous()
-        table, per_task = interpolation_table(pos_emb), heads_per_task(b * h, block, s)
-        out = torch.ops.cope_pl_cpu.attention_forward(q3, k3, v3, gk3, table, block, per_task, 1.0 / math.sqrt(d))
-        ctx.save_for_backward(q3, k3, v3, gk3, pos_emb)
+        table, per_task, scale = interpolation_table(pos_emb), heads_per_task(b * h, block, s), 1.0 / math.sqrt(d)
+        out, top, inv = torch.ops.cope_pl_cpu.attention_forward(q3, k3, v3, gk3, table, block, per_task, scale)
+        ctx.save_for_backward(q3, k3, v3, gk3, pos_emb, out, top, inv)
         ctx.block, ctx.per_task, ctx.shape = block, per_task, (b, h, t, s, d)
         return out.view(b, h, t, d)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        q3, k3, v3, gk3, pos_emb = ctx.saved_tensors
+        q3, k3, v3, gk3, pos_emb, out, top, inv = ctx.saved_tensors
         b, h, t, s, d = ctx.shape
         scale = 1.0 / math.sqrt(d)
         dout = grad_out.reshape(b * h, t, d).contiguous()
         dq, dk, dv, dgk, dtable = torch.ops.cope_pl_cpu.attention_backward(
-            q3, k3, v3, gk3, interpolation_table(pos_emb), dout, ctx.block, ctx.per_task, scale
+            q3, k3, v3, gk3, interpolation_table(pos_emb), out, top, inv, dout, ctx.block, ctx.per_task, scale
         )
         dk = dk.flip(1).mul_(scale).view(b, h, s, d)
         dgk = dgk.flip(1).mul_(scale).view(b, h, s, d) if dgk.numel() else None
