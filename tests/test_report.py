@@ -128,6 +128,48 @@ def test_report_writes_tables_and_figures_with_extrapolation_and_not_applicable(
     assert numbers.loc["cope", "64_mean"] == 2.75 and math.isnan(numbers.loc["absolute", "64_mean"])
 
 
+def test_each_test_set_gets_its_own_extrapolation_table_named_by_its_set(tmp_path):
+    # A task with several test sets (Flip-Flop's in_dist, ood_dense, ...): no set is silently left out or
+    # shown under a title that does not name it.
+    def rows(ppl_in, ppl_ood):
+        in_dist = [{**ec_row(n, ppl=p), "set": "in_dist"} for n, p in zip((32, 64), ppl_in)]
+        return in_dist + [{**ec_row(n, ppl=p), "set": "ood"} for n, p in zip((32, 64), ppl_ood)]
+
+    root = tmp_path / "runs"
+    write_run(root / "r" / "version_0", "rope", 0, (0.1, 0.2), rows((1.5, 9.0), (3.0, 12.0)))
+    write_run(root / "c" / "version_0", "cope", 0, (0.1, 0.2), rows((1.4, 1.6), (2.0, 2.5)))
+    build_report(root, tmp_path / "out")
+    out = tmp_path / "out" / "runs"
+    first, second = (out / "extrapolation.md").read_text(), (out / "extrapolation_ood.md").read_text()
+    assert first.startswith("### runs: ppl by evaluation context length, in_dist")
+    assert "| cope | **1.400** | **1.600** |" in first and "| rope | 1.500 | 9.000 |" in first
+    assert second.startswith("### runs: ppl by evaluation context length, ood")
+    assert "| cope | **2.000** | **2.500** |" in second and "| rope | 3.000 | 12.000 |" in second
+    assert (out / "extrapolation_ood.png").is_file()
+    assert "(extrapolation_ood.png)" in (out / "README.md").read_text()
+
+
+def test_runs_of_different_data_outside_a_sweep_get_a_report_each(tmp_path):
+    # A task run (named test sets) beside a language-model run (one unnamed set): one table would show the
+    # LM's results as "missing" under the task's columns.
+    root = tmp_path / "runs"
+    write_run(root / "flipflop-cope" / "version_0", "cope", 0, (0.1, 0.2))
+    lm = root / "wikitext-rope" / "version_0"
+    write_run(lm, "rope", 0, (0.3, 0.3))
+    results = json.loads((lm / "results.json").read_text())
+    metrics = {"test/error": 0.8, "test/ppl": 169.0, "test/word_ppl": 7373.0}
+    results["data"]["class"], results["metrics"] = "WikiTextDataModule", metrics
+    (lm / "results.json").write_text(json.dumps(results))
+    build_report(root, tmp_path / "out")
+    task, text = tmp_path / "out" / "runs-task", tmp_path / "out" / "runs-wikitext"
+    assert not (tmp_path / "out" / "runs").exists()
+    assert "| cope | **0.100** | **0.200** |" in (task / "test_error.md").read_text()
+    assert (text / "test_ppl.md").read_text().startswith("### runs-wikitext: test/ppl")
+    assert "169.000" in (text / "test_ppl.md").read_text() and "missing" not in (text / "README.md").read_text()
+    assert "7373.000" in (text / "test_word_ppl.md").read_text()  # the word-level table where words are counted
+    assert not (task / "test_word_ppl.md").exists()
+
+
 def test_a_table_in_percent_says_so_in_its_heading(tmp_path):
     write_run(tmp_path / "runs" / "c" / "version_0", "cope", 0, (0.1, 0.2))
     spec = {"title": "Demo task", "tables": [{"name": "test_error", "metric": "test/error", "scale": 100}]}

@@ -1,7 +1,8 @@
 """`cope-pl report RUNS --out reports/`: tables and figures from every run under RUNS.
 
 Runs are read into pandas (see `cope_pl.reporting.collect`), grouped by the swept keys (seeds averaged),
-and written per sweep to `OUT/<sweep name>/` (runs outside any sweep go to `OUT/runs/`): a CSV, Markdown
+and written per sweep to `OUT/<sweep name>/` (runs outside any sweep go to `OUT/runs/`, or with several data
+modules among them to `OUT/runs-<data>/`, e.g. `runs-flipflop/`): a CSV, Markdown
 and LaTeX file per table, PNG figures, `missing.csv` for runs the sweep expects but that have no results,
 and a README.md that shows it all. `OUT/runs.csv` holds every run, one row each.
 
@@ -28,6 +29,7 @@ heatmap per encoding) and any position maps found in a run's `position_maps/` fo
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -55,12 +57,11 @@ DEFAULT_ROW_KEYS = ["data", "position", "seq_len"]
 
 
 def default_tables(runs: pd.DataFrame) -> list[dict[str, Any]]:
-    """test/ metrics when the runs were tested, else val/: error and perplexity."""
+    """test/ metrics when the runs were tested, else val/: error and perplexity, and word-level perplexity where
+    the data module counts words (WikiText, code)."""
     stage = "test" if any(c.startswith("test/") for c in runs.columns) else "val"
-    return [
-        {"name": f"{stage}_error", "metric": f"{stage}/error", "lower_is_better": True},
-        {"name": f"{stage}_ppl", "metric": f"{stage}/ppl", "lower_is_better": True},
-    ]
+    names = ["error", "ppl"] + (["word_ppl"] if any(c.startswith(f"{stage}/word_ppl") for c in runs.columns) else [])
+    return [{"name": f"{stage}_{name}", "metric": f"{stage}/{name}", "lower_is_better": True} for name in names]
 
 
 def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list[str] | None) -> list[Path]:
@@ -91,17 +92,22 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
         ec.to_csv(out / "eval_context_rows.csv", index=False)
         extra = spec.get("extrapolation") or {}
         wanted = extra.get("metrics") or [extra.get("metric", "ppl")]
+        # One table per test set (Flip-Flop's in_dist, ood_dense, ...), each titled with its set: the first set
+        # keeps the plain file name, the others add theirs.
+        sets = list(dict.fromkeys(ec["set"].fillna("")))
+        lengths = train_lengths(ec, runs, row_keys)
         for metric in dict.fromkeys([*wanted, "word_ppl"]):
             if metric not in ec or pd.to_numeric(ec[metric], errors="coerce").isna().all():
                 continue
-            table = extrapolation_table(
-                ec, runs, metric, row_keys, f"{title}: {metric} by evaluation context length", digits=3
-            )
-            name = "extrapolation" if metric == wanted[0] else f"extrapolation_{metric}"
-            written += table.write(out, name)
-            lengths = train_lengths(ec, runs, row_keys)
-            written.append(plot_extrapolation(table, out / f"{name}.png", f"test/{metric}", lengths))
-            sections += ["", table.markdown(), f"![{metric} vs context length]({name}.png)"]
+            base = "extrapolation" if metric == wanted[0] else f"extrapolation_{metric}"
+            for i, eval_set in enumerate(sets):
+                of_set = f", {eval_set}" if eval_set else ""
+                heading = f"{title}: {metric} by evaluation context length{of_set}"
+                table = extrapolation_table(ec, runs, metric, row_keys, heading, eval_set=eval_set, digits=3)
+                name = base if i == 0 else f"{base}_{re.sub(r'[^A-Za-z0-9_.-]', '_', eval_set or 'all')}"
+                written += table.write(out, name)
+                written.append(plot_extrapolation(table, out / f"{name}.png", f"test/{metric}", lengths))
+                sections += ["", table.markdown(), f"![{metric} vs context length{of_set}]({name}.png)"]
     positions = load_eval_context_positions(runs)
     if not positions.empty:
         options = spec.get("position_loss") or {}
@@ -188,12 +194,27 @@ def build_report(runs_root: str | Path, out_dir: str | Path) -> list[Path]:
     written = [out_dir / "runs.csv"]
     manifests = {m["name"]: m for m in find_manifests(runs_root)}
     for name, group in runs.groupby(runs["sweep"].fillna(""), sort=True):
-        group = group.dropna(axis=1, how="all")
-        for column in ("sweep", "status", "reason"):
-            group[column] = group.get(column)
         manifest = manifests.get(name, {})
-        written += report_group(group, out_dir / (name or "runs"), manifest.get("report") or {}, manifest.get("axes"))
+        for folder, part in report_parts(name, group):
+            part = part.dropna(axis=1, how="all")
+            for column in ("sweep", "status", "reason"):
+                part[column] = part.get(column)
+            spec = manifest.get("report") or ({"title": folder} if folder.startswith("runs-") else {})
+            written += report_group(part, out_dir / folder, spec, manifest.get("axes"))
     return written
+
+
+def report_parts(sweep: str, runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """A sweep is one report. Runs outside any sweep are one report per data module (`runs-flipflop/`,
+    `runs-wikitext/`) when there are several: their test sets and lengths differ, so one table would show each
+    module's cells as missing in the other's columns."""
+    if sweep:
+        return [(sweep, runs)]
+    data = runs["data"].fillna("").astype(str) if "data" in runs else pd.Series("", index=runs.index)
+    if data.nunique() <= 1:
+        return [("runs", runs)]
+    short = data.str.replace(r"DataModule$", "", regex=True).str.lower().replace("", "unknown")
+    return [(f"runs-{name}", part) for name, part in runs.groupby(short, sort=True)]
 
 
 def main(argv: list[str] | None = None) -> None:
