@@ -108,7 +108,7 @@ def probe(model, programs: list[tuple[str, ...]], batch_size: int = 8) -> pd.Dat
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cope_pl.lm import LanguageModel
+    from cope_pl.resume import load_trained
 
     parser = argparse.ArgumentParser(prog="cope-pl count-probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run directory or checkpoint file of a Counting run with CoPE")
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     dm.setup("test")
     if args.set not in dm.eval_sets:
         raise SystemExit(f"count-probe: --set must be one of {list(dm.eval_sets)}, got {args.set!r}")
-    model = LanguageModel.load_from_checkpoint(ckpt, map_location="cpu")
+    model = load_trained(ckpt)
     programs = list(dm.eval_sets[args.set].programs[: args.programs])
     try:
         table = probe(getattr(model, "model", model), programs)

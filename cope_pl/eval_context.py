@@ -69,12 +69,19 @@ def parse_lengths(specs: Iterable[str | int | float], train_len: int) -> list[in
     lengths = []
     for spec in specs:
         text = str(spec).strip()
-        if text.endswith("x"):
+        multiple = text.endswith("x")
+        try:
+            value = float(text[:-1]) if multiple else int(text)
+        except ValueError:
+            raise ValueError(
+                f"--lengths: {text!r} is neither a number of tokens (e.g. 512) nor a multiple of the training "
+                "length (e.g. 2x)"
+            ) from None
+        if multiple:
             if train_len < 1:
                 raise ValueError(f"length {text!r} is a multiple, but the run's config has no data seq_len")
-            lengths.append(round(float(text[:-1]) * train_len))
-        else:
-            lengths.append(int(text))
+            value = round(value * train_len)
+        lengths.append(value)
         if lengths[-1] < 1:
             raise ValueError(f"--lengths: {text!r} gives {lengths[-1]} tokens; every length must be >= 1")
     return lengths
@@ -202,7 +209,7 @@ def evaluate_context(
 ) -> list[dict[str, Any]]:
     """One row per (length, eval set) for one run (a run directory or a checkpoint file); the loss by
     position of each goes to the run's positions CSV. Progress goes to stderr, a line per length."""
-    from cope_pl.lm import LanguageModel
+    from cope_pl.resume import load_trained
 
     if bucket < 1:
         raise ValueError(f"--bucket must be >= 1 positions, got {bucket}")
@@ -210,7 +217,7 @@ def evaluate_context(
     config = load_config(run)
     train_len = train_seq_len(config)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = LanguageModel.load_from_checkpoint(ckpt, map_location=dev).eval()
+    model = load_trained(ckpt, map_location=dev).eval()
     budget = memory_gb * 2**30 if memory_gb else None
     base = {"run": run_label(run), "position": model.hparams.position, "train_seq_len": train_len, "stride": stride}
     rows, position_rows = [], []

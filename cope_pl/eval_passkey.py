@@ -113,7 +113,7 @@ def evaluate_passkey(
 ) -> list[dict[str, Any]]:
     """One row per (length, depth) for one run (a run directory or a checkpoint file), merged into the run's
     passkey.csv. Progress goes to stderr, a line per length."""
-    from cope_pl.lm import LanguageModel
+    from cope_pl.resume import load_trained
 
     run, ckpt = resolve_run(path)
     config = load_config(run)
@@ -123,7 +123,7 @@ def evaluate_passkey(
     train_len = train_seq_len(config)
     depths = configured_depths(config, depths)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = LanguageModel.load_from_checkpoint(ckpt, map_location=dev).eval()
+    model = load_trained(ckpt, map_location=dev).eval()
     budget = memory_gb * 2**30 if memory_gb else None
     base = {"run": run_label(run), "position": model.hparams.position, "train_seq_len": train_len}
     rows: list[dict[str, Any]] = []

@@ -111,12 +111,12 @@ def generate(
 
 def load_run(target: str):
     """(model, codec, run directory) of a run directory or checkpoint file."""
-    from cope_pl.lm import LanguageModel
+    from cope_pl.resume import load_trained
     from cope_pl.runs import build_datamodule, load_config, resolve_run
 
     run, ckpt = resolve_run(target)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = LanguageModel.load_from_checkpoint(ckpt, map_location=device)
+    model = load_trained(ckpt, map_location=device)
     return model, build_datamodule(load_config(run)).text_codec(), run
 
 

@@ -122,7 +122,7 @@ def sample_input(run: Path, index: int, seq_len: int | None) -> Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     from cope_pl.eval_context import parse_lengths
-    from cope_pl.lm import LanguageModel
+    from cope_pl.resume import load_trained
     from cope_pl.runs import train_seq_len
 
     parser = argparse.ArgumentParser(prog="cope-pl position-maps", description=__doc__.split("\n\n")[0])
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: <run>/position_maps/")
     args = parser.parse_args(argv)
     run, ckpt = resolve_run(args.run)
-    model = LanguageModel.load_from_checkpoint(ckpt, map_location="cpu")
+    model = load_trained(ckpt)
     train_len = train_seq_len(load_config(run))
     if args.tokens:
         input_ids = torch.tensor([[int(t) for t in args.tokens.split()]])

@@ -48,10 +48,15 @@ def set_aside(bad: Path) -> str:
     return f" (kept as {bad.name}.corrupt)"
 
 
+def newest_intact(bad: Path) -> Path | None:
+    """The newest intact checkpoint in the folder of a corrupt one, if any."""
+    others = sorted(bad.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return next((p for p in others if p != bad and is_intact(p)), None)
+
+
 def recovery_hint(bad: Path) -> str:
     """What to do about a corrupt checkpoint: resume from the newest intact one beside it, named exactly."""
-    others = sorted(bad.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    intact = next((p for p in others if is_intact(p)), None)
+    intact = newest_intact(bad)
     run = run_of_checkpoint(bad)
     if intact is None:
         return f"no intact checkpoint is left in {bad.parent}; train again from scratch (drop --ckpt_path)"
@@ -59,6 +64,26 @@ def recovery_hint(bad: Path) -> str:
         f"the newest intact checkpoint beside it is {intact.name}; resume from it with: "
         f"cope-pl fit --config {run / 'config.yaml'} --ckpt_path {intact}"
     )
+
+
+def load_trained(ckpt: str | Path, map_location: Any = "cpu"):
+    """The trained LanguageModel in a checkpoint file, for evaluation. A corrupt or truncated file is one clear
+    error that names the newest intact checkpoint beside it; the file stays where it is (evaluating changes
+    nothing, unlike resuming, which sets it aside)."""
+    from cope_pl.lm import LanguageModel  # here, not at the top: lm.py imports this module
+
+    try:
+        return LanguageModel.load_from_checkpoint(ckpt, map_location=map_location)
+    except CORRUPT as err:
+        if is_intact(Path(ckpt)):
+            raise  # a readable file: the error is not about the file
+        intact = newest_intact(Path(ckpt))
+        hint = (
+            f"the newest intact checkpoint beside it is {intact.name}; pass that file instead: {intact}"
+            if intact is not None
+            else f"no intact checkpoint is left in {Path(ckpt).parent}; train the run again"
+        )
+        raise ValueError(f"checkpoint {ckpt} is corrupt or truncated; {hint}") from err
 
 
 class RngState(L.Callback):

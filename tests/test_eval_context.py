@@ -64,6 +64,22 @@ def test_lengths_are_tokens_or_multiples_of_the_training_length():
     assert parse_lengths(["1x", "1.5x", "2x", "100"], 64) == [64, 96, 128, 100]
     with pytest.raises(ValueError, match=">= 1"):
         parse_lengths(["0"], 64)
+    with pytest.raises(ValueError, match=r"'0.5q' is neither a number of tokens .* nor a multiple"):
+        parse_lengths(["0.5q"], 64)
+
+
+def test_a_truncated_checkpoint_is_one_error_naming_the_intact_one_and_stays_in_place(tmp_path):
+    run, *_ = tiny_run(tmp_path, "rope")
+    checkpoints = run / "checkpoints"
+    last, intact = checkpoints / "last.ckpt", checkpoints / "kept.ckpt"
+    intact.write_bytes(last.read_bytes())
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt or truncated; the newest intact checkpoint beside it is kept.ckpt"):
+        evaluate_context(run, ["1x"])
+    assert last.stat().st_size == 1000  # evaluating moves nothing
+    intact.unlink()
+    with pytest.raises(ValueError, match="no intact checkpoint is left"):
+        evaluate_context(last, ["1x"])
 
 
 def test_batch_size_shrinks_to_fit_the_logit_memory_budget():
