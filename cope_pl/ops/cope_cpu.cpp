@@ -51,40 +51,45 @@ inline double exp_of(double x) { return std::exp(x); }
 // and write this layout as a transpose, at no cost. Masked entries (c < c0) are never read: their gates and
 // probabilities are 0.
 //
-// Forward keeps per row only the softmax's max and 1 / sum (`top`, `inv`, as flash attention keeps its
-// log-sum-exp); backward recomputes a column's scores from them with the forward's own arithmetic (so its
-// probabilities are the forward's, bit for bit) and walks the softmax's and the interpolation's gradients in the
-// same pass, given each row's delta = sum over keys of p dp; a second pass, over the columns backwards, is the
-// running sum's gradient.
+// The whole call's forward keeps per row only the softmax's max and 1 / sum (`top`, `inv`, as flash attention
+// keeps its log-sum-exp); its backward recomputes a column's scores from them with the forward's own arithmetic
+// (so its probabilities are the forward's, bit for bit) and forms the softmax's and the interpolation's
+// gradients in the same pass, given each row's delta = sum over keys of p dp; a second pass, over the columns
+// backwards, is the running sum's gradient. The block functions of the dropout path (`block_grads`) keep the
+// forward's gates, w, floor(p) and z_step for the block instead (`forward(keep)`), and skip the recompute.
 template <typename scalar_t>
 struct Block {
   int64_t n, s_len, npos;
-  std::vector<scalar_t> gate, dpos;       // (S, n): backward's gates and the positions' gradients
-  std::vector<double> running;            // (n) the rows' running sums of gates
-  std::vector<scalar_t> g_col, w_col, z_step, total;  // (n) one column's gates, w and z_step; softmax sums
-  std::vector<int32_t> f_col;             // (n) one column's floor(p)
+  std::vector<scalar_t> gate, dpos, w, z_step;  // (S, n): gates, the positions' gradients; kept w and z_step
+  std::vector<int32_t> pos_floor;              // (S, n): kept floor(p)
+  std::vector<double> running;                 // (n) the rows' running sums
+  std::vector<scalar_t> g_col, w_col, z_col, total;  // (n) one column's gates, w and z_step; softmax sums
+  std::vector<int32_t> f_col;                  // (n) one column's floor(p)
   // Scratch for blocks of up to n_ rows and s_len_ keys, allocated once per thread and reused block after block.
-  Block(int64_t n_, int64_t s_len_, int64_t npos_)
-      : n(n_), s_len(s_len_), npos(npos_), gate(n_ * s_len_), dpos(n_ * s_len_), running(n_), g_col(n_), w_col(n_),
-        z_step(n_), total(n_), f_col(n_) {}
+  Block(int64_t n_, int64_t s_len_, int64_t npos_, bool keep = false)
+      : n(n_), s_len(s_len_), npos(npos_), gate(n_ * s_len_), dpos(n_ * s_len_), w(keep ? n_ * s_len_ : 0),
+        z_step(keep ? n_ * s_len_ : 0), pos_floor(keep ? n_ * s_len_ : 0), running(n_), g_col(n_), w_col(n_),
+        z_col(n_), total(n_), f_col(n_) {}
   void shape(int64_t n_, int64_t s_len_) {
     TORCH_CHECK(n_ * s_len_ <= int64_t(gate.size()) && n_ <= int64_t(running.size()), "cope_cpu: block scratch too small");
     n = n_, s_len = s_len_;
   }
   int64_t first(int64_t c) const { return std::max<int64_t>(0, n - 1 - c); }  // the column's first unmasked row
+  // Where column c's w, floor(p) and z_step go: the block's kept arrays, or the one column's scratch.
+  scalar_t* w_at(int64_t o, bool keep) { return keep ? w.data() + o : w_col.data(); }
+  int32_t* f_at(int64_t o, bool keep) { return keep ? pos_floor.data() + o : f_col.data(); }
+  scalar_t* z_at(int64_t o, bool keep) { return keep ? z_step.data() + o : z_col.data(); }
 
   // Column c's scores (logit + interpolated CoPE term) into sc, rows r0 .. n - 1, from its logits lc and gate
   // logits gc and the rows' (z, z_step) pairs zz (n, 2P): gates into g, the running sums advanced, w, floor(p)
-  // and z_step into the column's scratch.
+  // and z_step into wc, fc, zs.
   void column_scores(int64_t r0, const scalar_t* lc, const scalar_t* gc, const scalar_t* zz, scalar_t* g,
-                     scalar_t* sc) {
+                     scalar_t* sc, scalar_t* wc, int32_t* fc, scalar_t* zs) {
     // The running sums in double, as torch's CPU cumsum accumulates float32 (positions reach P - 1 after
     // hundreds of gates; float32 sums would move w by ~1e-5 there).
     const double clamp = double(npos - 1);
     const int64_t pairs = 2 * npos;
     double* run = running.data();
-    scalar_t *wc = w_col.data(), *zs = z_step.data();
-    int32_t* fc = f_col.data();
 #pragma omp simd
     for (int64_t r = r0; r < n; ++r) g[r] = scalar_t(1) / (scalar_t(1) + exp_of(-gc[r]));
 #pragma omp simd
@@ -103,16 +108,17 @@ struct Block {
   }
 
   // The softmax's numerators exp(score - max) (S, n) into out, and per row the max into top and 1 / sum into
-  // inv; normalising (out * inv) is the caller's: the whole call scales the rows of probs @ v instead.
+  // inv; normalising (out * inv) is the caller's: the whole call scales the rows of probs @ v instead. keep:
+  // the gates, w, floor(p) and z_step stay in the block's arrays for `grads`.
   void forward(const scalar_t* logits, const scalar_t* gate_logits, const scalar_t* zz, scalar_t* out,
-               scalar_t* top, scalar_t* inv) {
+               scalar_t* top, scalar_t* inv, bool keep = false) {
     std::fill(running.begin(), running.end(), 0.0);
     std::fill(top, top + n, -std::numeric_limits<scalar_t>::infinity());
     for (int64_t c = 0; c < s_len; ++c) {
       const int64_t o = c * n, r0 = first(c);
-      scalar_t* sc = out + o;
-      for (int64_t r = 0; r < r0; ++r) sc[r] = 0;
-      column_scores(r0, logits + o, gate_logits + o, zz, g_col.data(), sc);
+      scalar_t *sc = out + o, *g = keep ? gate.data() + o : g_col.data();
+      for (int64_t r = 0; r < r0; ++r) sc[r] = g[r] = 0;
+      column_scores(r0, logits + o, gate_logits + o, zz, g, sc, w_at(o, keep), f_at(o, keep), z_at(o, keep));
 #pragma omp simd
       for (int64_t r = r0; r < n; ++r) top[r] = std::max(top[r], sc[r]);
     }
@@ -137,65 +143,84 @@ struct Block {
     }
   }
 
-  // delta = sum over keys of p dp per row, from the numerators e (p = e * inv) of `forward`.
-  void delta_of(const scalar_t* numerators, const scalar_t* dprobs, const scalar_t* inv, scalar_t* delta) const {
-    std::fill(delta, delta + n, scalar_t(0));
-    for (int64_t c = 0; c < s_len; ++c) {
-      const scalar_t *ec = numerators + c * n, *dc = dprobs + c * n;
+  // Column c's gradients, rows r0 .. n - 1, from its probabilities pc and their gradient dc: the scores' into
+  // ds (through the softmax), the position's into dp (through w; z_step is 0 where clamped) and the (z, z_step)
+  // pair's at floor(p), added into dzz (n, 2P).
+  void column_grads(int64_t r0, const scalar_t* pc, const scalar_t* dc, const scalar_t* delta, const scalar_t* wc,
+                    const int32_t* fc, const scalar_t* zs, scalar_t* ds, scalar_t* dp, scalar_t* dzz) const {
+    const int64_t pairs = 2 * npos;
 #pragma omp simd
-      for (int64_t r = 0; r < n; ++r) delta[r] += ec[r] * dc[r];  // masked numerators are 0
+    for (int64_t r = r0; r < n; ++r) {
+      ds[r] = pc[r] * (dc[r] - delta[r]);
+      dp[r] = ds[r] * zs[r];
     }
-    for (int64_t r = 0; r < n; ++r) delta[r] *= inv[r];
+#pragma omp simd
+    for (int64_t r = r0; r < n; ++r) {  // each row its own pairs: the rows' adds are independent
+      scalar_t* dz = dzz + r * pairs + 2 * fc[r];
+      dz[0] += ds[r];
+      dz[1] += wc[r] * ds[r];
+    }
   }
 
-  // Backward from the rows' top, inv and delta and the probabilities' gradient dprobs (S, n): the probabilities
-  // (recomputed, into probs), the scores' gradient (for plain CoPE the logits' whole gradient, the softmax's and
-  // the gates'), the gate logits' (sep-keys: into dgate) and the (z, z_step) pairs' (n, 2P).
-  void backward(const scalar_t* logits, const scalar_t* gate_logits, const scalar_t* zz, const scalar_t* top,
-                const scalar_t* inv, const scalar_t* delta, const scalar_t* dprobs, scalar_t* probs,
-                scalar_t* dscores, scalar_t* dgate, scalar_t* dzz) {
-    const int64_t pairs = 2 * npos;
+  // A gate's gradient: the sum of its row's positions' gradients from its column onwards (in double, as the
+  // forward's sums), times the sigmoid's slope, into dgate; plain CoPE (dgate == dscores) adds it to the
+  // scores' gradient.
+  void gate_grads(const scalar_t* dscores, scalar_t* dgate) {
+    const scalar_t keep = dgate != dscores ? scalar_t(0) : scalar_t(1);
     std::fill(running.begin(), running.end(), 0.0);
-    std::fill(dzz, dzz + n * pairs, scalar_t(0));
-    const scalar_t *wc = w_col.data(), *zs = z_step.data();
-    const int32_t* fc = f_col.data();
-    for (int64_t c = 0; c < s_len; ++c) {
-      const int64_t o = c * n, r0 = first(c);
-      const scalar_t* dc = dprobs + o;
-      scalar_t *g = gate.data() + o, *pc = probs + o, *ds = dscores + o, *dp = dpos.data() + o;
-      for (int64_t r = 0; r < r0; ++r) g[r] = pc[r] = ds[r] = dp[r] = 0;
-      column_scores(r0, logits + o, gate_logits + o, zz, g, pc);
-      // Through the softmax; through w to the position (z_step is 0 where clamped).
-#pragma omp simd
-      for (int64_t r = r0; r < n; ++r) {
-        pc[r] = exp_of(pc[r] - top[r]) * inv[r];
-        ds[r] = pc[r] * (dc[r] - delta[r]);
-        dp[r] = ds[r] * zs[r];
-      }
-      // To the (z, z_step) pair at floor(p): each row its own pairs, so the rows' adds are independent.
-#pragma omp simd
-      for (int64_t r = r0; r < n; ++r) {
-        scalar_t* dz = dzz + r * pairs + 2 * fc[r];
-        dz[0] += ds[r];
-        dz[1] += wc[r] * ds[r];
-      }
-    }
-    // A gate's gradient: the sum of its row's positions' gradients from its column onwards (in double, as the
-    // forward's sums), times the sigmoid's slope; plain CoPE adds it to the scores' gradient.
-    const bool sep = dgate != dscores;
-    std::fill(running.begin(), running.end(), 0.0);
+    double* run = running.data();
     for (int64_t c = s_len - 1; c >= 0; --c) {
       const int64_t o = c * n;
       const scalar_t *ds = dscores + o, *dp = dpos.data() + o, *g = gate.data() + o;
       scalar_t* dg = dgate + o;
-      double* run = running.data();
-      const scalar_t keep = sep ? scalar_t(0) : scalar_t(1);
 #pragma omp simd
       for (int64_t r = 0; r < n; ++r) {
         run[r] += double(dp[r]);
         dg[r] = keep * ds[r] + scalar_t(run[r]) * g[r] * (scalar_t(1) - g[r]);  // masked: g = 0, ds = 0
       }
     }
+  }
+
+  // Backward with the probabilities recomputed, from the rows' top, inv and delta and the probabilities'
+  // gradient dprobs (S, n): the probabilities (into probs), the scores' gradient (for plain CoPE the logits'
+  // whole gradient, the softmax's and the gates'), the gate logits' (sep-keys: into dgate) and the (z, z_step)
+  // pairs' (n, 2P).
+  void backward(const scalar_t* logits, const scalar_t* gate_logits, const scalar_t* zz, const scalar_t* top,
+                const scalar_t* inv, const scalar_t* delta, const scalar_t* dprobs, scalar_t* probs,
+                scalar_t* dscores, scalar_t* dgate, scalar_t* dzz) {
+    std::fill(running.begin(), running.end(), 0.0);
+    std::fill(dzz, dzz + n * 2 * npos, scalar_t(0));
+    for (int64_t c = 0; c < s_len; ++c) {
+      const int64_t o = c * n, r0 = first(c);
+      scalar_t *g = gate.data() + o, *pc = probs + o, *ds = dscores + o, *dp = dpos.data() + o;
+      for (int64_t r = 0; r < r0; ++r) g[r] = pc[r] = ds[r] = dp[r] = 0;
+      column_scores(r0, logits + o, gate_logits + o, zz, g, pc, w_col.data(), f_col.data(), z_col.data());
+#pragma omp simd
+      for (int64_t r = r0; r < n; ++r) pc[r] = exp_of(pc[r] - top[r]) * inv[r];
+      column_grads(r0, pc, dprobs + o, delta, w_col.data(), f_col.data(), z_col.data(), ds, dp, dzz);
+    }
+    gate_grads(dscores, dgate);
+  }
+
+  // Backward right after `forward(keep)` on the same block, from its normalised probabilities: delta from them,
+  // then the gradients of `backward` without recomputing anything.
+  void grads(const scalar_t* probs, const scalar_t* dprobs, scalar_t* delta, scalar_t* dscores, scalar_t* dgate,
+             scalar_t* dzz) {
+    std::fill(delta, delta + n, scalar_t(0));
+    for (int64_t c = 0; c < s_len; ++c) {
+      const scalar_t *pc = probs + c * n, *dc = dprobs + c * n;
+#pragma omp simd
+      for (int64_t r = 0; r < n; ++r) delta[r] += pc[r] * dc[r];  // masked probabilities are 0
+    }
+    std::fill(dzz, dzz + n * 2 * npos, scalar_t(0));
+    for (int64_t c = 0; c < s_len; ++c) {
+      const int64_t o = c * n, r0 = first(c);
+      scalar_t *ds = dscores + o, *dp = dpos.data() + o;
+      for (int64_t r = 0; r < r0; ++r) ds[r] = dp[r] = 0;
+      column_grads(r0, probs + o, dprobs + o, delta, w.data() + o, pos_floor.data() + o, z_step.data() + o, ds, dp,
+                   dzz);
+    }
+    gate_grads(dscores, dgate);
   }
 };
 
@@ -255,12 +280,6 @@ struct BlockTensors {
   }
 };
 
-void check_rows(const at::Tensor& x, const at::Tensor& logits) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == logits.size(0) && x.size(1) == logits.size(2) && x.stride(1) == 1 &&
-                  x.scalar_type() == logits.scalar_type(),
-              "cope_cpu: per-row statistics (G, n), rows contiguous");
-}
-
 // The block's probabilities (G, S, n): softmax over its keys of logit + the interpolated CoPE term, per head.
 at::Tensor block_probs(const at::Tensor& logits, const at::Tensor& gate_logits, const at::Tensor& zz) {
   check_block(logits, gate_logits, zz);
@@ -285,22 +304,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_grads(const at:
                   dprobs.scalar_type() == logits.scalar_type(),
               "cope_cpu: dprobs shaped as the logits");
   const bool sep = gate_logits.numel() != 0;
-  const auto rows = logits.new_empty({logits.size(0), logits.size(2)});
-  BlockTensors b{logits, gate_logits, zz, at::empty_like(logits), rows, at::empty_like(rows), at::empty_like(rows),
-                 dprobs, at::empty_like(logits), sep ? at::empty_like(logits) : at::empty({0}, logits.options()),
-                 at::empty_like(zz)};
+  auto probs = at::empty_like(logits), dscores = at::empty_like(logits), dzz = at::empty_like(zz);
+  auto dgate = sep ? at::empty_like(logits) : at::empty({0}, logits.options());
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cope_block_grads", [&] {
     at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
-      Block<scalar_t> work(logits.size(2), logits.size(1), zz.size(2) / 2);
-      const int64_t size = logits.size(1) * logits.size(2), n = logits.size(2);
-      b.forward(work, begin, end, false);  // the rows' top and inv; delta from the numerators
-      for (int64_t h = begin; h < end; ++h)
-        work.delta_of(b.probs.data_ptr<scalar_t>() + h * size, dprobs.data_ptr<scalar_t>() + h * size,
-                      b.inv.data_ptr<scalar_t>() + h * n, b.delta.data_ptr<scalar_t>() + h * n);
-      b.backward(work, begin, end);
+      const int64_t n = logits.size(2), size = logits.size(1) * n, pairs = zz.size(2);
+      Block<scalar_t> work(n, logits.size(1), pairs / 2, true);
+      std::vector<scalar_t> top(n), inv(n), delta(n);
+      const scalar_t* lp = logits.data_ptr<scalar_t>();
+      const scalar_t* gp = sep ? gate_logits.data_ptr<scalar_t>() : lp;
+      scalar_t *pp = probs.data_ptr<scalar_t>(), *dsp = dscores.data_ptr<scalar_t>();
+      scalar_t* dgp = sep ? dgate.data_ptr<scalar_t>() : dsp;
+      for (int64_t h = begin; h < end; ++h) {  // each head's forward keeps what its gradients read
+        const int64_t o = h * size, oz = h * n * pairs;
+        work.forward(lp + o, gp + o, zz.data_ptr<scalar_t>() + oz, pp + o, top.data(), inv.data(), true);
+        work.normalize(pp + o, inv.data());
+        work.grads(pp + o, dprobs.data_ptr<scalar_t>() + o, delta.data(), dsp + o, dgp + o,
+                   dzz.data_ptr<scalar_t>() + oz);
+      }
     });
   });
-  return {b.probs, b.dscores, b.dgate, b.dzz};
+  return {probs, dscores, dgate, dzz};
 }
 
 // The whole call, block loop included (without dropout): heads split into tasks of `heads_per_task`, the tasks
