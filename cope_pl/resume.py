@@ -23,6 +23,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from cope_pl.atomic import atomic_path
+from cope_pl.lm import LanguageModel
 from cope_pl.runs import LAST_CKPT, run_of_checkpoint, version_of
 
 LAST_CHECKPOINT = LAST_CKPT.name
@@ -70,8 +71,6 @@ def load_trained(ckpt: str | Path, map_location: Any = "cpu"):
     """The trained LanguageModel in a checkpoint file, for evaluation. A corrupt or truncated file is one clear
     error that names the newest intact checkpoint beside it; the file stays where it is (evaluating changes
     nothing, unlike resuming, which sets it aside)."""
-    from cope_pl.lm import LanguageModel  # here, not at the top: lm.py imports this module
-
     try:
         return LanguageModel.load_from_checkpoint(ckpt, map_location=map_location)
     except CORRUPT as err:
