@@ -17,6 +17,7 @@ import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -77,6 +78,7 @@ class CopeCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_accelerator(config.trainer.get("accelerator"))
         logger = config.trainer.get("logger")
         init_args = getattr(logger, "init_args", None)
         if init_args is None:
@@ -109,6 +111,20 @@ class FitConfigSaver(SaveConfigCallback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
             super().setup(trainer, pl_module, stage)
+
+
+def check_accelerator(accelerator) -> None:
+    """A GPU trainer config where torch sees no GPU: one line that names the fix, before anything is built
+    (Lightning's own message, "No supported gpu backend found!", names neither)."""
+    if str(accelerator).lower() not in ("gpu", "cuda") or torch.cuda.is_available():
+        return
+    if str(accelerator).lower() == "gpu" and torch.backends.mps.is_available():
+        return
+    raise ValueError(
+        f"trainer.accelerator={accelerator}, but torch {torch.__version__} sees no GPU on this machine; run it on a "
+        "GPU machine, or on the CPU with --trainer.accelerator=cpu --trainer.devices=1 --trainer.strategy=auto "
+        "(training: or configs/trainer/cpu.yaml in place of the GPU trainer config)"
+    )
 
 
 def check_writable(directory: Path) -> None:

@@ -111,6 +111,17 @@ def test_unwritable_log_directory_fails_before_training(tmp_path):
         main(["fit", "--config", str(CONFIGS / "trainer/smoke.yaml"), f"--trainer.logger.init_args.save_dir={blocker}"])
 
 
+def test_a_gpu_config_on_a_machine_without_a_gpu_names_the_cpu_config(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    configs = [
+        a for c in ("trainer/gpu_ddp.yaml", "data/copy.yaml", "model/tiny.yaml") for a in ("--config", CONFIGS / c)
+    ]
+    with pytest.raises(ValueError, match=r"accelerator=gpu, but torch .* sees no GPU .* configs/trainer/cpu.yaml"):
+        main(["fit", *map(str, configs), f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())  # refused before a run folder is made
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "cope_pl.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
