@@ -170,6 +170,23 @@ def test_runs_of_different_data_outside_a_sweep_get_a_report_each(tmp_path):
     assert not (task / "test_word_ppl.md").exists()
 
 
+def test_a_test_set_of_another_data_module_is_not_applicable_not_missing(tmp_path):
+    # One table over two data modules with different test sets (as a sweep with a data axis can make): each
+    # row's cells outside its own sets are n/a with the reason, and a row without any result stays missing.
+    root = tmp_path / "runs"
+    write_run(root / "f" / "version_0", "cope", 0, (0.1, 0.2))  # sets in_dist, ood
+    counting = root / "c" / "version_0"
+    write_run(counting, "rope", 0, (0.3, 0.4))
+    results = json.loads((counting / "results.json").read_text())
+    results["metrics"] = {"test/error@in_dist": 0.3, "test/error@ood_long": 0.6}
+    (counting / "results.json").write_text(json.dumps(results))
+    runs = pd.concat([load_runs(root), pd.DataFrame([{"position": "alibi", "status": "missing"}])])
+    table = metric_table(runs, "test/error", ["position"], "mixed")
+    assert table.cell("cope", "ood_long") == "n/a" and table.cell("rope", "ood") == "n/a"
+    assert table.cell("rope", "ood_long") == "0.600" and table.cell("alibi", "ood") == "missing"
+    assert "n/a for rope at ood: not a test set of this data (its sets: in_dist, ood_long)" in table.markdown()
+
+
 def test_a_table_in_percent_says_so_in_its_heading(tmp_path):
     write_run(tmp_path / "runs" / "c" / "version_0", "cope", 0, (0.1, 0.2))
     spec = {"title": "Demo task", "tables": [{"name": "test_error", "metric": "test/error", "scale": 100}]}

@@ -1,8 +1,9 @@
 """Paper-shaped tables from run DataFrames: one row per encoding (or swept setting), one column per test set
 or context length, mean ± std over seeds, every best value bold (ties too), optional paper numbers as reference rows.
 
-A cell whose runs are all missing says "missing"; one whose encoding cannot represent the length says
-"n/a" (the reason goes under the table); a cell averaged over fewer seeds than expected says so, e.g. (2/3).
+A cell whose runs are all missing says "missing"; one whose encoding cannot represent the length, or a test set
+that the row's data does not have, says "n/a" (the reason goes under the table); a cell averaged over fewer seeds
+than expected says so, e.g. (2/3).
 """
 
 from __future__ import annotations
@@ -169,12 +170,19 @@ def metric_table(
         setattr(table, option, value)
     for row in table.rows:
         group = runs[labels == row]
+        # Test sets this row's runs report: a column outside them belongs to another data module's sets (a sweep
+        # over Flip-Flop and Counting, say), which is n/a for this row, not a missing result.
+        reported = [
+            col for column, col in columns.items() if pd.to_numeric(group[column], errors="coerce").notna().any()
+        ]
         for column, col in columns.items():
             values = pd.to_numeric(group[column], errors="coerce").dropna()
             key = (row, col)
             table.expected[key], table.n[key] = len(group), len(values)
             table.mean[key] = float(values.mean()) if len(values) else math.nan
             table.std[key] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            if reported and col not in reported:
+                table.not_applicable[key] = f"not a test set of this data (its sets: {', '.join(reported)})"
     return table
 
 
