@@ -116,9 +116,12 @@ class FitConfigSaver(SaveConfigCallback):
 def check_accelerator(accelerator) -> None:
     """A GPU trainer config where torch sees no GPU: one line that names the fix, before anything is built
     (Lightning's own message, "No supported gpu backend found!", names neither)."""
-    if str(accelerator).lower() not in ("gpu", "cuda") or torch.cuda.is_available():
-        return
-    if str(accelerator).lower() == "gpu" and torch.backends.mps.is_available():
+    kind = str(accelerator).lower()
+    if (
+        kind not in ("gpu", "cuda")
+        or torch.cuda.is_available()
+        or (kind == "gpu" and torch.backends.mps.is_available())
+    ):
         return
     raise ValueError(
         f"trainer.accelerator={accelerator}, but torch {torch.__version__} sees no GPU on this machine; run it on a "

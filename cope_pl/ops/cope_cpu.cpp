@@ -75,10 +75,6 @@ struct Block {
     n = n_, s_len = s_len_;
   }
   int64_t first(int64_t c) const { return std::max<int64_t>(0, n - 1 - c); }  // the column's first unmasked row
-  // Where column c's w, floor(p) and z_step go: the block's kept arrays, or the one column's scratch.
-  scalar_t* w_at(int64_t o, bool keep) { return keep ? w.data() + o : w_col.data(); }
-  int32_t* f_at(int64_t o, bool keep) { return keep ? pos_floor.data() + o : f_col.data(); }
-  scalar_t* z_at(int64_t o, bool keep) { return keep ? z_step.data() + o : z_col.data(); }
 
   // Column c's scores (logit + interpolated CoPE term) into sc, rows r0 .. n - 1, from its logits lc and gate
   // logits gc and the rows' (z, z_step) pairs zz (n, 2P): gates into g, the running sums advanced, w, floor(p)
@@ -116,9 +112,11 @@ struct Block {
     std::fill(top, top + n, -std::numeric_limits<scalar_t>::infinity());
     for (int64_t c = 0; c < s_len; ++c) {
       const int64_t o = c * n, r0 = first(c);
+      // keep: into the block's arrays at the column, else into the one column's scratch
       scalar_t *sc = out + o, *g = keep ? gate.data() + o : g_col.data();
       for (int64_t r = 0; r < r0; ++r) sc[r] = g[r] = 0;
-      column_scores(r0, logits + o, gate_logits + o, zz, g, sc, w_at(o, keep), f_at(o, keep), z_at(o, keep));
+      column_scores(r0, logits + o, gate_logits + o, zz, g, sc, keep ? w.data() + o : w_col.data(),
+                    keep ? pos_floor.data() + o : f_col.data(), keep ? z_step.data() + o : z_col.data());
 #pragma omp simd
       for (int64_t r = r0; r < n; ++r) top[r] = std::max(top[r], sc[r]);
     }

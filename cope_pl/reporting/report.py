@@ -199,8 +199,9 @@ def build_report(runs_root: str | Path, out_dir: str | Path) -> list[Path]:
             part = part.dropna(axis=1, how="all")
             for column in ("sweep", "status", "reason"):
                 part[column] = part.get(column)
-            spec = manifest.get("report") or ({"title": folder} if folder.startswith("runs-") else {})
-            written += report_group(part, out_dir / folder, spec, manifest.get("axes"))
+            written += report_group(
+                part, out_dir / folder, manifest.get("report") or {"title": folder}, manifest.get("axes")
+            )
     return written
 
 

@@ -170,13 +170,11 @@ def metric_table(
         setattr(table, option, value)
     for row in table.rows:
         group = runs[labels == row]
+        values_of = {col: pd.to_numeric(group[column], errors="coerce").dropna() for column, col in columns.items()}
         # Test sets this row's runs report: a column outside them belongs to another data module's sets (a sweep
         # over Flip-Flop and Counting, say), which is n/a for this row, not a missing result.
-        reported = [
-            col for column, col in columns.items() if pd.to_numeric(group[column], errors="coerce").notna().any()
-        ]
-        for column, col in columns.items():
-            values = pd.to_numeric(group[column], errors="coerce").dropna()
+        reported = [col for col, values in values_of.items() if len(values)]
+        for col, values in values_of.items():
             key = (row, col)
             table.expected[key], table.n[key] = len(group), len(values)
             table.mean[key] = float(values.mean()) if len(values) else math.nan
