@@ -9,6 +9,9 @@ fused kernel faster on CUDA. `cope_pl.attention` decides when the CoPE op runs a
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -18,6 +21,23 @@ from cope_pl.ops.cope_chunked import cope_attention_chunked
 from cope_pl.ops.cope_triton import cope_attention_triton, triton_available
 
 COPE_IMPLS = ("auto", "reference", "chunked", "cpu", "triton")
+_TARGETS: list[torch.device] = []
+
+
+@contextlib.contextmanager
+def target_device(device: str | torch.device) -> Iterator[None]:
+    """Take every device decision (implementation, block sizes) for `device` whatever the tensors' device: a
+    plan traces on CPU or meta tensors what a run would do on a GPU, and tests check the CUDA policy without one."""
+    _TARGETS.append(torch.device(device))
+    try:
+        yield
+    finally:
+        _TARGETS.pop()
+
+
+def decision_device(device: torch.device) -> torch.device:
+    """The device that device decisions are taken for: the innermost `target_device`, else the tensors' own."""
+    return _TARGETS[-1] if _TARGETS else device
 
 
 def check_cope_impl(impl: str) -> str:
@@ -39,6 +59,7 @@ def resolve_cope_impl(impl: str, device: torch.device, relative: bool = False, c
     """The implementation that actually runs for `impl` on `device`; relative: the call also adds a relative
     table or a distance bias, which the fused kernels do not take; compiled: torch.compile'd chunked blocks
     were asked for (position option `compile`), so `auto` keeps them."""
+    device = decision_device(device)
     if impl == "auto":
         # chunked: exact, O(T) memory, and faster than the reference on CPU; its C++ blocks (cpu) faster again
         # there (docs/benchmarks.md, `make bench`). torch.compile of the blocks measured slower than eager at the
