@@ -86,7 +86,10 @@ def test_value_gates_count_with_the_values():
         ContextualPositionEncoding(DIMS, sep_keys=True, value_gates=True)
 
 
-@pytest.mark.parametrize("position, options", [("cope", {"value_gates": True}), ("cope_every_k", {"k": 2})])
+@pytest.mark.parametrize(
+    "position, options",
+    [("cope", {"value_gates": True}), ("cope_every_k", {"k": 2}), ("cope_every_k_else_relative", {"k": 2})],
+)
 def test_value_gates_and_every_kth_layer_take_the_fast_op_exactly(position, options):
     model = tiny_model(position, position_options=options).double()
     with torch.no_grad():
@@ -104,17 +107,67 @@ def test_value_gates_and_every_kth_layer_take_the_fast_op_exactly(position, opti
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-10)
 
 
-def test_cope_every_kth_layer_uses_relative_pe_on_the_others():
+def loop_logits(q, k, rel_table, cope_table):
+    """The position logits of one head by explicit loops: q_i . r[i - j], plus, with a CoPE table,
+    q_i . e[p_ij] with p_ij = sum_{t=j..i} sigmoid(q_i . k_t / sqrt(D)) interpolated between integer positions."""
+    t, d = q.shape
+    out = torch.full((t, t), float("-inf"), dtype=q.dtype)
+    for i in range(t):
+        for j in range(i + 1):
+            logit = q[i] @ rel_table[:, i - j]
+            if cope_table is not None:
+                p = sum(torch.sigmoid(q[i] @ k[s] / math.sqrt(d)) for s in range(j, i + 1))
+                p = min(p, cope_table.size(1) - 1)
+                lo, hi = math.floor(p), math.ceil(p)
+                logit = logit + (q[i] @ cope_table[:, hi]) * (p - lo) + (q[i] @ cope_table[:, lo]) * (1 - (p - lo))
+            out[i, j] = logit
+    return out
+
+
+@pytest.mark.parametrize(
+    "position, k, cope_layers, relative_layers",
+    [
+        ("cope_every_k", 2, [1, 3], [0, 1, 2, 3]),  # official: CoPE where (l + 1) % k == 0, relative everywhere
+        ("cope_every_k", 3, [2], [0, 1, 2, 3]),
+        ("cope_every_k", 1, [0, 1, 2, 3], [0, 1, 2, 3]),
+        ("cope_every_k_else_relative", 2, [0, 2], [1, 3]),
+    ],
+)
+def test_cope_every_k_layers_and_logits_match_a_loop_oracle(position, k, cope_layers, relative_layers):
     from cope_pl.attention import ContextualLogits, RelativeLogits
 
-    enc = build_position_encoding(
-        "cope_every_k", ModelDims(n_layers=4, n_heads=2, d_model=16, max_seq_len=32), {"k": 2}
-    )
-    q = torch.randn(1, 2, 5, 8)
-    forms = [type(enc.attention_terms(layer, q, {"k": q, "v": q})[0]) for layer in range(4)]
-    assert forms == [ContextualLogits, RelativeLogits, ContextualLogits, RelativeLogits]
+    dims = ModelDims(n_layers=4, n_heads=2, d_model=16, max_seq_len=32)
+    enc = build_position_encoding(position, dims, {"k": k, "npos_max": 4}).double()
+    with torch.no_grad():
+        for p in enc.parameters():
+            torch.nn.init.normal_(p)
+    cope = next(part for part in enc.parts if isinstance(part, ContextualPositionEncoding))
+    rel = next(part for part in enc.parts if part is not cope)
+    q, k_, logits = random_qk(t=6)
+    for layer in range(dims.n_layers):
+        terms = enc.attention_terms(layer, q, {"k": k_, "v": k_})
+        forms = {type(term) for term in terms}
+        assert (RelativeLogits in forms) == (layer in relative_layers), layer
+        assert (ContextualLogits in forms) == (layer in cope_layers), layer
+        total = sum(term.logits(q, k_.size(-2), logits) for term in terms)
+        for b in range(2):
+            for h in range(2):
+                expected = loop_logits(
+                    q[b, h],
+                    k_[b, h],
+                    rel.tables[layer] if layer in relative_layers else torch.zeros(8, 32, dtype=q.dtype),
+                    cope.pos_emb[layer] if layer in cope_layers else None,
+                )
+                causal = torch.isfinite(expected)
+                torch.testing.assert_close(total[b, h][causal], expected[causal])
+
+
+def test_cope_every_k_checks_the_relative_length_on_every_layer_and_rejects_k_0():
+    enc = build_position_encoding("cope_every_k", ModelDims(n_layers=1, n_heads=2, d_model=16, max_seq_len=32), {})
     with pytest.raises(ValueError, match="raise max_distance"):
-        enc.check_length(33)  # the relative layers' uncapped table
+        enc.check_length(33)  # the relative table of the only layer, which has no CoPE at k=2
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        build_position_encoding("cope_every_k", DIMS, {"k": 0})
 
 
 @pytest.mark.parametrize("config", ["cope_value_gates.yaml", "cope_every_2.yaml"])

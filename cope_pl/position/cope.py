@@ -9,7 +9,7 @@ Ablations of the official code (facebookresearch/RAM, projects/cope): `divide_by
 CoPE term by sqrt(D) together with the content logits (that code's default; the paper's listing adds it
 unscaled, this project's default), `shared_table` uses one position table for every layer, and `value_gates`
 computes the gates from the values, sigmoid(q_i . v_j / sqrt(D)), instead of the keys. CoPE on every k-th
-layer with relative PE on the others is `cope_every_k` (compose.py).
+layer, relative PE on every layer, is `cope_every_k` (compose.py).
 
 `impl` chooses the op (cope_pl/ops/dispatch.py): `reference` adds the term to explicit (B, H, T, S) logits;
 `chunked` (and `auto`) and `triton` run the memory-efficient exact op, or the fused kernel, attention dropout
