@@ -9,7 +9,7 @@ A sweep file names configs shared by every cell, fixed overrides, and a grid of 
       data: [configs/data/copy.yaml]                      # an axis of config files (or lists of them)
       position: [configs/position/cope.yaml, configs/position/rope.yaml]
       data.init_args.seq_len: [32]                        # a dotted key: an axis of --key=value overrides
-      seed: [0, 1]                                        # --seed_everything
+      seed: [0, 1]                                        # --seed_everything and data.init_args.seed
     test: true                                            # `cope-pl test` on the last checkpoint
     eval_context: {lengths: [1x, 2x, 4x]}                 # `cope-pl eval-context` afterwards
     passkey: {lengths: [1x, 2x, 4x, 8x]}                  # `cope-pl passkey` (passkey runs) afterwards
@@ -95,8 +95,8 @@ def axis_choices(axis: str, values: list[Any]) -> list[tuple[str, list[str], dic
         raise ValueError(f"grid.{axis} must be a non-empty list, got {values!r}")
     choices = []
     for value in values:
-        if axis == "seed":
-            choices.append((f"seed{int(value)}", [], {}, int(value)))
+        if axis == "seed":  # seeds the training data too; evaluation sets follow data.init_args.eval_seed
+            choices.append((f"seed{int(value)}", [], {"data.init_args.seed": int(value)}, int(value)))
         elif "." in axis:
             choices.append((f"{axis.rsplit('.', 1)[-1]}{label(value)}", [], {axis: value}, None))
         elif isinstance(value, dict):  # {label: ..., configs: [...], overrides: {...}}

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cope_pl.cli import main
@@ -75,7 +76,7 @@ def test_grid_is_the_product_of_its_axes_with_deterministic_names(tmp_path):
     assert len(sweep.cells) == 8
     assert sweep.cells[0].name == "rope-d_model32-seed0"
     assert sweep.cells[-1].name == "cope-d_model64-seed1"
-    assert sweep.cells[-1].overrides == {"model.d_model": 64} and sweep.cells[-1].seed == 1
+    assert sweep.cells[-1].overrides == {"model.d_model": 64, "data.init_args.seed": 1} and sweep.cells[-1].seed == 1
     assert sweep.cells[-1].configs[-1].endswith("position/cope.yaml")
 
 
@@ -144,3 +145,42 @@ def test_ready_made_sweep_files_load_and_their_cells_parse(path, tmp_path, monke
         with pytest.raises(SystemExit) as info:
             main(["fit", *fit_args, "--print_config"])
         assert info.value.code == 0, f"{cell.name}: {capsys.readouterr().err[-500:]}"
+
+
+@pytest.mark.parametrize(
+    "sweep_file", ["table2_flipflop_cpu.yaml", "table2_selective_copy_cpu.yaml", "table3_cpu.yaml", "passkey_cpu.yaml"]
+)
+def test_the_seed_axis_seeds_the_training_data_and_keeps_the_evaluation_sets(sweep_file, tmp_path, monkeypatch):
+    from cope_pl.cli import CopeCLI, trainer_defaults
+    from cope_pl.data import LMDataModule
+    from cope_pl.lm import LanguageModel
+    from cope_pl.sweep import lightning_command
+
+    monkeypatch.chdir(ROOT)  # the sweep's config paths are relative to the repository root
+    sweep = load_sweep(CONFIGS / "sweeps" / sweep_file, save_dir=tmp_path)
+    first = next(c for c in sweep.cells if c.seed is not None)
+    twin = next(c for c in sweep.cells if c.seed != first.seed and c.configs == first.configs)
+    modules = []
+    for cell in (first, twin):
+        small = {"data.init_args.train_size": 300}  # fewer counting programs to generate; the rest as run
+        args = lightning_command(sweep, cell, "fit", small)[4:]  # what `python -m cope_pl.cli fit` parses
+        cli = CopeCLI(
+            LanguageModel,
+            LMDataModule,
+            subclass_mode_data=True,
+            run=False,
+            args=args,
+            trainer_defaults=trainer_defaults(),
+        )
+        modules.append(cli.datamodule)
+    for dm in modules:
+        dm.setup("fit")
+    batches = [next(iter(dm.train_dataloader()))["input_ids"] for dm in modules]
+    assert not torch.equal(batches[0], batches[1])  # other sequences (and order) per seed
+    for stage in ("fit", "test"):
+        for dm in modules:
+            dm.setup(stage)
+        assert modules[0].eval_names == modules[1].eval_names
+        for name in modules[0].eval_names:
+            a, b = (dm.eval_sets[name] for dm in modules)
+            assert len(a) == len(b) and all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(len(a)))

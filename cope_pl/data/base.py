@@ -2,6 +2,9 @@
 
 Subclasses fill in `vocab_size`, `setup` (building `train_set` and `eval_sets`) and, if they read or write
 files, `prepare_data`. Evaluation sets are named (`eval_names`) so metrics read `val/error@ood_dense`.
+
+`seed` chooses the training data: the generated training sequences (or the windows of a corpus) and their
+order. `eval_seed` chooses generated evaluation sets, so runs of different seeds score one fixed benchmark.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ def shift_labels(tokens: torch.Tensor, scored: torch.Tensor | None = None) -> di
 
 
 class LMDataModule(L.LightningDataModule):
-    def __init__(self, seq_len: int = 128, batch_size: int = 32, num_workers: int = 0, seed: int = 0):
+    def __init__(
+        self, seq_len: int = 128, batch_size: int = 32, num_workers: int = 0, seed: int = 0, eval_seed: int = 0
+    ):
         super().__init__()
         self.save_hyperparameters()  # also records the subclass's arguments, for results.json
         if seq_len < 1 or batch_size < 1:
@@ -36,6 +41,7 @@ class LMDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.eval_seed = eval_seed
         self.train_set: Dataset | None = None
         self.eval_sets: dict[str, Dataset] = {}
 

@@ -44,8 +44,11 @@ class CopyDataModule(LMDataModule):
         eval_size: int = 512,
         num_workers: int = 0,
         seed: int = 0,
+        eval_seed: int = 0,
     ):
-        super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, seed=seed, eval_seed=eval_seed
+        )
         if seq_len < 2 or seq_len % 2:
             raise ValueError(f"data.seq_len must be an even number >= 2 for the copy task, got {seq_len}")
         self.num_symbols = num_symbols
@@ -58,6 +61,6 @@ class CopyDataModule(LMDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         prefix = self.seq_len // 2
-        # Distinct seeds per split keep the splits apart.
+        # Distinct seeds per split keep the splits apart: 3 * seed train, 3 * eval_seed + 1 evaluation.
         self.train_set = CopySequences(self.train_size, prefix, self.num_symbols, seed=3 * self.seed)
-        self.eval_sets = {"": CopySequences(self.eval_size, prefix, self.num_symbols, seed=3 * self.seed + 1)}
+        self.eval_sets = {"": CopySequences(self.eval_size, prefix, self.num_symbols, seed=3 * self.eval_seed + 1)}

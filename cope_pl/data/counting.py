@@ -13,7 +13,9 @@ text of the official generator (facebookresearch/RAM, projects/cope) split on wh
 token and `a ++;` two (about 1.17 per statement), so a program of the same statements is about half as long.
 
 Programs are generated once per split in `setup` (10k train, 1k valid, 1k test in the paper) from
-(seed, split, index); evaluation programs that also occur in the training set are drawn again. Each split is
+(seed, split, index): training from `seed`, evaluation from `eval_seed`, so every training seed is scored on
+the same programs; training programs that also occur in the validation or test in-distribution set are drawn
+again. Each split is
 right-padded to its longest sequence with PAD, whose labels are not scored; padding after the answer is
 never attended by the scored position (causal attention), so it does not change the answer's prediction.
 """
@@ -142,12 +144,19 @@ class CountingDataModule(LMDataModule):
         tokens: str = "separate",
         num_workers: int = 0,
         seed: int = 0,
+        eval_seed: int = 0,
     ):
         if tokens not in TOKENIZATIONS:
             raise ValueError(f"data.tokens must be one of {list(TOKENIZATIONS)}, got {tokens!r}")
         self.official = tokens == "official"
         # Longest possible input: every statement a set (4 tokens) plus `print x`.
-        super().__init__(seq_len=4 * ood_max_steps + 2, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            seq_len=4 * ood_max_steps + 2,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            eval_seed=eval_seed,
+        )
         if not 1 <= num_vars <= len(LETTERS):
             raise ValueError(f"data.num_vars must be between 1 and {len(LETTERS)}, got {num_vars}")
         if not 1 <= min_steps <= max_steps < ood_max_steps:
@@ -171,18 +180,23 @@ class CountingDataModule(LMDataModule):
         return VocabularyCodec(OFFICIAL_VOCAB if self.official else VOCAB, separator=" ")
 
     def setup(self, stage: str | None = None) -> None:
-        # Seeds per split: 0 train, 1-2 valid, 3-4 test (the paper's separate valid and test sets).
-        base = 8 * self.seed
-        first_eval = base + (3 if stage == "test" else 1)
+        # Seeds per split: 8 * seed train; 8 * eval_seed + 1-2 valid, + 3-4 test (the paper's separate valid and
+        # test sets). The evaluation sets depend on eval_seed alone; training avoids both in-distribution sets.
         official = self.official
+        steps = (self.min_steps, self.max_steps)
+        in_dist = {
+            split: CountingPrograms(
+                self.eval_size, self.num_vars, *steps, 8 * self.eval_seed + first, official=official
+            )
+            for split, first in (("val", 1), ("test", 3))
+        }
+        held_out = frozenset(in_dist["val"].programs) | frozenset(in_dist["test"].programs)
         self.train_set = CountingPrograms(
-            self.train_size, self.num_vars, self.min_steps, self.max_steps, seed=base, official=official
+            self.train_size, self.num_vars, *steps, seed=8 * self.seed, exclude=held_out, official=official
         )
-        seen = frozenset(self.train_set.programs)
+        first_eval = 8 * self.eval_seed + (3 if stage == "test" else 1)
         self.eval_sets = {
-            "in_dist": CountingPrograms(
-                self.eval_size, self.num_vars, self.min_steps, self.max_steps, first_eval, seen, official
-            ),
+            "in_dist": in_dist["test" if stage == "test" else "val"],
             "ood_long": CountingPrograms(
                 self.eval_size, self.num_vars, self.max_steps + 1, self.ood_max_steps, first_eval + 1, official=official
             ),

@@ -136,8 +136,11 @@ class FlipFlopDataModule(LMDataModule):
         source: str | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        eval_seed: int = 0,
     ):
-        super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, seed=seed, eval_seed=eval_seed
+        )
         if seq_len < 4 or seq_len % 2:
             raise ValueError(f"data.seq_len must be an even number >= 4 for flip-flop, got {seq_len}")
         for name, p in {"p_ignore": p_ignore, "p_dense": p_dense, "p_sparse": p_sparse}.items():
@@ -165,10 +168,10 @@ class FlipFlopDataModule(LMDataModule):
                 name: FlipFlopTexts(load_texts(self.source, split, self.eval_size)) for name, split in EVAL_SETS.items()
             }
             return
-        # Seeds per split: 0 train, 1-3 validation, 4-6 test (`cope-pl test` sees sequences validation never did).
-        base = 8 * self.seed
-        first_eval = base + (4 if stage == "test" else 1)
-        self.train_set = FlipFlopSequences(self.train_size, self.seq_len, self.p_ignore, seed=base)
+        # Seeds per split: 8 * seed train; 8 * eval_seed + 1-3 validation, + 4-6 test (`cope-pl test` sees
+        # sequences validation never did).
+        first_eval = 8 * self.eval_seed + (4 if stage == "test" else 1)
+        self.train_set = FlipFlopSequences(self.train_size, self.seq_len, self.p_ignore, seed=8 * self.seed)
         self.eval_sets = {
             name: FlipFlopSequences(self.eval_size, self.seq_len, p, seed=first_eval + i)
             for i, (name, p) in enumerate(self.eval_p.items())

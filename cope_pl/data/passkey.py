@@ -131,8 +131,11 @@ class PasskeyDataModule(LMDataModule):
         eval_size: int = 256,
         num_workers: int = 0,
         seed: int = 0,
+        eval_seed: int = 0,
     ):
-        super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, seed=seed, eval_seed=eval_seed
+        )
         if key_len < 1:
             raise ValueError(f"data.key_len must be >= 1, got {key_len}")
         if filler_length(seq_len, key_len) < 0:
@@ -168,12 +171,12 @@ class PasskeyDataModule(LMDataModule):
         return {depth_name(d): d for d in self.depths}
 
     def setup(self, stage: str | None = None) -> None:
-        # Seeds per split: 0 train, 1 validation, 2 test (`cope-pl test` sees keys validation never did). Every
-        # depth of a split shares the split's seed: item j has the same key at each depth.
-        base = 3 * self.seed
-        eval_seed = base + (2 if stage == "test" else 1)
+        # Seeds per split: 3 * seed train; 3 * eval_seed + 1 validation, + 2 test (`cope-pl test` sees keys
+        # validation never did). Every depth of a split shares the split's seed: item j has the same key at each depth.
+        eval_seed = 3 * self.eval_seed + (2 if stage == "test" else 1)
         args = (self.seq_len, self.key_len)
-        self.train_set = PasskeySequences(self.train_size, *args, None, self.filler, self.filler_vocab, seed=base)
+        train_seed = 3 * self.seed
+        self.train_set = PasskeySequences(self.train_size, *args, None, self.filler, self.filler_vocab, seed=train_seed)
         self.eval_sets = {
             name: PasskeySequences(self.eval_size, *args, depth, self.filler, self.filler_vocab, seed=eval_seed)
             for name, depth in self.depth_of.items()

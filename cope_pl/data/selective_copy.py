@@ -68,9 +68,12 @@ class SelectiveCopyDataModule(LMDataModule):
         eval_size: int = 1000,
         num_workers: int = 0,
         seed: int = 0,
+        eval_seed: int = 0,
     ):
         seq_len = 2 * num_tokens + max(num_blanks, dense_blanks, sparse_blanks)  # the longest set's input length
-        super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, seed=seed, eval_seed=eval_seed
+        )
         if num_tokens < 1 or num_symbols < 1 or min(num_blanks, dense_blanks, sparse_blanks) < 0:
             raise ValueError(
                 "data.num_tokens and data.num_symbols must be >= 1 and the blank counts >= 0, got "
@@ -88,11 +91,10 @@ class SelectiveCopyDataModule(LMDataModule):
         return FIRST_SYMBOL + self.num_symbols
 
     def setup(self, stage: str | None = None) -> None:
-        # Seeds per split: 0 train, 1-3 validation, 4-6 test.
-        base = 8 * self.seed
-        first_eval = base + (4 if stage == "test" else 1)
+        # Seeds per split: 8 * seed train; 8 * eval_seed + 1-3 validation, + 4-6 test.
+        first_eval = 8 * self.eval_seed + (4 if stage == "test" else 1)
         args = (self.num_tokens, self.num_blanks, self.num_symbols)
-        self.train_set = SelectiveCopySequences(self.train_size, *args, seed=base)
+        self.train_set = SelectiveCopySequences(self.train_size, *args, seed=8 * self.seed)
         self.eval_sets = {
             name: SelectiveCopySequences(self.eval_size, self.num_tokens, blanks, self.num_symbols, seed=first_eval + i)
             for i, (name, blanks) in enumerate(self.eval_blanks.items())
