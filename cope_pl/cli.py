@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from cope_pl.cope_stats import CopeStatistics
 from cope_pl.data import LMDataModule
+from cope_pl.last_step import LastStepEvaluation
 from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteError, NonFiniteGuard
 from cope_pl.results import ResultsWriter, fit_finished, read_results
@@ -59,6 +60,7 @@ COMMANDS = {
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 DEFAULT_RUN_NAME = "auto"  # replaced by "<data>-<position>" so TensorBoard runs are told apart
+DEFAULT_SAVE_DIR = "runs"  # runs go to <save_dir>/<name>/version_N
 
 
 class CopeCLI(LightningCLI):
@@ -83,6 +85,11 @@ class CopeCLI(LightningCLI):
         init_args = getattr(logger, "init_args", None)
         if init_args is None:
             return
+        root_dir = config.trainer.get("default_root_dir")
+        if root_dir is not None and init_args.get("save_dir") == DEFAULT_SAVE_DIR:
+            # Lightning ignores default_root_dir for a logger's runs: take it as the logger's save_dir (a save_dir
+            # given explicitly is the more specific of the two and wins).
+            init_args["save_dir"] = str(root_dir)
         if init_args.get("name") == DEFAULT_RUN_NAME:
             data_name = config.data.class_path.rsplit(".", 1)[-1].removesuffix("DataModule").lower()
             init_args["name"] = f"{data_name}-{config.model.position}"
@@ -154,7 +161,7 @@ def trainer_defaults() -> dict:
     return {
         "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": "runs", "name": DEFAULT_RUN_NAME, "default_hp_metric": False},
+            "init_args": {"save_dir": DEFAULT_SAVE_DIR, "name": DEFAULT_RUN_NAME, "default_hp_metric": False},
         },
         # Always present; more callbacks can be added from a config under trainer.callbacks.
         "callbacks": [
@@ -163,6 +170,7 @@ def trainer_defaults() -> dict:
             ResultsWriter(),
             RngState(),
             NonFiniteGuard(),
+            LastStepEvaluation(),
         ],
     }
 

@@ -66,6 +66,7 @@ class LanguageModel(L.LightningModule):
         )
         self._eval_sums: dict[str, EvalSums] = {}
         self.checkpoint_step: int | None = None  # the global step of a loaded checkpoint (`cope-pl test`)
+        self.validated_step: int | None = None  # the global step of the fit's latest validation
         self.num_params = sum(p.numel() for p in self.model.parameters())
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -133,9 +134,12 @@ class LanguageModel(L.LightningModule):
         return (ratios or {}).get(stage, {}).get(set_name)
 
     def evaluated_step(self) -> int:
-        """The training step the evaluated weights come from: a tested checkpoint's, else the trainer's."""
+        """The training step the evaluated weights come from: a tested checkpoint's, the fit's latest validation's,
+        else the trainer's."""
         if self._trainer is not None and self.trainer.state.fn != "fit" and self.checkpoint_step is not None:
             return self.checkpoint_step
+        if self._trainer is not None and self.trainer.state.fn == "fit" and self.validated_step is not None:
+            return self.validated_step
         return self.trainer.global_step if self._trainer is not None else 0
 
     def _eval_epoch_end(self, stage: str) -> None:
@@ -151,6 +155,8 @@ class LanguageModel(L.LightningModule):
                 if first and set_name:  # the first set also answers to the plain name, for checkpoint monitors
                     self.log(metric_key(stage, metric), value, sync_dist=False)
             first = False
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.validated_step = self.trainer.global_step
         if self.trainer.state.fn != "fit":
             # Lightning logs metrics outside fit at step 0 unless a `step` value says otherwise: they belong
             # to the evaluated checkpoint's step.

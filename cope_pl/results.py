@@ -125,8 +125,8 @@ class ResultsWriter(L.Callback):
         )
         if stage == "fit":
             result["fit_finished"] = True
-        else:
-            result.setdefault("steps", {})[stage] = step  # the checkpoint step each stage's metrics belong to
+        if metrics:  # the checkpoint step each stage's metrics belong to (fit: its last validation's)
+            result.setdefault("steps", {})[stage] = step
         result.setdefault("metrics", {}).update(metrics)
         write_json_atomic(path, result)
         log_hparams_with_metrics(trainer, result)

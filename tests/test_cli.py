@@ -117,3 +117,32 @@ def test_a_mistyped_position_leaves_no_run_directory(tmp_path):
     done = cope_pl(*FIT, "--model.position=ropee", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}")
     assert "unknown position encoding 'ropee'" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("checkpointing", [[], ["--checkpoint.every_n_train_steps=4"]], ids=["default", "every_4"])
+def test_a_fit_validates_and_checkpoints_its_last_step_and_test_names_it(checkpointing, tmp_path):
+    import torch
+
+    runs = tmp_path / "runs"  # 6 steps, validation every 4: the last step is not a validation step
+    main([*FIT, "--trainer.max_steps=6", f"--trainer.logger.init_args.save_dir={runs}", *checkpointing])
+    run = runs / "copy-rope" / "version_0"
+    assert scalar_steps(run, "val/loss") == [3, 5]  # Lightning logs a validation at step - 1 during fit
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    done = cope_pl("test", str(run))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Final test metrics (step 6)" in done.stdout
+    results = json.loads((run / "results.json").read_text())
+    assert results["global_step"] == 6 and results["steps"] == {"fit": 6, "test": 6}
+    row = load_runs(runs).iloc[0]
+    assert (row["step"], row["val_step"], row["test_step"]) == (6, 6, 6)
+
+
+def test_default_root_dir_chooses_where_runs_go_and_an_explicit_save_dir_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main([*FIT, "--trainer.max_steps=1", "--trainer.default_root_dir=elsewhere"])
+    assert (tmp_path / "elsewhere" / "copy-rope" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "runs").exists()
+    main(
+        [*FIT, "--trainer.max_steps=1", "--trainer.default_root_dir=elsewhere", "--trainer.logger.init_args.save_dir=x"]
+    )
+    assert (tmp_path / "x" / "copy-rope" / "version_0" / "results.json").is_file()

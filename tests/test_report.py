@@ -122,7 +122,7 @@ def test_report_writes_tables_and_figures_with_extrapolation_and_not_applicable(
     assert (out / "learning_curves.png").is_file() and (out / "error_by_set.png").is_file()
     extrapolation = (out / "extrapolation.md").read_text()
     assert "| absolute | 3.000 | n/a |" in extrapolation
-    assert "| cope | **2.500** | **2.750** |" in extrapolation
+    assert "| cope | 2.500 | 2.750 | 1 | 10 |" in extrapolation  # one seed each: no winner, n and step shown
     assert reason in extrapolation  # the reason is given under the table
     numbers = pd.read_csv(out / "extrapolation.csv").set_index("position")
     assert numbers.loc["cope", "64_mean"] == 2.75 and math.isnan(numbers.loc["absolute", "64_mean"])
@@ -142,9 +142,9 @@ def test_each_test_set_gets_its_own_extrapolation_table_named_by_its_set(tmp_pat
     out = tmp_path / "out" / "runs"
     first, second = (out / "extrapolation.md").read_text(), (out / "extrapolation_ood.md").read_text()
     assert first.startswith("### runs: ppl by evaluation context length, in_dist")
-    assert "| cope | **1.400** | **1.600** |" in first and "| rope | 1.500 | 9.000 |" in first
+    assert "| cope | 1.400 | 1.600 |" in first and "| rope | 1.500 | 9.000 |" in first  # n = 1: nothing bold
     assert second.startswith("### runs: ppl by evaluation context length, ood")
-    assert "| cope | **2.000** | **2.500** |" in second and "| rope | 3.000 | 12.000 |" in second
+    assert "| cope | 2.000 | 2.500 |" in second and "| rope | 3.000 | 12.000 |" in second
     assert (out / "extrapolation_ood.png").is_file()
     assert "(extrapolation_ood.png)" in (out / "README.md").read_text()
 
@@ -163,7 +163,7 @@ def test_runs_of_different_data_outside_a_sweep_get_a_report_each(tmp_path):
     build_report(root, tmp_path / "out")
     task, text = tmp_path / "out" / "runs-task", tmp_path / "out" / "runs-wikitext"
     assert not (tmp_path / "out" / "runs").exists()
-    assert "| cope | **0.100** | **0.200** |" in (task / "test_error.md").read_text()
+    assert "| cope | 0.100 | 0.200 | 1 | 10 |" in (task / "test_error.md").read_text()
     assert (text / "test_ppl.md").read_text().startswith("### runs-wikitext: test/ppl")
     assert "169.000" in (text / "test_ppl.md").read_text() and "missing" not in (text / "README.md").read_text()
     assert "7373.000" in (text / "test_word_ppl.md").read_text()  # the word-level table where words are counted
@@ -374,12 +374,26 @@ def test_learning_curves_of_named_evaluation_sets_get_a_column_each(tmp_path, dr
     assert [list(ax.lines[0].get_ydata()) for ax in axes] == [pytest.approx([10.0]), pytest.approx([40.0])]
 
 
-def test_ties_are_all_bold():
-    values = {"relative": [2.5], "relative_capped": [2.5], "cope": [2.7]}
-    table = table_of(list(values), ["128"], values, row_name="position")
-    assert "| relative | **2.500** |" in table.markdown()
-    assert "| relative_capped | **2.500** |" in table.markdown()
-    assert "| cope | 2.700 |" in table.markdown()
+def seeded_table(values, n=3):
+    """A Table with given (mean, std) per row, each over n seeds, one column."""
+    rows = list(values)
+    keys = [(r, "128") for r in rows]
+    mean = {(r, "128"): values[r][0] for r in rows}
+    std = {(r, "128"): values[r][1] for r in rows}
+    return Table("demo", "position", rows, ["128"], mean, std, dict.fromkeys(keys, n), dict.fromkeys(keys, n))
+
+
+def test_a_winner_is_bold_only_beyond_the_seeds_spread():
+    clear = seeded_table({"relative": (2.5, 0.1), "cope": (2.9, 0.1)})
+    assert clear.best() == {"128": {"relative"}} and "| relative | **2.500 ± 0.100** | 3 |" in clear.markdown()
+    within = seeded_table({"relative": (2.5, 0.3), "cope": (2.9, 0.2)})  # 0.4 apart, spreads add to 0.5
+    assert within.best() == {} and "**" not in within.markdown()
+    ties = seeded_table({"relative": (2.5, 0.0), "relative_capped": (2.5, 0.0), "cope": (2.7, 0.0)})
+    assert ties.best() == {}  # a tie has no winner
+    single = seeded_table({"relative": (2.5, math.nan), "cope": (9.0, math.nan)}, n=1)
+    assert single.best() == {}  # never at n = 1
+    assert "| relative | 2.500 | 1 |" in single.markdown()  # one run prints no "± 0.000"
+    assert math.isnan(single.frame().loc[0, "128_std"])
 
 
 def write_positions(run_dir, position, losses, train_len=32):
@@ -429,3 +443,39 @@ def test_report_readme_shows_every_figure_it_wrote(tmp_path):
     assert any(p.name == "layer0.png" for p in pngs)
     for png in pngs:
         assert f"]({png.relative_to(tmp_path / 'out' / 'demo').as_posix()})" in readme
+
+
+def test_re_runs_of_a_seed_are_superseded_not_pooled_and_distinct_seeds_are_replicates(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root / "task-cope" / "version_0", "cope", 0, (0.5, 0.9))  # a shorter first try of seed 0
+    write_run(root / "task-cope" / "version_1", "cope", 0, (0.1, 0.3))  # its re-run, the newest finished one
+    write_run(root / "task-cope" / "version_2", "cope", 1, (0.2, 0.4))  # another seed: a replicate
+    (root / "task-cope" / "version_3").mkdir()  # a re-run of seed 1 that never finished
+    config = {"seed_everything": 1, "model": {"position": "cope"}, "data": {"class_path": "x.TaskDataModule"}}
+    (root / "task-cope" / "version_3" / "config.yaml").write_text(yaml.safe_dump(config))
+    for version, step in ((0, 300), (1, 600), (2, 600)):
+        path = root / "task-cope" / f"version_{version}" / "results.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "global_step": step, "steps": {"test": step}}))
+    files = build_report(root, tmp_path / "out")
+    out = tmp_path / "out" / "runs"
+    table = (out / "test_error.md").read_text()
+    assert "| cope | 0.150 ± 0.071 | 0.350 ± 0.071 | 2 | 600 |" in table  # versions 1 and 2, not version 0
+    superseded = pd.read_csv(out / "superseded.csv")
+    assert out / "superseded.csv" in files
+    assert sorted(superseded["run"]) == ["task-cope/version_0", "task-cope/version_3"]
+    readme = (out / "README.md").read_text()
+    assert "- task-cope/version_0 (step 300): re-run of the same name and seed; task-cope/version_1 is used" in readme
+    assert not (out / "missing.csv").exists()  # a superseded run is not a missing one
+
+
+def test_a_report_takes_several_folders_and_filters(tmp_path):
+    write_run(tmp_path / "a" / "task-cope" / "version_0", "cope", 0, (0.1, 0.3))
+    write_run(tmp_path / "b" / "task-rope" / "version_0", "rope", 0, (0.2, 0.6))
+    write_run(tmp_path / "b" / "task-alibi" / "version_0", "alibi", 0, (0.4, 0.8))
+    build_report([tmp_path / "a", tmp_path / "b"], tmp_path / "out", filters=["position=*ope"])
+    table = (tmp_path / "out" / "runs" / "test_error.md").read_text()
+    assert "| cope | 0.100 | 0.300 | 1 | 10 |" in table and "| rope |" in table and "alibi" not in table
+    with pytest.raises(ValueError, match="KEY a column of runs.csv"):
+        build_report(tmp_path / "a", tmp_path / "out", filters=["colour=red"])
+    with pytest.raises(ValueError, match="no runs under .* match step=5"):
+        build_report(tmp_path / "a", tmp_path / "out", filters=["step=5"])

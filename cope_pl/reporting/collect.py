@@ -7,11 +7,16 @@ accuracy per length and depth, from `cope-pl passkey`), the sweep manifest
 `sweep.json` (the swept keys of each cell, and which cells should exist), and the TensorBoard event files
 (learning curves only). A run a sweep expects but that has no results is kept as a row with status
 "missing" or "failed", so a table can say what it lacks instead of silently averaging fewer seeds.
+
+Replicates are distinct seeds: other versions (`version_N`) of one run name with the same seeds are re-runs, and
+`mark_superseded` keeps the newest finished one (`select_runs` first narrows the runs to what a report asks for).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +33,13 @@ from cope_pl.runs import (
     run_label,
     sweep_cell_dir,
     sweep_status_file,
+    version_of,
 )
 from cope_pl.sweep import MANIFEST
 
+# step: the step the fit trained to; val_step, test_step: the checkpoint steps its val/ and test/ metrics come from.
 RUN_COLUMNS = ["sweep", "cell", "run", "run_dir", "status", "reason", "data", "position", "seed", "seq_len", "step"]
+RUN_COLUMNS += ["val_step", "test_step", "data_seed"]
 
 
 def find_manifests(root: Path) -> list[dict[str, Any]]:
@@ -61,6 +69,7 @@ def run_row(run_dir: Path) -> dict[str, Any] | None:
     row: dict[str, Any] = {"run": run_label(run_dir), "run_dir": str(run_dir)}
     config = load_config(run_dir) if (run_dir / CONFIG_FILE).is_file() else {}
     row["seed"] = config.get("seed_everything")
+    row["data_seed"] = ((config.get("data") or {}).get("init_args") or {}).get("seed")
     results_path = run_dir / RESULTS_FILE
     if not results_path.is_file():
         model = config.get("model") or {}
@@ -72,7 +81,9 @@ def run_row(run_dir: Path) -> dict[str, Any] | None:
     results = read_results(results_path)
     if is_retest(results):
         return None
+    steps = results.get("steps", {})
     row.update(status="ok", reason="", step=results.get("global_step"))
+    row.update(val_step=steps.get("fit", steps.get("validation")), test_step=steps.get("test"))
     row.update(position=results["model"].get("position"), data=results["data"].get("class"))
     row["seq_len"] = results["data"].get("seq_len")
     row.update(results.get("metrics", {}))
@@ -118,6 +129,50 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     metrics = sorted(c for c in frame.columns if c.startswith(("val/", "test/")))
     others = [c for c in frame.columns if c not in RUN_COLUMNS and c not in metrics]
     return frame[RUN_COLUMNS + others + metrics]
+
+
+def select_runs(runs: pd.DataFrame, filters: list[str] | None) -> pd.DataFrame:
+    """Runs whose columns match every `KEY=PATTERN` (shell-style: `position=cope*`, `step=600`)."""
+    for text in filters or []:
+        key, sep, pattern = text.partition("=")
+        if not sep or key not in runs:
+            raise ValueError(
+                f"report filter {text!r}: give KEY=PATTERN with KEY a column of runs.csv ({', '.join(runs.columns)})"
+            )
+        runs = runs[[fnmatch.fnmatchcase(cell_text(v), pattern) for v in runs[key]]]
+    return runs
+
+
+def cell_text(value: Any) -> str:
+    """A runs.csv value as a filter sees it: a step read as 600.0 is "600", an absent value ""."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def mark_superseded(runs: pd.DataFrame) -> pd.DataFrame:
+    """Versions of one run name with the same seed and data seed are re-runs, not replicates: the newest finished
+    version (the newest at all when none finished) stands; the others get status 'superseded'."""
+    runs = runs.copy()
+    versioned = runs[runs["run_dir"].map(lambda d: version_of(Path(d)) is not None)]
+    keys = [
+        versioned["run_dir"].map(lambda d: str(Path(d).resolve().parent)),
+        versioned["seed"].map(cell_text),
+        versioned["data_seed"].map(cell_text),
+    ]
+    for _, group in versioned.groupby(keys, sort=False, dropna=False):
+        if len(group) < 2:
+            continue
+        order = group.assign(
+            finished=group["status"] == "ok", version=group["run_dir"].map(lambda d: version_of(Path(d)))
+        ).sort_values(["finished", "version"])
+        newest = order.iloc[-1]
+        for index in order.index[:-1]:
+            runs.loc[index, "status"] = "superseded"
+            runs.loc[index, "reason"] = f"re-run of the same name and seed; {newest['run']} is used"
+    return runs
 
 
 def grid_labels(run: pd.Series) -> dict[str, Any]:

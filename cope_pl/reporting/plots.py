@@ -67,7 +67,7 @@ def plot_extrapolation(table: Table, path: Path, metric: str, train_len: dict[st
     for ax, (title, rows) in zip(axes[0], panels.items()):
         values, absent = [], []
         for i, (name, row) in enumerate(rows):
-            points = [(int(c), table.mean[(row, c)] * factor, table.std[(row, c)] * factor)
+            points = [(int(c), table.mean[(row, c)] * factor, table.spread((row, c)) * factor)
                       for c in table.columns if table.n.get((row, c))]  # fmt: skip
             gaps = [c for c in table.columns if not table.n.get((row, c))]
             absent += [f"{name} at {', '.join(gaps)}"] if gaps else []
@@ -115,7 +115,7 @@ def plot_bars(table: Table, path: Path, metric: str) -> Path:
             if present:
                 x = [j + offset for j, _ in present]
                 y = [table.mean[(row, c)] * factor for _, c in present]
-                err = [table.std[(row, c)] * factor for _, c in present]
+                err = [table.spread((row, c)) * factor for _, c in present]
                 bars = ax.bar(x, y, width, yerr=err, capsize=2, label=name, color=styles[name]["color"])
                 ax.bar_label(bars, fmt="%.1f" if factor == 100 else "%.3g", fontsize=6, padding=1)
                 handles.setdefault(name, bars)

@@ -1,10 +1,13 @@
-"""`cope-pl report RUNS --out reports/`: tables and figures from every run under RUNS.
+"""`cope-pl report RUNS [RUNS ...] --out reports/ [--filter KEY=PATTERN ...]`: tables and figures from every run
+under the RUNS folders (those matching every filter, e.g. `--filter position=cope* --filter step=600`).
 
 Runs are read into pandas (see `cope_pl.reporting.collect`), grouped by the swept keys (seeds averaged),
 and written per sweep to `OUT/<sweep name>/` (runs outside any sweep go to `OUT/runs/`, or with several data
 modules among them to `OUT/runs-<data>/`, e.g. `runs-flipflop/`): a CSV, Markdown
 and LaTeX file per table, PNG figures, `missing.csv` for runs the sweep expects but that have no results,
-and a README.md that shows it all. `OUT/runs.csv` holds every run, one row each.
+and a README.md that shows it all. `OUT/runs.csv` holds every run, one row each. Replicates are distinct seeds:
+other versions of a run name with the same seed are re-runs, superseded by the newest finished one (listed in
+`superseded.csv` and the README, never averaged in).
 
 Which tables a sweep gets is set by the `report:` section of its sweep file, for example
 
@@ -42,6 +45,8 @@ from cope_pl.reporting.collect import (
     load_eval_context_positions,
     load_passkey,
     load_runs,
+    mark_superseded,
+    select_runs,
 )
 from cope_pl.reporting.plots import (
     plot_bars,
@@ -66,6 +71,8 @@ def default_tables(runs: pd.DataFrame) -> list[dict[str, Any]]:
 
 def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list[str] | None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
+    superseded = runs[runs["status"] == "superseded"]
+    runs = runs[runs["status"] != "superseded"]
     rows = spec.get("rows")
     row_keys = [rows] if isinstance(rows, str) else list(rows or [a for a in (axes or []) if a != "seed"])
     row_keys = row_keys or DEFAULT_ROW_KEYS
@@ -135,8 +142,17 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
         written.append(out / "missing.csv")
         sections += ["", "## Runs without results", ""]
         sections += [f"- {r.run}: {r.status} — {r.reason}" for r in missing.itertuples()]
+    if len(superseded):
+        superseded[["run", "run_dir", "step", "reason"]].to_csv(out / "superseded.csv", index=False)
+        written.append(out / "superseded.csv")
+        sections += ["", "## Superseded runs (re-runs of a run name and seed; not averaged in)", ""]
+        sections += [f"- {r.run} (step {step_label(r.step)}): {r.reason}" for r in superseded.itertuples()]
     (out / "README.md").write_text("\n".join(sections) + "\n")
     return written + [out / "README.md"]
+
+
+def step_label(step: Any) -> str:
+    return "?" if pd.isna(step) else str(int(step))
 
 
 def passkey_section(
@@ -182,17 +198,28 @@ def copy_position_maps(runs: pd.DataFrame, out: Path) -> list[Path]:
     return copied
 
 
-def build_report(runs_root: str | Path, out_dir: str | Path) -> list[Path]:
-    runs_root, out_dir = Path(runs_root), Path(out_dir)
-    if not runs_root.is_dir():
-        raise FileNotFoundError(f"runs directory {runs_root} does not exist; train first (make train / ablation)")
-    runs = load_runs(runs_root)
+def build_report(
+    runs_roots: str | Path | list[str | Path], out_dir: str | Path, filters: list[str] | None = None
+) -> list[Path]:
+    roots = [Path(r) for r in (runs_roots if isinstance(runs_roots, list) else [runs_roots])]
+    out_dir = Path(out_dir)
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"runs directory {root} does not exist; train first (make train / ablation)")
+    frames = [load_runs(root) for root in roots]
+    runs = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    runs = runs.drop_duplicates(subset="run_dir", keep="last", ignore_index=True)  # overlapping folders
+    where = ", ".join(str(r) for r in roots)
     if runs.empty:
-        raise FileNotFoundError(f"no runs under {runs_root} (looked for results.json and config.yaml)")
+        raise FileNotFoundError(f"no runs under {where} (looked for results.json and config.yaml)")
+    runs = select_runs(runs, filters)
+    if runs.empty:
+        raise ValueError(f"no runs under {where} match {' and '.join(filters or [])}; see runs.csv's values")
+    runs = mark_superseded(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out_dir / "runs.csv", index=False)
     written = [out_dir / "runs.csv"]
-    manifests = {m["name"]: m for m in find_manifests(runs_root)}
+    manifests = {m["name"]: m for root in roots for m in find_manifests(root)}
     for name, group in runs.groupby(runs["sweep"].fillna(""), sort=True):
         manifest = manifests.get(name, {})
         for folder, part in report_parts(name, group):
@@ -220,10 +247,19 @@ def report_parts(sweep: str, runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cope-pl report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="?", default="runs", type=Path, help="directory holding runs (default runs/)")
+    parser.add_argument(
+        "runs", nargs="*", default=[Path("runs")], type=Path, help="folders holding runs (default runs/)"
+    )
     parser.add_argument("--out", default="reports", type=Path, help="output directory (default reports/)")
+    parser.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=PATTERN",
+        help="only runs whose runs.csv column KEY matches PATTERN (shell-style, e.g. position=cope*); repeatable",
+    )
     args = parser.parse_args(argv)
-    written = build_report(args.runs, args.out)
+    written = build_report(list(args.runs), args.out, args.filter)
     for path in written:
         print(path)
     print(f"Report written to {args.out}/ ({len(written)} files)")

@@ -1,5 +1,8 @@
 """Paper-shaped tables from run DataFrames: one row per encoding (or swept setting), one column per test set
-or context length, mean ± std over seeds, every best value bold (ties too), optional paper numbers as reference rows.
+or context length, mean ± std over seeds, optional paper numbers as reference rows. Each row says its number of
+seeds (n) and the training step its metrics come from. A best value is bold only when it wins beyond the seeds'
+spread: every row of the column has at least two seeds and the best mean differs from each other row's by more
+than the sum of their standard deviations (so never at n = 1, and never for a tie).
 
 A cell whose runs are all missing says "missing"; one whose encoding cannot represent the length, or a test set
 that the row's data does not have, says "n/a" (the reason goes under the table); a cell averaged over fewer seeds
@@ -30,16 +33,36 @@ class Table:
     digits: int = 3
     not_applicable: dict[tuple[str, str], str] = field(default_factory=dict)
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
+    steps: dict[str, str] = field(default_factory=dict)  # row -> the training step(s) of its metrics
+
+    def spread(self, key: tuple[str, str]) -> float:
+        """The std of a cell for error bars: 0 where a single seed has none."""
+        return self.std[key] if self.n.get(key, 0) > 1 else 0.0
 
     def best(self) -> dict[str, set[str]]:
-        """Per column, every row whose mean as printed (scaled, rounded to `digits`) equals the best one."""
+        """Per column, the row that wins beyond the seeds' spread (see the module docstring), if any."""
         best = {}
         for col in self.columns:
-            shown = {r: round(self.mean[(r, col)] * self.scale, self.digits) for r in self.rows if self.n.get((r, col))}
-            if shown:
-                top = (min if self.lower_is_better else max)(shown.values())
-                best[col] = {r for r, v in shown.items() if v == top}
+            rows = [r for r in self.rows if self.n.get((r, col))]
+            if len(rows) < 2 or any(self.n[(r, col)] < 2 for r in rows):
+                continue
+            sign = 1 if self.lower_is_better else -1
+            top = min(rows, key=lambda r: sign * self.mean[(r, col)])
+            margin = [
+                sign * (self.mean[(r, col)] - self.mean[(top, col)]) - self.std[(r, col)] - self.std[(top, col)]
+                for r in rows
+                if r != top
+            ]
+            if all(m > 0 for m in margin):
+                best[col] = {top}
         return best
+
+    def row_n(self, row: str) -> str:
+        """Seeds behind a row: one number, or the range when its cells differ."""
+        counts = sorted({self.n.get((row, c), 0) for c in self.columns} - {0})
+        if not counts:
+            return "0"
+        return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
 
     def cell(self, row: str, col: str) -> str:
         key = (row, col)
@@ -55,16 +78,18 @@ class Table:
         return text + (f" ({n}/{expected})" if n < expected else "")
 
     def frame(self) -> pd.DataFrame:
-        """Numbers for CSV: <column>_mean, <column>_std, <column>_n, scaled like the printed table."""
+        """Numbers for CSV: <column>_mean, <column>_std (empty for one seed), <column>_n, scaled like the printed
+        table, and the row's step."""
         records = []
         for row in self.rows:
             record: dict[str, object] = {self.row_name: row}
             for col in self.columns:
                 key = (row, col)
-                ok = self.n.get(key, 0) > 0
-                record[f"{col}_mean"] = self.mean[key] * self.scale if ok else math.nan
-                record[f"{col}_std"] = self.std[key] * self.scale if ok else math.nan
+                several = self.n.get(key, 0) > 1
+                record[f"{col}_mean"] = self.mean[key] * self.scale if self.n.get(key, 0) else math.nan
+                record[f"{col}_std"] = self.std[key] * self.scale if several else math.nan
                 record[f"{col}_n"] = self.n.get(key, 0)
+            record["step"] = self.steps.get(row, "")
             records.append(record)
         for row, values in self.paper.items():
             record = {self.row_name: f"{row} (paper)"}
@@ -74,14 +99,14 @@ class Table:
 
     def lines(self, bold: str, escape=lambda s: s) -> list[list[str]]:
         best = self.best()
-        out = [[escape(self.row_name)] + [escape(c) for c in self.columns]]
+        out = [[escape(self.row_name)] + [escape(c) for c in self.columns] + ["n", "step"]]
         for row in self.rows:
             cells = [escape(self.cell(row, c)) for c in self.columns]
             cells = [bold.format(t) if row in best.get(c, ()) else t for t, c in zip(cells, self.columns)]
-            out.append([escape(row)] + cells)
+            out.append([escape(row)] + cells + [self.row_n(row), escape(self.steps.get(row, ""))])
         for row, values in self.paper.items():
             cells = [f"{values[c]:.{self.digits}f}" if c in values else "" for c in self.columns]
-            out.append([escape(f"{row} (paper)")] + cells)
+            out.append([escape(f"{row} (paper)")] + cells + ["", ""])
         return out
 
     def notes(self) -> list[str]:
@@ -113,7 +138,7 @@ class Table:
                     "\\begin{table}[t]",
                     "\\centering",
                     f"\\caption{{{escape(self.title)}}}",
-                    "\\begin{tabular}{l" + "c" * len(self.columns) + "}",
+                    "\\begin{tabular}{l" + "c" * (len(self.columns) + 2) + "}",
                     "\\toprule",
                     *body,
                     "\\bottomrule",
@@ -156,6 +181,15 @@ def metric_columns(frame: pd.DataFrame, metric: str) -> dict[str, str]:
     return {metric: metric.split("/", 1)[0]} if metric in frame else {}
 
 
+def step_text(runs: pd.DataFrame, column: str) -> str:
+    """The checkpoint step(s) of these runs' metrics ("600", or "300, 600" when they differ)."""
+    ok = runs[runs["status"] == "ok"] if "status" in runs else runs
+    values = pd.to_numeric(ok[column] if column in ok else pd.Series(dtype=float), errors="coerce")
+    if values.isna().all() and column != "step":
+        values = pd.to_numeric(ok["step"], errors="coerce") if "step" in ok else values
+    return ", ".join(str(int(v)) for v in sorted(values.dropna().unique()))
+
+
 def metric_table(
     runs: pd.DataFrame, metric: str, row_keys: list[str], title: str, lower_is_better: bool = True, **options
 ) -> Table | None:
@@ -168,8 +202,10 @@ def metric_table(
     table.lower_is_better = lower_is_better
     for option, value in options.items():
         setattr(table, option, value)
+    step_column = "test_step" if metric.startswith("test/") else "val_step"
     for row in table.rows:
         group = runs[labels == row]
+        table.steps[row] = step_text(group, step_column)
         values_of = {col: pd.to_numeric(group[column], errors="coerce").dropna() for column, col in columns.items()}
         # Test sets this row's runs report: a column outside them belongs to another data module's sets (a sweep
         # over Flip-Flop and Counting, say), which is n/a for this row, not a missing result.
@@ -178,7 +214,7 @@ def metric_table(
             key = (row, col)
             table.expected[key], table.n[key] = len(group), len(values)
             table.mean[key] = float(values.mean()) if len(values) else math.nan
-            table.std[key] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            table.std[key] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
             if reported and col not in reported:
                 table.not_applicable[key] = f"not a test set of this data (its sets: {', '.join(reported)})"
     return table
@@ -210,6 +246,7 @@ def extrapolation_table(
         setattr(table, option, value)
     for row in table.rows:
         group = ec[labels == row]
+        table.steps[row] = step_text(runs[run_labels == row], "step")
         for length in lengths:
             cell = group[group["seq_len"] == length]
             key = (row, str(length))
@@ -217,7 +254,7 @@ def extrapolation_table(
             values = pd.to_numeric(ok[metric], errors="coerce").dropna()
             table.expected[key], table.n[key] = int((run_labels == row).sum()), len(values)
             table.mean[key] = float(values.mean()) if len(values) else math.nan
-            table.std[key] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            table.std[key] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
             not_ok = cell[cell["status"] != "ok"]
             if len(values) == 0 and len(not_ok):
                 table.not_applicable[key] = str(not_ok["reason"].iloc[0])
