@@ -220,6 +220,7 @@ def evaluate_context(
     model = load_trained(ckpt, map_location=dev).eval()
     budget = memory_gb * 2**30 if memory_gb else None
     base = {"run": run_label(run), "position": model.hparams.position, "train_seq_len": train_len, "stride": stride}
+    base["checkpoint_step"] = model.checkpoint_step  # the training step of the scored weights
     rows, position_rows = [], []
     todo = parse_lengths(lengths, train_len)
     for step, seq_len in enumerate(todo, 1):

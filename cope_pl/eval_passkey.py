@@ -40,6 +40,7 @@ COLUMNS = (
     "run",
     "position",
     "train_seq_len",
+    "checkpoint_step",
     "seq_len",
     "factor",
     "depth",
@@ -126,6 +127,7 @@ def evaluate_passkey(
     model = load_trained(ckpt, map_location=dev).eval()
     budget = memory_gb * 2**30 if memory_gb else None
     base = {"run": run_label(run), "position": model.hparams.position, "train_seq_len": train_len}
+    base["checkpoint_step"] = model.checkpoint_step  # the training step of the scored weights
     rows: list[dict[str, Any]] = []
     todo = parse_lengths(lengths, train_len)
     for step, seq_len in enumerate(todo, 1):

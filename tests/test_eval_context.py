@@ -22,6 +22,7 @@ def test_scores_one_and_two_times_the_training_context(tmp_path):
     run, trainer, model, dm = tiny_run(tmp_path, "cope")
     rows = evaluate_context(run, ["1x", "2x"], device="cpu")
     assert [(r["seq_len"], r["status"]) for r in rows] == [(8, "ok"), (16, "ok")]
+    assert [r["checkpoint_step"] for r in rows] == [2, 2]  # each row names the step of the scored weights
     assert rows[0]["tokens"] == 32 * 4 and rows[1]["tokens"] == 32 * 8  # the copied half is scored
     reference = trainer.test(model, dm, verbose=False)[0]  # at 1x eval-context equals `cope-pl test`
     assert rows[0]["loss"] == pytest.approx(reference["test/loss"], rel=1e-5)

@@ -236,6 +236,7 @@ def test_the_csv_has_its_columns_and_a_rescored_length_replaces_its_rows(run_cop
     assert list(zip(frame.seq_len, frame.depth)) == [(16, 0.0), (16, 0.5), (16, 1.0), (32, 0.0), (32, 0.5), (32, 1.0)]
     assert frame.set_index(["seq_len", "depth"]).loc[(32, 0.5), "samples"] == 3  # replaced, not appended
     assert (frame.run == "passkey-rope/version_0").all() and (frame.train_seq_len == 16).all()
+    assert (frame.checkpoint_step == 2).all()  # the step of the scored checkpoint
     assert frame.accuracy.between(0, 1).all() and frame.digit_accuracy.between(0, 1).all()
 
 

@@ -246,7 +246,9 @@ def extrapolation_table(
         setattr(table, option, value)
     for row in table.rows:
         group = ec[labels == row]
-        table.steps[row] = step_text(runs[run_labels == row], "step")
+        # The scored checkpoint's step where the rows name it (eval-context, passkey), else the run's.
+        scored = "checkpoint_step" in group and group["checkpoint_step"].notna().any()
+        table.steps[row] = step_text(group, "checkpoint_step") if scored else step_text(runs[run_labels == row], "step")
         for length in lengths:
             cell = group[group["seq_len"] == length]
             key = (row, str(length))
