@@ -67,18 +67,23 @@ def archive_intact(path: Path) -> bool:
 
 
 def untrusted_object(path: Any) -> str | None:
-    """The first object outside TRUSTED_GLOBALS that a checkpoint's pickle names, read as opcodes (never
-    unpickled); None when there is none or the file is no readable archive (then the loader fails on it)."""
+    """The first object outside TRUSTED_GLOBALS that a checkpoint's pickles name, read as opcodes (never
+    unpickled); None when there is none or the file is no readable archive (then the loader fails on it).
+    Every pickle in the archive is read, not only the one torch would pick."""
     try:
         with zipfile.ZipFile(path) as archive:
-            pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-        for op, arg, _ in pickletools.genops(pickled):
-            if op.name in ("GLOBAL", "INST") and arg.replace(" ", ".") not in TRUSTED_GLOBALS:
-                return arg.replace(" ", ".")
-            if op.name == "STACK_GLOBAL":  # protocol 4 names objects from the stack; torch.save never does
-                return "an object named at load time (STACK_GLOBAL)"
-    except (OSError, zipfile.BadZipFile, StopIteration, EOFError, ValueError):
+            pickles = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
         return None
+    try:
+        for pickled in pickles:
+            for op, arg, _ in pickletools.genops(pickled):
+                if op.name in ("GLOBAL", "INST") and arg.replace(" ", ".") not in TRUSTED_GLOBALS:
+                    return arg.replace(" ", ".")
+                if op.name == "STACK_GLOBAL":  # protocol 4 names objects from the stack; torch.save never does
+                    return "an object named at load time (STACK_GLOBAL)"
+    except (ValueError, EOFError):  # opcodes pickle itself does not know: not written by torch.save
+        return "a pickle that is not torch's"
     return None
 
 

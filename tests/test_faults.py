@@ -14,7 +14,7 @@ from cope_pl.cli import main
 from cope_pl.data import CopyDataModule
 from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteError, NonFiniteGuard
-from cope_pl.resume import CheckedCheckpointIO
+from cope_pl.resume import CheckedCheckpointIO, read_checkpoint
 from tests.fault_injection import NaNAtStep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_nan_stops_the_run_naming_step_checkpoint_and_causes(tmp_path):
     message = str(info.value)
     assert message.startswith("non-finite gradient (first in model.")
     assert "at step 5" in message and "last.ckpt" in message and "model.lr=0.01" in message
-    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    last = read_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     assert last["global_step"] == 4  # the last good one; nothing was saved after the NaN
     assert all(t.isfinite().all() for t in last["state_dict"].values())
 

@@ -173,3 +173,19 @@ def test_the_allowlist_refuses_before_unpickling_whatever_the_pickle_protocol(tm
     with pytest.raises(UntrustedCheckpointError, match="not trusted") as err:
         read_checkpoint(ckpt)
     assert ("posix.system" in str(err.value)) == (protocol == 2) and not marker.exists()
+
+
+def test_every_pickle_in_the_archive_is_checked(tmp_path):
+    """A second pickle hidden beside a harmless one is found too, and is never unpickled."""
+    import zipfile
+
+    marker = tmp_path / "marker"
+    harmless, crafted = tmp_path / "harmless.ckpt", crafted_checkpoint(tmp_path / "crafted.ckpt", marker)
+    torch.save({"global_step": 1}, harmless)
+    with zipfile.ZipFile(crafted) as source, zipfile.ZipFile(harmless, "a") as target:
+        evil = next(n for n in source.namelist() if n.endswith("data.pkl"))
+        target.writestr("hidden/data.pkl", source.read(evil))
+    assert not is_intact(harmless)
+    with pytest.raises(UntrustedCheckpointError, match="holds posix.system"):
+        read_checkpoint(harmless)
+    assert not marker.exists()
