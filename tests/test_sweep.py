@@ -144,3 +144,9 @@ def test_ready_made_sweep_files_load_and_their_cells_parse(path, tmp_path, monke
         with pytest.raises(SystemExit) as info:
             main(["fit", *fit_args, "--print_config"])
         assert info.value.code == 0, f"{cell.name}: {capsys.readouterr().err[-500:]}"
+
+
+def test_eval_context_token_limit_reaches_the_command(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, {"position": POSITIONS[:1]}, eval_context={"limit_tokens": 500}))
+    cmd = step_command(sweep, sweep.cells[0], "eval-context")
+    assert cmd[cmd.index("--limit-tokens") + 1] == "500"
