@@ -29,7 +29,7 @@ from cope_pl.last_step import LastStepEvaluation
 from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteError, NonFiniteGuard
 from cope_pl.results import ResultsWriter, fit_finished, read_results
-from cope_pl.resume import CheckedCheckpointIO, RngState, resolve_resume
+from cope_pl.resume import CORRUPT, CheckedCheckpointIO, RngState, checkpoint_error, refuse_untrusted, resolve_resume
 from cope_pl.runs import RESULTS_FILE, resolve_run, version_of
 from cope_pl.throughput import TokenThroughputMonitor
 
@@ -98,6 +98,17 @@ class CopeCLI(LightningCLI):
         if self.subcommand == "fit" and init_args.get("version") is None:
             config.ckpt_path, version = resolve_resume(config.ckpt_path, run_root)
             init_args["version"] = version
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the hyper-parameters of --ckpt_path here (weights-only), before the trainer and its
+        # CheckedCheckpointIO exist: the same allowlist first, and the same one-line errors.
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            refuse_untrusted(ckpt_path)
+        try:
+            super()._parse_ckpt_path()
+        except CORRUPT as err:
+            raise checkpoint_error(ckpt_path, err) from err
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

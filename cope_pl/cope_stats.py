@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import lightning as L
+import torch
 from torch import Tensor
 
 from cope_pl.ops import causal_mask
@@ -28,6 +29,7 @@ STATISTICS = ("mean_gate", "clamped_frac", "mean_farthest", "max_farthest", "gat
 
 def gate_statistics(gates: Tensor, npos_max: int) -> dict[str, Tensor]:
     """Per-head (H,) statistics of (B, H, T, S) gates (0 on masked keys; queries are the last T of S keys)."""
+    gates = gates.to(torch.promote_types(gates.dtype, torch.float32))  # a bf16 running sum stops counting at 256
     t, s = gates.shape[-2:]
     mask = causal_mask(t, s, gates.device).to(gates.dtype)  # (T, S)
     pairs = mask.sum() * gates.size(0)

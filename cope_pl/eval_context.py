@@ -5,7 +5,8 @@
 (run, length, eval set): loss, token perplexity, word perplexity (when the data knows its tokens per word)
 and token error, merged into the run's eval_context.json. The same NLL by token position, in buckets of
 `--bucket` positions, goes to eval_context_positions.csv beside it (see cope_pl/eval_positions.py). Windows
-do not overlap unless `--stride` asks for a sliding window over a flat token stream.
+do not overlap unless `--stride` asks for a sliding window over a flat token stream. Every length scores the
+same tokens: the whole test split, or its first `--limit-tokens N` tokens.
 
 An encoding that cannot represent a length (a learned absolute table, or an uncapped relative table shorter
 than the context) raises ValueError from `position.check_length`; that row is reported as "n/a" with the
@@ -148,14 +149,30 @@ def score_batch(model, batch: dict[str, Tensor], ignore_index: int) -> dict[str,
         return {k: parts[0][k] + parts[1][k] for k in parts[0]}
 
 
+def first_targets(batches: Iterable[dict[str, Tensor]], limit: int | None, ignore_index: int) -> Iterator[dict]:
+    """The batches with only their first `limit` scored targets, in loader order, left scored (later labels
+    become ignore_index), stopping once they are all in; every batch unchanged when limit is None.
+
+    Evaluation windows walk the split in order, so at every length the kept targets are the same first `limit`
+    tokens of the split, whatever the windows and batches look like."""
+    left = limit
+    for batch in batches:
+        if left is not None and left <= 0:
+            return
+        if left is not None:
+            scored = batch["labels"] != ignore_index  # (B, T)
+            order = scored.flatten().cumsum(0).view_as(scored)  # (B, T): 1, 2, ... over the scored targets
+            batch = {**batch, "labels": batch["labels"].masked_fill(~scored | (order > left), ignore_index)}
+            left -= int(scored.sum())
+        yield batch
+
+
 def score_loader(
-    model, loader: DataLoader, device: torch.device, limit_batches: int | None
+    model, loader: DataLoader, device: torch.device, limit_tokens: int | None
 ) -> dict[str, float | Tensor]:
     totals = dict.fromkeys(("nll", "tokens", "token_errors", "position_nll", "position_tokens"), 0.0)
     ignore_index = model.hparams.get("ignore_index", IGNORE_INDEX)
-    for i, batch in enumerate(loader):
-        if limit_batches is not None and i >= limit_batches:
-            break
+    for batch in first_targets(loader, limit_tokens, ignore_index):
         batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels")}
         sums = score_batch(model, batch, ignore_index)
         for key in totals:
@@ -203,7 +220,7 @@ def evaluate_context(
     stride: int | None = None,
     batch_size: int | None = None,
     device: str | None = None,
-    limit_batches: int | None = None,
+    limit_tokens: int | None = None,
     memory_gb: float | None = None,
     bucket: int = BUCKET,
 ) -> list[dict[str, Any]]:
@@ -213,6 +230,8 @@ def evaluate_context(
 
     if bucket < 1:
         raise ValueError(f"--bucket must be >= 1 positions, got {bucket}")
+    if limit_tokens is not None and limit_tokens < 1:
+        raise ValueError(f"--limit-tokens must be >= 1 tokens, got {limit_tokens}")
     run, ckpt = resolve_run(path)
     config = load_config(run)
     train_len = train_seq_len(config)
@@ -250,7 +269,7 @@ def evaluate_context(
         tokens_per_word = (getattr(dm, "tokens_per_word", None) or {}).get("test", {})  # [stage][set name]
         for set_name, loader in loaders.items():
             with torch.inference_mode():
-                totals = score_loader(model, loader, dev, limit_batches)
+                totals = score_loader(model, loader, dev, limit_tokens)
             metrics = metrics_from_sums(totals, tokens_per_word.get(set_name))
             rows.append({**row, "set": set_name, "status": "ok", "reason": "", **metrics})
             if isinstance(totals["position_nll"], Tensor):  # no batch scored: no positions
@@ -303,11 +322,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stride", type=int, default=None, help="sliding window step (needs a token stream)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's data.batch_size")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--limit-batches", type=int, default=None, help="score only this many batches per set")
+    parser.add_argument(
+        "--limit-tokens",
+        type=int,
+        default=None,
+        help="score only the first N tokens of each test set, the same N tokens at every length (default: all)",
+    )
+    parser.add_argument("--limit-batches", type=int, default=None, help=argparse.SUPPRESS)  # removed: see below
     parser.add_argument("--memory-gb", type=float, default=None, help="memory budget for the attention logits")
     parser.add_argument("--bucket", type=int, default=BUCKET, help="positions per bucket of the loss by position")
     parser.add_argument("--out", type=Path, default=None, help="also write all rows to this CSV file")
     args = parser.parse_args(argv)
+    if args.limit_batches is not None:
+        raise ValueError(
+            "--limit-batches was removed: it scored a different number of tokens at each length; use --limit-tokens N "
+            "(the same first N tokens of each test set at every length)"
+        )
     rows = []
     for run in args.runs:
         rows += evaluate_context(
@@ -316,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
             args.stride,
             args.batch_size,
             args.device,
-            args.limit_batches,
+            args.limit_tokens,
             args.memory_gb,
             args.bucket,
         )

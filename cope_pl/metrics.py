@@ -46,15 +46,21 @@ def batch_sums(
 
 
 def perplexity(loss: float, tokens_per_word: float = 1.0) -> float:
-    """exp of the mean NLL per token (per word: times the split's tokens per word), capped to stay finite."""
+    """exp of the mean NLL per token (per word: times the split's tokens per word), capped to stay finite;
+    a NaN loss (a diverged model) stays NaN."""
+    if math.isnan(loss):
+        return math.nan
     return math.exp(min(loss * tokens_per_word, 80.0))
 
 
 class EvalSums:
-    """Running sums for one evaluation set; `compute` gives loss, ppl, error and seq_error."""
+    """Running sums for one evaluation set; `compute` gives loss, ppl, error and seq_error.
+
+    A NaN batch makes the sums NaN (torchmetrics' default would drop it and report the other batches' mean):
+    a diverged evaluation reads NaN, and NonFiniteGuard stops the run on it."""
 
     def __init__(self, device: torch.device):
-        self.sums = {name: SumMetric().to(device) for name in SUMS}
+        self.sums = {name: SumMetric(nan_strategy="disable").to(device) for name in SUMS}
 
     def update(self, sums: dict[str, Tensor]) -> None:
         for name, value in sums.items():

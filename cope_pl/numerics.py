@@ -1,11 +1,13 @@
-"""Stop a run at the first non-finite loss or gradient, instead of training on NaNs for a day."""
+"""Stop a run at the first non-finite loss, gradient or validation metric, instead of training on NaNs for a day."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 
@@ -23,6 +25,9 @@ def _likely_causes(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
 
 class NonFiniteGuard(L.Callback):
     """Raises NonFiniteError naming the step, the last good checkpoint and likely causes.
+
+    A non-finite validation loss during fit stops the run the same way; outside fit (validate, test) it is
+    recorded as it is (NaN in results.json) with one warning.
 
     Gradients are checked before the optimizer step, so the weights and every checkpoint stay finite.
     Under fp16 mixed precision the gradient scaler already skips steps with inf gradients by design, so
@@ -54,3 +59,21 @@ class NonFiniteGuard(L.Callback):
         if grads and not torch.isfinite(torch.stack([g.norm() for g in grads])).all():
             bad = [n for n, p in pl_module.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
             self._fail(trainer, pl_module, f"gradient (first in {bad[0]})")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_eval(trainer, pl_module, "val/")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_eval(trainer, pl_module, "test/")
+
+    def _check_eval(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> None:
+        bad = [
+            f"{key}={float(value)}"
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith(prefix) and "loss" in key and not math.isfinite(float(value))
+        ]
+        if not bad:
+            return
+        if trainer.state.fn == "fit":
+            self._fail(trainer, pl_module, f"validation loss ({', '.join(bad)})")
+        rank_zero_warn(f"non-finite evaluation loss ({', '.join(bad)}): the evaluated model diverges on these sets")

@@ -5,6 +5,8 @@ comes from `ResumableBatchSampler` (cope_pl/data/sampling.py). This module adds 
   - `RngState`: the torch RNG state (dropout) at the checkpoint, put back before the first resumed step;
   - `CheckedCheckpointIO`: checkpoints written to a temporary file and renamed (a kill while saving leaves
     the previous file intact), and a clear error for a corrupt or truncated checkpoint or a full disk;
+  - `read_checkpoint` / `load_trained`: every checkpoint is read with torch's weights-only unpickler and the
+    allowlist `TRUSTED_GLOBALS`, so a shared file can never run code; anything else in it is refused;
   - `resolve_resume`: `--ckpt_path last` continues in the run directory it came from instead of a new
     `version_N`, so the logs and `last.ckpt` stay in one place.
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import pickletools
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -31,12 +35,93 @@ LAST_CHECKPOINT = LAST_CKPT.name
 CORRUPT = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
 
 
-def is_intact(path: Path) -> bool:
+# Every object the pickle of a cope_pl checkpoint names. Lightning writes hyper-parameters, loop, callback,
+# optimizer, LR-scheduler and RNG states as dicts, lists, tuples, numbers, strings and tensors; only the
+# tensors (typed storages rebuilt by torch) and the state dicts' OrderedDict are named objects.
+TENSOR_STORAGES = ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")
+TRUSTED_GLOBALS = frozenset(
+    ["collections.OrderedDict", "torch._utils._rebuild_tensor_v2"] + [f"torch.{k}Storage" for k in TENSOR_STORAGES]
+)
+# How torch's weights-only unpickler names the object it refused.
+REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]*\w)")
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint that holds an object no cope_pl checkpoint holds: it is not loaded."""
+
+    def __init__(self, path: Any, what: str):
+        super().__init__(
+            f"checkpoint {path} holds {what}, which no cope_pl checkpoint holds; the file is not trusted and was "
+            "not loaded (use checkpoints written by cope-pl fit)"
+        )
+
+
+def archive_intact(path: Path) -> bool:
+    """A complete torch checkpoint archive: the zip directory is readable, there is a pickle in it and every
+    member matches its CRC. Nothing is unpickled."""
     try:
-        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return True
-    except CORRUPT:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("data.pkl") for n in archive.namelist()) and archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
         return False
+
+
+def untrusted_object(path: Any) -> str | None:
+    """The first object outside TRUSTED_GLOBALS that a checkpoint's pickles name, read as opcodes (never
+    unpickled); None when there is none or the file is no readable archive (then the loader fails on it).
+    Every pickle in the archive is read, not only the one torch would pick."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return None
+    try:
+        for pickled in pickles:
+            for op, arg, _ in pickletools.genops(pickled):
+                if op.name in ("GLOBAL", "INST") and arg.replace(" ", ".") not in TRUSTED_GLOBALS:
+                    return arg.replace(" ", ".")
+                if op.name == "STACK_GLOBAL":  # protocol 4 names objects from the stack; torch.save never does
+                    return "an object named at load time (STACK_GLOBAL)"
+    except (ValueError, EOFError):  # opcodes pickle itself does not know: not written by torch.save
+        return "a pickle that is not torch's"
+    return None
+
+
+def refuse_untrusted(path: Any) -> None:
+    """Raise UntrustedCheckpointError for a checkpoint that names anything outside TRUSTED_GLOBALS."""
+    what = untrusted_object(path)
+    if what is not None:
+        raise UntrustedCheckpointError(path, what)
+
+
+def untrusted(path: Any, err: Exception) -> UntrustedCheckpointError | None:
+    """The one-line refusal for an object torch's weights-only unpickler (the second guard) rejected, or None
+    when `err` is about a damaged file instead (a truncated pickle fails in the same unpickler)."""
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    found = REFUSED_GLOBAL.search(str(err))
+    if found is None and not archive_intact(Path(path)):
+        return None
+    return UntrustedCheckpointError(path, found.group(1) if found else "an object torch's weights-only loader refuses")
+
+
+def read_checkpoint(path: Any, map_location: Any = "cpu") -> dict[str, Any]:
+    """A checkpoint's contents: refused if its pickle names anything outside TRUSTED_GLOBALS, then unpickled
+    with torch's weights-only unpickler, so nothing in the file can run code."""
+    refuse_untrusted(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except CORRUPT as err:
+        refusal = untrusted(path, err)
+        if refusal is not None:
+            raise refusal from None
+        raise
+
+
+def is_intact(path: Path) -> bool:
+    """An intact archive of trusted objects, checked without unpickling: a crafted file can neither run code
+    here nor be named as the checkpoint to resume from."""
+    return archive_intact(path) and untrusted_object(path) is None
 
 
 def set_aside(bad: Path) -> str:
@@ -67,14 +152,27 @@ def recovery_hint(bad: Path) -> str:
     )
 
 
+def checkpoint_error(path: Any, err: Exception) -> ValueError:
+    """The one-line error for a checkpoint torch could not load while resuming or testing: an untrusted object,
+    or a corrupt file, set aside, with the newest intact checkpoint beside it named."""
+    refusal = untrusted(path, err)
+    if refusal is not None:
+        return refusal
+    return ValueError(f"checkpoint {path} is corrupt or truncated{set_aside(Path(path))}; {recovery_hint(Path(path))}")
+
+
 def load_trained(ckpt: str | Path, map_location: Any = "cpu"):
     """The trained LanguageModel in a checkpoint file, for evaluation. A corrupt or truncated file is one clear
     error that names the newest intact checkpoint beside it; the file stays where it is (evaluating changes
     nothing, unlike resuming, which sets it aside)."""
+    refuse_untrusted(ckpt)
     try:
-        return LanguageModel.load_from_checkpoint(ckpt, map_location=map_location)
+        return LanguageModel.load_from_checkpoint(ckpt, map_location=map_location, weights_only=True)
     except CORRUPT as err:
-        if is_intact(Path(ckpt)):
+        refusal = untrusted(ckpt, err)
+        if refusal is not None:
+            raise refusal from None
+        if archive_intact(Path(ckpt)):
             raise  # a readable file: the error is not about the file
         intact = newest_intact(Path(ckpt))
         hint = (
@@ -110,6 +208,10 @@ class RngState(L.Callback):
         self._pending = None
 
 
+def keep_device(storage: Any, location: str) -> Any:
+    return storage
+
+
 class CheckedCheckpointIO(TorchCheckpointIO):
     """Torch checkpoint files, written atomically, read with errors that say what to do."""
 
@@ -124,15 +226,15 @@ class CheckedCheckpointIO(TorchCheckpointIO):
             message = f"could not write checkpoint {path} ({err.strerror}); {hint}; the previous checkpoint is intact"
             raise OSError(err.errno, message) from err
 
-    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Always read_checkpoint (allowlist, weights-only), whatever `weights_only` the caller passes;
+        tensors stay on the device they were saved from unless `map_location` says otherwise (Lightning's default)."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist; check --ckpt_path")
         try:
-            return super().load_checkpoint(path, *args, **kwargs)
+            return read_checkpoint(path, map_location=map_location or keep_device)
         except CORRUPT as err:
-            raise ValueError(
-                f"checkpoint {path} is corrupt or truncated{set_aside(Path(path))}; {recovery_hint(Path(path))}"
-            ) from err
+            raise checkpoint_error(path, err) from err
 
     def remove_checkpoint(self, path: Any) -> None:
         Path(path).unlink(missing_ok=True)

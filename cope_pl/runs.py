@@ -75,11 +75,18 @@ def load_config(run: Path) -> dict[str, Any]:
 
 
 def import_class(class_path: str) -> type:
+    """The data module class a run's config.yaml names; anything else (a function, another class) is refused
+    before it is called, so a shared config cannot make a tool call an arbitrary function."""
+    from cope_pl.data import LMDataModule
+
     module, _, name = class_path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"data.class_path {class_path!r} cannot be imported ({err})") from err
+    if not (isinstance(found, type) and issubclass(found, LMDataModule)):
+        raise ValueError(f"data.class_path {class_path!r} is not a cope_pl data module (a subclass of LMDataModule)")
+    return found
 
 
 def build_datamodule(config: dict[str, Any], **overrides: Any):

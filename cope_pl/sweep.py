@@ -211,7 +211,7 @@ def step_command(sweep: Sweep, cell: Cell, step: str, extra: dict[str, Any] | No
         options = sweep.eval_context or {}
         cmd = [sweep.python, "-m", "cope_pl.cli", "eval-context", str(run)]
         cmd += ["--lengths", *[str(x) for x in options.get("lengths", ["1x", "2x"])]]
-        keys = ("stride", "batch_size", "limit_batches", "memory_gb")
+        keys = ("stride", "batch_size", "limit_tokens", "limit_batches", "memory_gb")  # limit_batches: refused
     for key in keys:
         if options.get(key) is not None:
             cmd += [f"--{key.replace('_', '-')}", str(options[key])]

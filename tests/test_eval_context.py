@@ -181,3 +181,55 @@ def test_a_sliding_window_evaluation_keeps_its_own_position_rows(tmp_path):
     save_position_rows(tmp_path, rows(None, 3.0))  # replaces the plain rows only
     saved = pd.read_csv(tmp_path / "eval_context_positions.csv")
     assert sorted(zip(saved.stride.fillna(0), saved.loss)) == [(0, 3.0), (4, 2.0)]
+
+
+def wikitext_run(tmp_path):
+    from tests.test_word_count import write_wikitext_dir
+
+    data = {
+        "data_dir": str(write_wikitext_dir(tmp_path / "wiki")),
+        "cache_dir": str(tmp_path / "cache"),
+        "vocab_size": 300,
+        "seq_len": 8,
+        "batch_size": 3,
+        "show_progress": False,
+    }
+    return fitted_run(tmp_path, "wikitext-rope", "cope_pl.data.WikiTextDataModule", data, "rope", max_seq_len=64)
+
+
+def test_every_length_scores_the_whole_split_or_the_same_first_tokens(tmp_path):
+    run, trainer, model, dm = wikitext_run(tmp_path)
+    targets = len(dm.token_stream("test")) - 1  # every token after the first
+    rows = evaluate_context(run, ["1x", "2x", "3x"])
+    assert [r["tokens"] for r in rows] == [targets] * 3  # each token scored once at every length
+    limited = evaluate_context(run, ["1x", "2x", "3x"], limit_tokens=37)
+    assert [r["tokens"] for r in limited] == [37] * 3
+    assert limited[0]["loss"] != rows[0]["loss"]
+
+
+@pytest.mark.parametrize("limit", [1, 37, 10_000])
+def test_a_token_limit_keeps_the_same_first_targets_at_every_length_and_batch_size(tmp_path, limit):
+    from cope_pl.data.windows import EvalWindows
+    from cope_pl.eval_context import first_targets
+
+    run, trainer, model, dm = wikitext_run(tmp_path)
+    stream = torch.as_tensor(dm.token_stream("test"))
+    expected = stream[1 : limit + 1].tolist()
+    for seq_len, batch_size in [(8, 3), (16, 1), (24, 5), (40, 2)]:
+        loaders = [
+            torch.utils.data.DataLoader(EvalWindows(dm.arrays["test"], seq_len), batch_size=batch_size),
+            torch.utils.data.DataLoader(SlidingWindows(stream, seq_len, seq_len // 2), batch_size=batch_size),
+        ]
+        for loader in loaders:
+            batches = list(first_targets(loader, limit, -100))
+            scored = torch.cat([b["labels"][b["labels"] >= 0] for b in batches])
+            assert scored.tolist() == expected, (seq_len, batch_size)
+
+
+def test_the_removed_batch_limit_names_the_token_limit(tmp_path):
+    from cope_pl.cli import main
+
+    run, *_ = tiny_run(tmp_path, "rope")
+    with pytest.raises(ValueError, match=r"--limit-batches was removed.*use --limit-tokens N") as err:
+        main(["eval-context", str(run), "--limit-batches", "2"])
+    assert "\n" not in str(err.value)

@@ -14,7 +14,7 @@ from cope_pl.cli import main
 from cope_pl.data import CopyDataModule
 from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteError, NonFiniteGuard
-from cope_pl.resume import CheckedCheckpointIO
+from cope_pl.resume import CheckedCheckpointIO, read_checkpoint
 from tests.fault_injection import NaNAtStep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +27,10 @@ def tiny_lm(**kwargs) -> LanguageModel:
 
 
 def trainer(tmp_path, steps: int, callbacks=(), **kwargs) -> L.Trainer:
+    kwargs = {"limit_val_batches": 0, **kwargs}
     return L.Trainer(
         accelerator="cpu",
         max_steps=steps,
-        limit_val_batches=0,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -52,7 +52,7 @@ def test_nan_stops_the_run_naming_step_checkpoint_and_causes(tmp_path):
     message = str(info.value)
     assert message.startswith("non-finite gradient (first in model.")
     assert "at step 5" in message and "last.ckpt" in message and "model.lr=0.01" in message
-    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    last = read_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     assert last["global_step"] == 4  # the last good one; nothing was saved after the NaN
     assert all(t.isfinite().all() for t in last["state_dict"].values())
 
@@ -142,3 +142,42 @@ def test_bad_command_line_is_one_line_without_traceback(tmp_path, args, message)
     assert done.returncode != 0
     assert message in done.stderr.strip().splitlines()[-1]
     assert "Traceback" not in done.stderr
+
+
+def test_a_nan_batch_makes_the_evaluation_nan_not_the_mean_of_the_others():
+    from cope_pl.metrics import EvalSums
+
+    def batch(nll: float) -> dict[str, torch.Tensor]:
+        one = torch.tensor(1)
+        return {"nll": torch.tensor(nll), "tokens": one, "token_errors": one, "sequences": one, "sequence_errors": one}
+
+    finite = EvalSums(torch.device("cpu"))
+    finite.update(batch(3.0)), finite.update(batch(0.0))
+    assert finite.compute()["loss"] == 1.5
+    diverged = EvalSums(torch.device("cpu"))
+    diverged.update(batch(3.0)), diverged.update(batch(float("nan")))
+    values = diverged.compute()
+    assert torch.isnan(torch.tensor([values["loss"], values["ppl"]])).all()
+
+
+class DivergesInEvaluation(LanguageModel):
+    """Finite in training, NaN logits on one evaluation batch in two."""
+
+    def forward(self, input_ids):
+        logits = super().forward(input_ids)
+        if not self.training and self.trainer.state.stage in ("validate", "test", "sanity_check"):
+            self.eval_batches = getattr(self, "eval_batches", 0) + 1
+            if self.eval_batches % 2 == 0:
+                return logits * float("nan")
+        return logits
+
+
+def test_a_nan_validation_stops_the_fit_and_a_nan_test_reads_nan(tmp_path):
+    kwargs = dict(vocab_size=9, n_layers=1, d_model=16, n_heads=2, max_seq_len=16, position="rope")
+    fit = trainer(tmp_path, 4, [NonFiniteGuard()], limit_val_batches=2, val_check_interval=2, num_sanity_val_steps=0)
+    with pytest.raises(NonFiniteError, match=r"non-finite validation loss \(val/loss=nan.*at step 2"):
+        fit.fit(DivergesInEvaluation(**kwargs), data())
+    test = trainer(tmp_path / "t", 1, [NonFiniteGuard()], limit_test_batches=2)
+    with pytest.warns(UserWarning, match="non-finite evaluation loss"):
+        (metrics,) = test.test(DivergesInEvaluation(**kwargs), data())
+    assert metrics["test/loss"] != metrics["test/loss"] and metrics["test/ppl"] != metrics["test/ppl"]  # NaN

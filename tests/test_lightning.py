@@ -11,6 +11,7 @@ from cope_pl.cli import main
 from cope_pl.data import IGNORE_INDEX, CopyDataModule
 from cope_pl.lm import LanguageModel
 from cope_pl.metrics import batch_sums
+from cope_pl.resume import read_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 POSITION_CONFIGS = sorted((CONFIGS / "position").glob("*.yaml"))
@@ -132,7 +133,7 @@ def test_cli_saves_config_logs_and_last_checkpoint(tmp_path):
 def test_cli_links_vocabulary_from_data(tmp_path):
     cli(tmp_path, CONFIGS / "position/rope.yaml", extra=["--data.init_args.num_symbols", "40"])
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
-    assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["vocab_size"] == 41
+    assert read_checkpoint(ckpt)["hyper_parameters"]["vocab_size"] == 41
 
 
 def test_cli_print_config(capsys):

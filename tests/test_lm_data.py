@@ -404,7 +404,8 @@ def test_cli_code_smoke_config_trains_and_reports_perplexity(tmp_path):
     cli_main(args)
     results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert results["model"]["vocab_size"] == 2048  # linked from data.vocab_size
-    assert {"val/ppl", "val/word_ppl", "val/ppl@256", "val/word_ppl@256"} <= set(results["metrics"])
+    assert {"val/ppl", "val/ppl@256"} <= set(results["metrics"])
+    assert not any("word_ppl" in key for key in results["metrics"])  # code: token perplexity only, unless asked
 
 
 def load_script(name: str):
@@ -420,3 +421,24 @@ def test_data_prep_script_prepares_what_the_data_module_reads(tmp_path, capsys):
     script.main(["--data-dir", str(data), "--vocab-size", "400", "--cache-dir", str(tmp_path / "cache")])
     assert "tokens/s" in capsys.readouterr().out
     assert wikitext_module(data, tmp_path / "cache").prepare_data().built == []  # reused, nothing rebuilt
+
+
+@pytest.mark.parametrize("word_count", [None, "merity"], ids=["default", "asked"])
+def test_code_runs_report_token_perplexity_only_unless_asked(tmp_path, word_count):
+    import lightning as L
+
+    from cope_pl.lm import LanguageModel
+
+    options = {} if word_count is None else {"word_count": word_count}
+    tree = write_code_tree(tmp_path / "src")
+    dm = CodeDataModule(
+        source="paths", paths=[str(tree)], vocab_size=300, seq_len=32, batch_size=2, cache_dir=str(tmp_path / "c"),
+        show_progress=False, **options,
+    )  # fmt: skip
+    summary = dm.prepare_data().summary()
+    model = LanguageModel(vocab_size=dm.vocab_size, n_layers=1, d_model=16, n_heads=2, position="rope")
+    trainer = L.Trainer(accelerator="cpu", logger=False, limit_val_batches=1, enable_progress_bar=False)
+    (metrics,) = trainer.validate(model, dm, verbose=False)
+    assert "val/ppl" in metrics
+    assert ("val/word_ppl" in metrics) == (word_count is not None)
+    assert ("W (none)" in summary) == (word_count is None)

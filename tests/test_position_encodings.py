@@ -117,6 +117,27 @@ def test_alibi_slopes_are_geometric():
     assert alibi_slopes(6).shape == (6,)
 
 
+def test_alibi_distances_are_exact_under_bf16():
+    """bf16 counts exactly only to 256: the bias is built in float32 and rounded once, so a bf16-mixed model
+    and its fp32 evaluation see the same distances (2047 stays 2047, not 2048)."""
+    alibi = build_position_encoding("alibi", ModelDims(d_model=32, n_heads=4, n_layers=1, max_seq_len=2048))
+    q = torch.zeros(1, 4, 1, 8, dtype=torch.bfloat16)
+    (term,) = alibi.attention_terms(0, q, {"k": torch.zeros(1, 4, 2048, 8, dtype=torch.bfloat16)})
+    exact = -alibi_slopes(4).unsqueeze(1) * torch.arange(2048, dtype=torch.float32)  # (H, S)
+    assert term.values.dtype == torch.float32 and torch.equal(term.values, exact)
+    logits = term.logits(q, 2048, None)  # (H, 1, S): the last query against every key, in bf16
+    assert torch.equal(logits[:, 0], exact.flip(-1).to(torch.bfloat16))
+
+
+def test_contextual_positions_count_past_256_under_bf16():
+    from cope_pl.ops import contextual_positions
+
+    gate_logits = torch.full((1, 600), 30.0, dtype=torch.bfloat16)  # every gate open: p_0j = 600 - j
+    positions = contextual_positions(gate_logits, 1024)
+    assert positions.dtype == torch.float32
+    assert torch.equal(positions[0], torch.arange(600, 0, -1, dtype=torch.float32))
+
+
 def test_sinusoidal_absolute_has_no_length_limit():
     model = tiny_model("absolute", max_seq_len=8, position_options={"table": "sinusoidal"})
     assert model(torch.randint(0, 23, (1, 20))).shape == (1, 20, 23)

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cope_pl.resume import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -86,7 +87,7 @@ def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tmp_path, unint
     killed = fit(tmp_path, callback=during_save, check=False)
     assert killed.returncode == -signal.SIGKILL
     checkpoints = tmp_path / "copy-rope" / "version_0" / "checkpoints"
-    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 4
     assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["epoch=0-step=4.ckpt", "last.ckpt"]
 
     fit(tmp_path, "--ckpt_path=last")
@@ -128,7 +129,7 @@ def test_corrupt_checkpoint_advice_names_the_intact_one_and_following_it_resumes
 
     resumed = fit(tmp_path, f"--ckpt_path={intact}", "--trainer.max_steps=12")
     assert "Restored all states" in resumed.stdout + resumed.stderr  # not a silent restart from scratch
-    assert torch.load(last, weights_only=False)["global_step"] == 12
+    assert read_checkpoint(last)["global_step"] == 12
     assert (checkpoints / "last.ckpt.corrupt").stat().st_size == 1000  # kept, out of the way
 
 
@@ -138,4 +139,4 @@ def test_resume_last_without_last_ckpt_continues_from_the_newest_checkpoint(tmp_
     (checkpoints / "last.ckpt").unlink()
     resumed = fit(tmp_path, "--ckpt_path=last", "--trainer.max_steps=12")
     assert "resuming from" in resumed.stdout and "starting from scratch" not in resumed.stdout
-    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 12
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 12

@@ -184,3 +184,9 @@ def test_the_seed_axis_seeds_the_training_data_and_keeps_the_evaluation_sets(swe
         for name in modules[0].eval_names:
             a, b = (dm.eval_sets[name] for dm in modules)
             assert len(a) == len(b) and all(torch.equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(len(a)))
+
+
+def test_eval_context_token_limit_reaches_the_command(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, {"position": POSITIONS[:1]}, eval_context={"limit_tokens": 500}))
+    cmd = step_command(sweep, sweep.cells[0], "eval-context")
+    assert cmd[cmd.index("--limit-tokens") + 1] == "500"

@@ -70,7 +70,7 @@ def test_tokens_per_word_divide_by_words_plus_lines_unless_whitespace_is_asked(t
 
 
 def test_an_unknown_word_count_names_the_option():
-    with pytest.raises(ValueError, match="data.word_count must be one of merity, whitespace, got 'lines'"):
+    with pytest.raises(ValueError, match="data.word_count must be one of merity, whitespace, none, got 'lines'"):
         WikiTextDataModule(word_count="lines")
 
 

@@ -184,7 +184,7 @@ class CodeDataModule(TokenArrayDataModule):
         cache_dir: str = "data_cache",
         eval_seq_lens: list[int] | None = None,
         train_windows: int | None = None,
-        word_count: str = "merity",
+        word_count: str = "none",
         num_workers: int = 0,
         seed: int = 0,
         show_progress: bool = True,

@@ -12,7 +12,8 @@ whose metadata matches (source id, tokenizer hash) are reused; any other is rebu
 Each split's metadata counts its whitespace-separated `words` and its `lines` (end-of-lines, a last line
 without a newline included). Word-level perplexity divides by W = words + lines by default, the WikiText
 convention (Merity et al. 2016: one `<eos>` per line, so W = 245,569 on WikiText-103's test split), or by the
-whitespace words alone with word_count="whitespace".
+whitespace words alone with word_count="whitespace"; word_count="none" (the code corpus's default) reports no
+word-level perplexity at all.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from cope_pl.data.token_array import mismatch, read_meta, write_token_array
 from cope_pl.data.tokenizer import end_of_text_id, load_tokenizer, save_tokenizer, tokenizer_hash, train_bpe
 
 SPLITS = ("train", "valid", "test")
-WORD_COUNTS = ("merity", "whitespace")  # W = words + lines (the WikiText convention), or words alone
+# W = words + lines (the WikiText convention), words alone, or no word-level perplexity (code: no standard W)
+WORD_COUNTS = ("merity", "whitespace", "none")
 ENCODE_BATCH = 1024  # documents per encode_batch call
 
 
@@ -97,13 +99,17 @@ def check_word_count(word_count: str) -> None:
     if word_count not in WORD_COUNTS:
         raise ValueError(
             f"data.word_count must be one of {', '.join(WORD_COUNTS)}, got {word_count!r}; "
-            "merity (the default) counts one end-of-line per line as a word, as WikiText papers do"
+            "merity counts one end-of-line per line as a word, as WikiText papers do; "
+            "none logs no word-level perplexity"
         )
 
 
-def word_total(meta: dict[str, Any], word_count: str = "merity") -> int:
-    """W, the word count of a split that word-level perplexity divides by (see the module docstring)."""
+def word_total(meta: dict[str, Any], word_count: str = "merity") -> int | None:
+    """W, the word count of a split that word-level perplexity divides by (see the module docstring); None for
+    word_count="none"."""
     check_word_count(word_count)
+    if word_count == "none":
+        return None
     return meta["words"] + (meta["lines"] if word_count == "merity" else 0)
 
 
@@ -132,10 +138,10 @@ class PrepareStats:
         for split, meta in self.splits.items():
             status = "written" if split in self.built else "reused"
             total = word_total(meta, self.word_count)
-            ratio = meta["num_tokens"] / max(total, 1)
+            ratio = None if total is None else meta["num_tokens"] / max(total, 1)
+            w_cells = f"{'-':>14} {'-':>9}" if total is None else f"{total:14,d} {ratio:9.4f}"
             lines.append(
-                f"{split:6} {meta['num_tokens']:12,d} {meta['words']:12,d} {meta['lines']:9,d} {total:14,d} "
-                f"{ratio:9.4f}  {status}"
+                f"{split:6} {meta['num_tokens']:12,d} {meta['words']:12,d} {meta['lines']:9,d} {w_cells}  {status}"
             )
         lines.append(f"tokenizer: {self.tokenizer_seconds:.1f} s")
         if self.built:

@@ -47,7 +47,8 @@ class TokenArrayDataModule(LMDataModule):
         eval_seq_lens: extra validation/test context lengths, each its own evaluation set.
         train_windows: training windows per epoch; default: training tokens // seq_len.
         word_count: the W of word-level perplexity: "merity" (default, the WikiText convention: whitespace
-            words plus one end-of-line per line) or "whitespace" (whitespace words alone).
+            words plus one end-of-line per line), "whitespace" (whitespace words alone) or "none" (no
+            word-level perplexity).
         show_progress: progress bars while preparing.
     """
 
@@ -163,6 +164,7 @@ class TokenArrayDataModule(LMDataModule):
         self.tokens_per_word = {
             stage_name: {name: meta["num_tokens"] / max(word_total(meta, self.word_count), 1) for name in lengths}
             for stage_name, meta in (("val", valid_meta), ("test", test_meta))
+            if self.word_count != "none"
         }
 
     def token_stream(self, split: str) -> np.ndarray:

@@ -28,12 +28,13 @@ def cope_position_logits(query: Tensor, attn_logits: Tensor, pos_emb: Tensor) ->
     z_ceil = z.gather(-1, pos_ceil)  # (..., T, S)
     z_floor = z.gather(-1, pos_floor)  # (..., T, S)
     w = positions - pos_floor  # interpolation weight, differentiable through the gates
-    return z_ceil * w + z_floor * (1 - w)
+    return (z_ceil * w + z_floor * (1 - w)).to(z.dtype)  # positions are float32 or wider: back to q's dtype
 
 
 def contextual_positions(gate_logits: Tensor, npos_max: int) -> Tensor:
     """(..., T, S) masked gate logits -> p_ij = sum_{t=j..i} sigmoid(gate_it), clamped at npos_max - 1."""
-    gates = torch.sigmoid(gate_logits)  # masked keys give exactly 0
+    # At least float32: a bf16 running sum counts exactly only to 256 and loses gates long before.
+    gates = torch.sigmoid(gate_logits.to(torch.promote_types(gate_logits.dtype, torch.float32)))  # masked: exactly 0
     # A cumulative sum from the right (keys after i are masked to 0).
     return gates.flip(-1).cumsum(dim=-1).flip(-1).clamp(max=npos_max - 1)
 

@@ -34,5 +34,7 @@ class ALiBi(PositionEncoding):
         self.register_buffer("slopes", alibi_slopes(dims.n_heads), persistent=False)  # (H,)
 
     def attention_terms(self, layer: int, q: Tensor, keys: dict[str, Tensor]) -> list[Term]:
-        distances = torch.arange(keys["k"].size(-2), device=q.device, dtype=q.dtype)  # 0 .. S - 1
-        return [DistanceBias(-self.slopes.to(q.dtype).unsqueeze(1) * distances)]  # (H, S)
+        # float32 whatever q's dtype: bf16 counts exactly only to 256, so bf16-mixed training and fp32
+        # evaluation would see different biases; DistanceBias casts the finished bias once.
+        distances = torch.arange(keys["k"].size(-2), device=q.device, dtype=torch.float32)  # 0 .. S - 1
+        return [DistanceBias(-self.slopes.float().unsqueeze(1) * distances)]  # (H, S)

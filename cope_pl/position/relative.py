@@ -26,6 +26,7 @@ class RelativePositionEncoding(PositionEncoding):
             raise ValueError(f"model.position_options.max_distance must be >= 1, got {self.num_embeddings}")
         # (L, D, P): per layer (or (1, D, P) for all layers), one embedding per distance, shared by the heads.
         layers = 1 if shared_table else dims.n_layers
+        # std 0.02: the official std D^-0.5 is for a term divided by sqrt(D); see docs/position-encodings.md
         self.tables = nn.Parameter(torch.randn(layers, dims.d_head, self.num_embeddings) * 0.02)
 
     def table(self, layer: int) -> Tensor:

@@ -63,7 +63,7 @@ DEFAULT_ROW_KEYS = ["data", "position", "seq_len"]
 
 def default_tables(runs: pd.DataFrame) -> list[dict[str, Any]]:
     """test/ metrics when the runs were tested, else val/: error and perplexity, and word-level perplexity where
-    the data module counts words (WikiText, code)."""
+    the runs logged it (WikiText; code only when its data.word_count asks)."""
     stage = "test" if any(c.startswith("test/") for c in runs.columns) else "val"
     names = ["error", "ppl"] + (["word_ppl"] if any(c.startswith(f"{stage}/word_ppl") for c in runs.columns) else [])
     return [{"name": f"{stage}_{name}", "metric": f"{stage}/{name}", "lower_is_better": True} for name in names]
