@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import warnings
 from argparse import ArgumentError
@@ -22,11 +23,13 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cope_pl.cope_stats import CopeStatistics
 from cope_pl.data import LMDataModule
 from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteError, NonFiniteGuard
+from cope_pl.preemption import PreemptionCheckpoint
 from cope_pl.results import ResultsWriter, fit_finished, read_results
 from cope_pl.resume import CheckedCheckpointIO, RngState, resolve_resume
 from cope_pl.runs import RESULTS_FILE, resolve_run, version_of
@@ -163,6 +166,7 @@ def trainer_defaults() -> dict:
             ResultsWriter(),
             RngState(),
             NonFiniteGuard(),
+            PreemptionCheckpoint(),
         ],
     }
 
@@ -241,6 +245,10 @@ def entry() -> None:
     """The `cope-pl` console script: main() with user errors as one line (COPE_PL_TRACEBACK=1 shows all)."""
     try:
         main()
+    except SIGTERMException:
+        # Lightning stops its loops at SIGTERM with a SystemExit that would exit 0, as if the run had finished.
+        print("cope-pl: stopped by SIGTERM; continue the run with --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except USER_ERRORS as err:
         if os.environ.get("COPE_PL_TRACEBACK"):
             raise

@@ -48,3 +48,17 @@ class NaNAtStep(L.Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+class SignalAtStep(L.Callback):
+    """Send this process a signal (by name, e.g. SIGUSR1) once, after optimizer step `step`, as a scheduler would."""
+
+    def __init__(self, step: int, name: str):
+        self.step = step
+        self.signum = getattr(signal, name)
+        self.sent = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

@@ -1,10 +1,12 @@
-"""A run killed with SIGKILL and resumed with `--ckpt_path last` continues exactly as if never stopped.
+"""A run killed with SIGKILL, or preempted after a SIGUSR1 warning, and resumed with `--ckpt_path last`
+continues exactly as if never stopped; a run stopped by SIGTERM exits non-zero.
 
 Each test starts `cope-pl fit` in a subprocess (a real kill, a real restart), reads the per-step losses
 from the TensorBoard event files and compares them step by step with an uninterrupted run.
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -34,11 +36,13 @@ BASE = [
 ]
 
 
-def fit(save_dir: Path, *extra: str, callback: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def fit(
+    save_dir: Path, *extra: str, callback: str | None = None, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "cope_pl.cli", "fit", *BASE, f"--trainer.logger.init_args.save_dir={save_dir}"]
     if callback:
         args.append("--trainer.callbacks+=" + callback)
-    done = subprocess.run([*args, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*args, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     if check and done.returncode != 0:
         raise AssertionError(f"cope-pl fit failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return done
@@ -57,6 +61,30 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def kill_at(step: int) -> str:
     return json.dumps({"class_path": "tests.fault_injection.KillAtStep", "init_args": {"step": step}})
+
+
+def signal_at(step: int, name: str) -> str:
+    return json.dumps({"class_path": "tests.fault_injection.SignalAtStep", "init_args": {"step": step, "name": name}})
+
+
+def slurm_job(tmp_path: Path) -> dict:
+    """The environment of a one-task SLURM job 4242, with an `scontrol` on PATH that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(
+        PATH=f"{bin_dir}:{env['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="preemption-test",
+        SLURM_NTASKS="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+    )
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +107,38 @@ def test_sigkilled_run_resumes_on_the_same_loss_trajectory(tmp_path, uninterrupt
     assert sorted(resumed) == sorted(uninterrupted) == list(range(12))
     for step, loss in uninterrupted.items():
         assert resumed[step] == pytest.approx(loss, abs=1e-5), f"step {step}"
+
+
+def test_preemption_warning_checkpoints_into_the_run_and_the_requeued_job_resumes_from_it(tmp_path, uninterrupted):
+    # SIGUSR1 after step 5 (SLURM's warning before the time limit), then the job is killed after step 7; the
+    # periodic checkpoints are at steps 4 and 8, so only the preemption checkpoint holds step 5.
+    env = slurm_job(tmp_path)
+    hpc_in_root = set(ROOT.glob("hpc_ckpt_*.ckpt"))
+    callbacks = f"[{signal_at(5, 'SIGUSR1')}, {kill_at(7)}]"
+    killed = fit(tmp_path, callback=callbacks, check=False, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoints = tmp_path / "copy-rope" / "version_0" / "checkpoints"
+    preempted = checkpoints / "hpc_ckpt_1.ckpt"
+    assert torch.load(preempted, weights_only=False)["global_step"] == 5  # at the end of the step under way
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert set(ROOT.glob("hpc_ckpt_*.ckpt")) == hpc_in_root  # nothing written into the working directory
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+
+    resumed = fit(tmp_path, "--ckpt_path=last", env=env)
+    assert f"Restored all states from the checkpoint at {preempted}" in resumed.stdout + resumed.stderr
+    assert not (tmp_path / "copy-rope" / "version_1").exists()
+    run_losses = losses(tmp_path / "copy-rope" / "version_0")
+    assert sorted(run_losses) == list(range(12))
+    for step, loss in uninterrupted.items():
+        assert run_losses[step] == pytest.approx(loss, abs=1e-5), f"step {step}"
+
+
+def test_fit_stopped_by_sigterm_exits_non_zero(tmp_path):
+    stopped = fit(tmp_path, callback=signal_at(5, "SIGTERM"), check=False)
+    assert stopped.returncode == 128 + signal.SIGTERM
+    assert stopped.stderr.strip().splitlines()[-1] == "cope-pl: stopped by SIGTERM; continue the run with --ckpt_path last"
+    results = tmp_path / "copy-rope" / "version_0" / "results.json"
+    assert not results.exists() or "fit_finished" not in json.loads(results.read_text())
 
 
 def test_kill_while_saving_leaves_the_previous_checkpoint_usable(tmp_path, uninterrupted):
