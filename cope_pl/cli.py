@@ -31,7 +31,7 @@ from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteError, NonFiniteGuard
 from cope_pl.preemption import PreemptionCheckpoint
 from cope_pl.results import ResultsWriter, fit_finished, read_results
-from cope_pl.resume import CheckedCheckpointIO, RngState, resolve_resume
+from cope_pl.resume import CheckedCheckpointIO, RngState, is_intact, resolve_resume
 from cope_pl.runs import RESULTS_FILE, resolve_run, version_of
 from cope_pl.throughput import TokenThroughputMonitor
 
@@ -75,6 +75,15 @@ class CopeCLI(LightningCLI):
         parser.add_lightning_class_args(CopeStatistics, "cope_stats")
         # Lightning prepares data on local rank 0 of every node; on a shared filesystem once is enough.
         parser.add_argument("--prepare_data_per_node", type=bool, default=True)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of a named checkpoint before anything else: a corrupt one gets the
+        # one-line error (and the file set aside) here, not torch's traceback.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file() and not is_intact(Path(ckpt_path)):
+            CheckedCheckpointIO().load_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         self.datamodule.prepare_data_per_node = self.config.fit.prepare_data_per_node

@@ -50,8 +50,11 @@ def run_of_checkpoint(ckpt: Path) -> Path:
 
 def preemption_checkpoint(checkpoints: Path) -> Path:
     """The next free `hpc_ckpt_N.ckpt` in a checkpoints folder (N counts the run's preemptions from 1)."""
-    taken = [int(p.stem[len(PREEMPTION_PREFIX) :]) for p in Path(checkpoints).glob(f"{PREEMPTION_PREFIX}*.ckpt")
-             if p.stem[len(PREEMPTION_PREFIX) :].isdigit()]
+    taken = [
+        int(p.stem[len(PREEMPTION_PREFIX) :])
+        for p in Path(checkpoints).glob(f"{PREEMPTION_PREFIX}*.ckpt")
+        if p.stem[len(PREEMPTION_PREFIX) :].isdigit()
+    ]
     return Path(checkpoints) / f"{PREEMPTION_PREFIX}{max(taken, default=0) + 1}.ckpt"
 
 

@@ -136,7 +136,8 @@ def test_preemption_warning_checkpoints_into_the_run_and_the_requeued_job_resume
 def test_fit_stopped_by_sigterm_exits_non_zero(tmp_path):
     stopped = fit(tmp_path, callback=signal_at(5, "SIGTERM"), check=False)
     assert stopped.returncode == 128 + signal.SIGTERM
-    assert stopped.stderr.strip().splitlines()[-1] == "cope-pl: stopped by SIGTERM; continue the run with --ckpt_path last"
+    last_line = stopped.stderr.strip().splitlines()[-1]
+    assert last_line == "cope-pl: stopped by SIGTERM; continue the run with --ckpt_path last"
     results = tmp_path / "copy-rope" / "version_0" / "results.json"
     assert not results.exists() or "fit_finished" not in json.loads(results.read_text())
 
@@ -157,9 +158,9 @@ def test_truncated_checkpoint_is_refused_in_one_line(tmp_path):
     fit(tmp_path, "--trainer.max_steps=4")
     last = tmp_path / "copy-rope" / "version_0" / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])
-    done = subprocess.run(
+    done = subprocess.run(  # a checkpoint named on the command line is used or refused, never swapped
         [sys.executable, "-m", "cope_pl.cli", "fit", *BASE, f"--trainer.logger.init_args.save_dir={tmp_path}"]
-        + ["--ckpt_path=last"],
+        + [f"--ckpt_path={last}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -179,7 +180,7 @@ def test_corrupt_checkpoint_advice_names_the_intact_one_and_following_it_resumes
     (checkpoints / "epoch=1-step=8.ckpt").write_bytes(b"not a checkpoint")  # corrupt too: skipped
     last = checkpoints / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])
-    done = fit(tmp_path, "--ckpt_path=last", "--trainer.max_steps=12", check=False)
+    done = fit(tmp_path, f"--ckpt_path={last}", "--trainer.max_steps=12", check=False)
     advice = done.stderr.strip().splitlines()[-1]
     intact = checkpoints / "epoch=0-step=4.ckpt"
     assert f"the newest intact checkpoint beside it is {intact.name}" in advice
@@ -190,6 +191,20 @@ def test_corrupt_checkpoint_advice_names_the_intact_one_and_following_it_resumes
     assert "Restored all states" in resumed.stdout + resumed.stderr  # not a silent restart from scratch
     assert torch.load(last, weights_only=False)["global_step"] == 12
     assert (checkpoints / "last.ckpt.corrupt").stat().st_size == 1000  # kept, out of the way
+
+
+def test_resume_last_sets_corrupt_checkpoints_aside_and_takes_the_newest_intact_one(tmp_path):
+    fit(tmp_path, "--trainer.max_steps=8", "--checkpoint.save_top_k=-1")  # steps 4 and 8, last.ckpt at 8
+    checkpoints = tmp_path / "copy-rope" / "version_0" / "checkpoints"
+    (checkpoints / "epoch=1-step=8.ckpt").write_bytes(b"not a checkpoint")
+    last = checkpoints / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    resumed = fit(tmp_path, "--ckpt_path=last", "--trainer.max_steps=12")
+    intact = checkpoints / "epoch=0-step=4.ckpt"
+    assert f"{last} is corrupt or truncated (kept as last.ckpt.corrupt)" in resumed.stdout
+    assert f"Restored all states from the checkpoint at {intact}" in resumed.stdout + resumed.stderr
+    assert (checkpoints / "epoch=1-step=8.ckpt.corrupt").is_file()
+    assert torch.load(last, weights_only=False)["global_step"] == 12
 
 
 def test_resume_last_without_last_ckpt_continues_from_the_newest_checkpoint(tmp_path):
