@@ -51,14 +51,18 @@ class NaNAtStep(L.Callback):
 
 
 class SignalAtStep(L.Callback):
-    """Send this process a signal (by name, e.g. SIGUSR1) once, after optimizer step `step`, as a scheduler would."""
+    """Send this process a signal (by name, e.g. SIGUSR1) once, after optimizer step `step`, as a scheduler would;
+    with `rank`, only the process of that global rank."""
 
-    def __init__(self, step: int, name: str):
+    def __init__(self, step: int, name: str, rank: int | None = None):
         self.step = step
         self.signum = getattr(signal, name)
+        self.rank = rank
         self.sent = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if trainer.global_step >= self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)
