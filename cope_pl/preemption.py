@@ -1,5 +1,5 @@
-"""Preemption that loses nothing: a checkpoint at the step a scheduler's warning arrives, written into the run's
-own checkpoints folder, then a SLURM requeue.
+"""Preemption that loses nothing: a checkpoint at the step a scheduler's warning (or SIGTERM) arrives, written
+into the run's own checkpoints folder, and a SLURM requeue after the warning.
 
 SLURM sends SIGUSR1 before a job's time limit when asked to (`#SBATCH --signal=SIGUSR1@90`, as `cope-pl launch
 slurm` writes). `PreemptionCheckpoint` notes the signal; at the end of the training step under way (every rank at
@@ -7,6 +7,9 @@ the same step) it writes `checkpoints/hpc_ckpt_N.ckpt` beside the run's other ch
 requeues the job (`scontrol requeue`). The requeued job's `--ckpt_path last` resumes from the newest intact
 checkpoint of the run, which is this one (cope_pl/resume.py::resolve_resume). Outside SLURM the signal only saves
 and training goes on, so `kill -USR1 PID` checkpoints a run on demand.
+
+SIGTERM (a preemption, `scancel`, the end of the time limit) is saved the same way, without a requeue; the trainer
+then stops after that step and `cope-pl` exits non-zero (cope_pl/cli.py).
 
 It takes the place of Lightning's own SLURM handler, which saves from inside the signal handler (at any point of
 a step, on each rank at a different one) into the working directory, where no resume looks.
@@ -23,7 +26,9 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cope_pl.results import run_dir
 from cope_pl.runs import CHECKPOINTS_DIR, preemption_checkpoint
@@ -72,43 +77,52 @@ def requeue(job: str) -> None:
 
 
 class PreemptionCheckpoint(L.Callback):
-    """On the requeue signal: a checkpoint in the run's checkpoints folder at the end of the current step, then a
-    SLURM requeue (see the module docstring)."""
+    """On the requeue signal or SIGTERM: a checkpoint in the run's checkpoints folder at the end of the current
+    step; after the requeue signal, a SLURM requeue too (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._requested = False
-        self._signal: signal.Signals | None = None
-        self._previous: Any = None
+        self._received: int | None = None
+        self._installed: dict[int, Any] = {}
 
     def _note(self, signum: int, frame: Any) -> None:
         # Only a flag: saving here could fall between the ranks' collectives of a step.
-        self._requested = True
+        self._received = signum
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Installed before the trainer registers its signal handlers, which then leaves this signal alone (in
-        # validate and test too, so no stage writes a checkpoint into the working directory).
-        signum = requeue_signal(trainer)
-        if signum is None or threading.current_thread() is not threading.main_thread():
+        # Installed before the trainer registers its own handlers: it then leaves the requeue signal to this one (in
+        # validate and test too, so no stage writes a checkpoint into the working directory) and calls this one
+        # after its own SIGTERM handler, which stops the loops after the step.
+        if threading.current_thread() is not threading.main_thread():
             return
-        self._requested = False
-        self._signal = signum
-        self._previous = signal.signal(signum, self._note)
+        self._received = None
+        for signum in {requeue_signal(trainer), signal.SIGTERM} - {None}:
+            self._installed[signum] = signal.signal(signum, self._note)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._signal is not None:
-            signal.signal(self._signal, self._previous if self._previous is not None else signal.SIG_DFL)
-            self._signal = None
+        for signum, previous in self._installed.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._installed = {}
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Any rank's signal counts; every rank takes the same decision at the same step.
-        if not trainer.strategy.reduce_boolean_decision(self._requested, all=False):
-            return
-        self._requested = False
+        if trainer.strategy.reduce_boolean_decision(self._received is not None, all=False):
+            self._save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # SIGTERM after this step's check, before the trainer's: one process saves here. Several could each stop at
+        # a different point, where the collective save would wait forever; they keep their newest checkpoint.
+        training = trainer.state.stage == RunningStage.TRAINING
+        stopped = isinstance(exception, SIGTERMException) and self._received is not None
+        if stopped and training and trainer.world_size == 1:
+            self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        received, self._received = self._received, None
         path = preemption_checkpoint(checkpoints_dir(trainer))
         trainer.save_checkpoint(path)
-        rank_zero_info(f"Preemption warning: saved {path} at step {trainer.global_step}")
+        rank_zero_info(f"Stop or preemption warning: saved {path} at step {trainer.global_step}")
         job = slurm_job_to_requeue(trainer)
-        if job is not None and trainer.is_global_zero:
+        if job is not None and trainer.is_global_zero and received == requeue_signal(trainer):
             requeue(job)

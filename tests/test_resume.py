@@ -133,9 +133,11 @@ def test_preemption_warning_checkpoints_into_the_run_and_the_requeued_job_resume
         assert run_losses[step] == pytest.approx(loss, abs=1e-5), f"step {step}"
 
 
-def test_fit_stopped_by_sigterm_exits_non_zero(tmp_path):
+def test_fit_stopped_by_sigterm_checkpoints_its_step_and_exits_non_zero(tmp_path):
     stopped = fit(tmp_path, callback=signal_at(5, "SIGTERM"), check=False)
     assert stopped.returncode == 128 + signal.SIGTERM
+    checkpoints = tmp_path / "copy-rope" / "version_0" / "checkpoints"
+    assert torch.load(checkpoints / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 5
     last_line = stopped.stderr.strip().splitlines()[-1]
     assert last_line == "cope-pl: stopped by SIGTERM; continue the run with --ckpt_path last"
     results = tmp_path / "copy-rope" / "version_0" / "results.json"
