@@ -81,48 +81,45 @@ class PreemptionCheckpoint(L.Callback):
     step; after the requeue signal, a SLURM requeue too (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._received: int | None = None
-        self._installed: dict[int, Any] = {}
+        self._warned: int | None = None
+        self._saved_at_sigterm = False
 
     def _note(self, signum: int, frame: Any) -> None:
         # Only a flag: saving here could fall between the ranks' collectives of a step.
-        self._received = signum
+        self._warned = signum
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Installed before the trainer registers its own handlers: it then leaves the requeue signal to this one (in
-        # validate and test too, so no stage writes a checkpoint into the working directory) and calls this one
-        # after its own SIGTERM handler, which stops the loops after the step.
-        if threading.current_thread() is not threading.main_thread():
-            return
-        self._received = None
-        for signum in {requeue_signal(trainer), signal.SIGTERM} - {None}:
-            self._installed[signum] = signal.signal(signum, self._note)
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Installed after the trainer's own handlers, in place of its SLURM one for this signal; the trainer puts
+        # back the handlers from before the fit when it ends, also when it fails.
+        self._warned, self._saved_at_sigterm = None, False
+        signum = requeue_signal(trainer)
+        if signum is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signum, self._note)
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for signum, previous in self._installed.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._installed = {}
+    def _stopping(self, trainer: L.Trainer) -> bool:
+        return trainer.received_sigterm and not self._saved_at_sigterm  # the trainer's own SIGTERM flag
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Any rank's signal counts; every rank takes the same decision at the same step.
-        if trainer.strategy.reduce_boolean_decision(self._received is not None, all=False):
+        pending = self._warned is not None or self._stopping(trainer)
+        if trainer.strategy.reduce_boolean_decision(pending, all=False):
             self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # SIGTERM after this step's check, before the trainer's: one process saves here. Several could each stop at
         # a different point, where the collective save would wait forever; they keep their newest checkpoint.
         training = trainer.state.stage == RunningStage.TRAINING
-        stopped = isinstance(exception, SIGTERMException) and self._received is not None
-        if stopped and training and trainer.world_size == 1:
+        if isinstance(exception, SIGTERMException) and self._stopping(trainer) and training and trainer.world_size == 1:
             self._save(trainer)
 
     def _save(self, trainer: L.Trainer) -> None:
-        received, self._received = self._received, None
+        warned, self._warned = self._warned, None
+        self._saved_at_sigterm = trainer.received_sigterm
         path = preemption_checkpoint(checkpoints_dir(trainer))
         trainer.save_checkpoint(path)
         rank_zero_info(f"Stop or preemption warning: saved {path} at step {trainer.global_step}")
         job = slurm_job_to_requeue(trainer)
-        if job is not None and trainer.is_global_zero and received == requeue_signal(trainer):
+        if job is not None and trainer.is_global_zero and warned is not None:
             requeue(job)
