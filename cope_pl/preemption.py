@@ -1,12 +1,12 @@
 """Preemption that loses nothing: a checkpoint at the step a scheduler's warning (or SIGTERM) arrives, written
 into the run's own checkpoints folder, and a SLURM requeue after the warning.
 
-SLURM sends SIGUSR1 before a job's time limit when asked to (`#SBATCH --signal=SIGUSR1@90`, as `cope-pl launch
-slurm` writes). `PreemptionCheckpoint` notes the signal; at the end of the training step under way (every rank at
-the same step) it writes `checkpoints/hpc_ckpt_N.ckpt` beside the run's other checkpoints and, inside a SLURM job,
-requeues the job (`scontrol requeue`). The requeued job's `--ckpt_path last` resumes from the newest intact
-checkpoint of the run, which is this one (cope_pl/resume.py::resolve_resume). Outside SLURM the signal only saves
-and training goes on, so `kill -USR1 PID` checkpoints a run on demand.
+SLURM sends SIGUSR1 before a job's time limit when the job asks for it (`#SBATCH --signal=SIGUSR1@SECONDS`, as
+the scripts of `cope-pl launch slurm` do). `PreemptionCheckpoint` notes the signal; at the end of the training
+step under way (every rank at the same step) it writes `checkpoints/hpc_ckpt_N.ckpt` beside the run's other
+checkpoints and, inside a SLURM job, requeues the job (`scontrol requeue`). The requeued job's `--ckpt_path last`
+resumes from the newest intact checkpoint of the run, which is this one (cope_pl/resume.py::resolve_resume).
+Outside SLURM the signal only saves and training goes on, so `kill -USR1 PID` checkpoints a run on demand.
 
 SIGTERM (a preemption, `scancel`, the end of the time limit) is saved the same way, without a requeue; the trainer
 then stops after that step and `cope-pl` exits non-zero (cope_pl/cli.py).
@@ -102,7 +102,8 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # Any rank's signal counts; every rank takes the same decision at the same step.
+        # Any rank's signal counts; every rank takes the same decision at the same step (under DDP: one all-reduce
+        # of a flag per step, beside the one the trainer makes for SIGTERM).
         pending = self._warned is not None or self._stopping(trainer)
         if trainer.strategy.reduce_boolean_decision(pending, all=False):
             self._save(trainer)
@@ -119,7 +120,8 @@ class PreemptionCheckpoint(L.Callback):
         self._saved_at_sigterm = trainer.received_sigterm
         path = preemption_checkpoint(checkpoints_dir(trainer))
         trainer.save_checkpoint(path)
-        rank_zero_info(f"Stop or preemption warning: saved {path} at step {trainer.global_step}")
+        reason = "SIGTERM" if trainer.received_sigterm else "preemption warning"
+        rank_zero_info(f"{reason}: saved {path} at step {trainer.global_step}")
         job = slurm_job_to_requeue(trainer)
         if job is not None and trainer.is_global_zero and warned is not None:
             requeue(job)
