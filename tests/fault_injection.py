@@ -5,6 +5,7 @@ import signal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 
 
 class KillAtStep(L.Callback):
@@ -66,3 +67,7 @@ class SignalAtStep(L.Callback):
         if trainer.global_step >= self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class SignalAfterCallbacks(Checkpoint, SignalAtStep):
+    """SignalAtStep from the step's last callback: the trainer runs checkpoint callbacks after all others."""

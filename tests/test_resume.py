@@ -63,8 +63,8 @@ def kill_at(step: int) -> str:
     return json.dumps({"class_path": "tests.fault_injection.KillAtStep", "init_args": {"step": step}})
 
 
-def signal_at(step: int, name: str) -> str:
-    return json.dumps({"class_path": "tests.fault_injection.SignalAtStep", "init_args": {"step": step, "name": name}})
+def signal_at(step: int, name: str, sender: str = "SignalAtStep") -> str:
+    return json.dumps({"class_path": f"tests.fault_injection.{sender}", "init_args": {"step": step, "name": name}})
 
 
 def slurm_job(tmp_path: Path) -> dict:
@@ -133,8 +133,10 @@ def test_preemption_warning_checkpoints_into_the_run_and_the_requeued_job_resume
         assert run_losses[step] == pytest.approx(loss, abs=1e-5), f"step {step}"
 
 
-def test_fit_stopped_by_sigterm_checkpoints_its_step_and_exits_non_zero(tmp_path):
-    stopped = fit(tmp_path, callback=signal_at(5, "SIGTERM"), check=False)
+# SIGTERM before the preemption callback looks at the step, or after it (then the trainer's stop saves).
+@pytest.mark.parametrize("sender", ["SignalAtStep", "SignalAfterCallbacks"])
+def test_fit_stopped_by_sigterm_checkpoints_its_step_and_exits_non_zero(tmp_path, sender):
+    stopped = fit(tmp_path, callback=signal_at(5, "SIGTERM", sender), check=False)
     assert stopped.returncode == 128 + signal.SIGTERM
     checkpoints = tmp_path / "copy-rope" / "version_0" / "checkpoints"
     assert torch.load(checkpoints / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 5
