@@ -52,16 +52,17 @@ def checkpoints_dir(trainer: L.Trainer) -> Path:
 
 
 def slurm_job_to_requeue(trainer: L.Trainer) -> str | None:
-    """The SLURM job (or array task) this process runs in, when it should be requeued; None outside SLURM or when
-    a SLURMEnvironment plugin turned auto_requeue off."""
+    """The SLURM job (or array task) this process runs in, when it should be requeued; None outside SLURM, in an
+    interactive allocation (Lightning's convention: job name bash or interactive), or when a SLURMEnvironment
+    plugin turned auto_requeue off."""
     environment = getattr(trainer.strategy, "cluster_environment", None)
     if isinstance(environment, SLURMEnvironment) and not environment.auto_requeue:
         return None
-    if not SLURMEnvironment.detect():
+    if os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
         return None
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array_job is not None:
-        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job is not None and task is not None:
+        return f"{array_job}_{task}"
     return os.environ.get("SLURM_JOB_ID")
 
 

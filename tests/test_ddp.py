@@ -6,6 +6,7 @@ same number of batches, with metrics reduced from sums (equal to a single-proces
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,8 +114,10 @@ def test_ddp_validation_equals_single_process_validation(runs):
 
 
 def cope_pl(*args: str) -> subprocess.CompletedProcess:
+    # Outside any SLURM job the tests may run in: its preemption warning would requeue that job.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     done = subprocess.run(
-        [sys.executable, "-m", "cope_pl.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "cope_pl.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
     )
     assert done.returncode == 0, f"cope-pl {args[0]} failed ({done.returncode}):\n{done.stderr[-4000:]}"
     return done
