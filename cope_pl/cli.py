@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import warnings
 from argparse import ArgumentError
@@ -22,12 +23,14 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cope_pl.cope_stats import CopeStatistics
 from cope_pl.data import LMDataModule
 from cope_pl.last_step import LastStepEvaluation
 from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteError, NonFiniteGuard
+from cope_pl.preemption import PreemptionCheckpoint
 from cope_pl.results import ResultsWriter, fit_finished, read_results
 from cope_pl.resume import CORRUPT, CheckedCheckpointIO, RngState, checkpoint_error, refuse_untrusted, resolve_resume
 from cope_pl.runs import RESULTS_FILE, resolve_run, version_of
@@ -182,6 +185,7 @@ def trainer_defaults() -> dict:
             RngState(),
             NonFiniteGuard(),
             LastStepEvaluation(),
+            PreemptionCheckpoint(),
         ],
     }
 
@@ -260,6 +264,10 @@ def entry() -> None:
     """The `cope-pl` console script: main() with user errors as one line (COPE_PL_TRACEBACK=1 shows all)."""
     try:
         main()
+    except SIGTERMException:
+        # Lightning stops its loops at SIGTERM with a SystemExit that would exit 0, as if the run had finished.
+        print("cope-pl: stopped by SIGTERM; continue the run with --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except USER_ERRORS as err:
         if os.environ.get("COPE_PL_TRACEBACK"):
             raise
