@@ -17,6 +17,7 @@ import torch
 
 from cope_pl.data import CopyDataModule
 from cope_pl.lm import LanguageModel
+from cope_pl.resume import read_checkpoint
 
 STEPS = 6
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,8 +147,8 @@ def test_cope_pl_fit_test_and_eval_context_run_to_their_end_with_two_processes(t
     results = json.loads((run / "results.json").read_text())
     assert results["fit_finished"] is True and results["global_step"] == 4 and results["run_dir"] == str(run)
     assert {"val/loss", "val/error", "cope/max_clamped_frac"} <= set(results["metrics"])
-    assert torch.load(run / "checkpoints" / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 2
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert read_checkpoint(run / "checkpoints" / "hpc_ckpt_1.ckpt")["global_step"] == 2
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4
 
     test = cope_pl("test", str(run))
     assert "GLOBAL_RANK: 1" in test.stdout + test.stderr  # the run's own config: 2 processes again
