@@ -116,12 +116,12 @@ class StickBreaking:
     attend_current: bool = False
 
     def weights(self, scores: Tensor) -> Tensor:
-        """(B, H, T, S) logits of the last T of S positions -> (B, H, T, S) weights, in log space in float32."""
+        """(B, H, T, S) logits of the last T of S positions -> (B, H, T, S) weights, in log space (float32 at least)."""
         t, s = scores.shape[-2:]
         rows = torch.arange(t, device=scores.device).unsqueeze(1) + (s - t)  # absolute position of each query
         cols = torch.arange(s, device=scores.device).unsqueeze(0)
         breaks = cols <= rows if self.attend_current else cols < rows  # (T, S): keys that take a share
-        z = scores.float()
+        z = scores.to(torch.promote_types(scores.dtype, torch.float32))
         log_take = F.logsigmoid(z).masked_fill(~breaks, float("-inf"))  # log sigmoid(z_ij)
         log_leave = F.logsigmoid(-z).masked_fill(~breaks, 0.0)  # log(1 - sigmoid(z_it))
         # Sum over the keys t > j that break the stick before j does: a reverse cumulative sum, shifted by one.

@@ -53,10 +53,11 @@ class FIRE(PositionEncoding):
 
     def normalized_distances(self, layer: int, t: int, s: int, device: torch.device) -> Tensor:
         """(T, S): psi(i - j) / psi(max(L, i)) for the last T of S query positions (0 where j > i, masked)."""
-        i = torch.arange(s - t, s, device=device, dtype=torch.float32).unsqueeze(1)  # (T, 1)
-        j = torch.arange(s, device=device, dtype=torch.float32).unsqueeze(0)  # (1, S)
-        c = self.c[layer].float()
-        threshold = (self.L_multiplier[layer].float() * self.init_L).abs()
+        dtype = self.c.dtype  # float32 at least: positions are exact in it up to 2^24
+        i = torch.arange(s - t, s, device=device, dtype=dtype).unsqueeze(1)  # (T, 1)
+        j = torch.arange(s, device=device, dtype=dtype).unsqueeze(0)  # (1, S)
+        c = self.c[layer]
+        threshold = (self.L_multiplier[layer] * self.init_L).abs()
         return psi((i - j).clamp(min=0), c) / (psi(torch.maximum(i, threshold), c) + self.eps)
 
     def attention_terms(self, layer: int, q: Tensor, keys: dict[str, Tensor]) -> list[Term]:

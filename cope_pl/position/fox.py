@@ -37,7 +37,8 @@ class ForgettingAttention(PositionEncoding):
     def key_features(self, layer: int, x: Tensor) -> dict[str, Tensor]:
         """(B, H, T, 1) log f_t of the new tokens, from the layer input x (B, T, C)."""
         preact = x @ self.gate_weight[layer].transpose(0, 1) + self.gate_bias[layer]  # (B, T, H)
-        return {LOG_GATE: F.logsigmoid(preact.float()).transpose(1, 2).unsqueeze(-1)}
+        preact = preact.to(torch.promote_types(preact.dtype, torch.float32))  # log gates are summed: float32 at least
+        return {LOG_GATE: F.logsigmoid(preact).transpose(1, 2).unsqueeze(-1)}
 
     def attention_terms(self, layer: int, q: Tensor, keys: dict[str, Tensor]) -> list[Term]:
         cumulative = keys[LOG_GATE][..., 0].cumsum(-1)  # (B, H, S): c_t = sum_{u<=t} log f_u
