@@ -10,6 +10,10 @@ do not overlap unless `--stride` asks for a sliding window over a flat token str
 An encoding that cannot represent a length (a learned absolute table, or an uncapped relative table shorter
 than the context) raises ValueError from `position.check_length`; that row is reported as "n/a" with the
 reason, never scored with wrapped or clipped positions.
+
+`--rope-scaling linear|dynamic|yarn --rope-factor 4` scores a RoPE model with its frequencies scaled as Hugging
+Face's rope_type of that name does (cope_pl/position/rope_scaling.py); its rows carry `rope_scaling` (`yarn×4`),
+are kept beside the unscaled rows of the same length, and a report names them `rope+yarn×4`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from cope_pl.data.base import IGNORE_INDEX
 from cope_pl.data.windows import SlidingWindows
 from cope_pl.eval_positions import bucket_rows, save_position_rows
 from cope_pl.metrics import batch_sums, perplexity
+from cope_pl.position.rope_scaling import ROPE_TYPES, apply_rope_scaling
 from cope_pl.runs import (
     EVAL_CONTEXT_FILE,
     build_datamodule,
@@ -45,6 +50,7 @@ from cope_pl.runs import (
 COLUMNS = (
     "run",
     "position",
+    "rope_scaling",
     "train_seq_len",
     "seq_len",
     "factor",
@@ -206,6 +212,8 @@ def evaluate_context(
     limit_batches: int | None = None,
     memory_gb: float | None = None,
     bucket: int = BUCKET,
+    rope_scaling: str | None = None,
+    rope_factor: float | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (length, eval set) for one run (a run directory or a checkpoint file); the loss by
     position of each goes to the run's positions CSV. Progress goes to stderr, a line per length."""
@@ -218,8 +226,10 @@ def evaluate_context(
     train_len = train_seq_len(config)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_trained(ckpt, map_location=dev).eval()
+    scaling = scale_rope(model, rope_scaling, rope_factor, train_len)
     budget = memory_gb * 2**30 if memory_gb else None
     base = {"run": run_label(run), "position": model.hparams.position, "train_seq_len": train_len, "stride": stride}
+    base["rope_scaling"] = scaling
     rows, position_rows = [], []
     todo = parse_lengths(lengths, train_len)
     for step, seq_len in enumerate(todo, 1):
@@ -262,12 +272,30 @@ def evaluate_context(
     return rows
 
 
+def scale_rope(model, rope_type: str | None, factor: float | None, train_len: int) -> str:
+    """Apply --rope-scaling/--rope-factor to a loaded run's model; its label (`yarn×4`), or "" without scaling."""
+    if rope_type is None:
+        if factor is not None:
+            raise ValueError("--rope-factor needs --rope-scaling (linear, dynamic or yarn)")
+        return ""
+    if factor is None:
+        raise ValueError(f"--rope-scaling {rope_type} needs --rope-factor (e.g. 4 for four times the training length)")
+    return apply_rope_scaling(model.model, rope_type, factor, train_len).label
+
+
+def add_rope_scaling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rope-scaling", choices=ROPE_TYPES, default=None, help="RoPE scaling (Hugging Face rope_type)"
+    )
+    parser.add_argument("--rope-factor", type=float, default=None, help="its factor, e.g. 4")
+
+
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
 def row_key(row: dict[str, Any]) -> tuple:
-    return (row["seq_len"], row["set"], row.get("stride"))
+    return (row["seq_len"], row["set"], row.get("stride"), row.get("rope_scaling") or "")
 
 
 def save_rows(run: Path, rows: list[dict[str, Any]]) -> None:
@@ -306,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-gb", type=float, default=None, help="memory budget for the attention logits")
     parser.add_argument("--bucket", type=int, default=BUCKET, help="positions per bucket of the loss by position")
     parser.add_argument("--out", type=Path, default=None, help="also write all rows to this CSV file")
+    add_rope_scaling_arguments(parser)
     args = parser.parse_args(argv)
     rows = []
     for run in args.runs:
@@ -318,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
             args.limit_batches,
             args.memory_gb,
             args.bucket,
+            rope_scaling=args.rope_scaling,
+            rope_factor=args.rope_factor,
         )
     print("\n".join(format_rows(rows)))
     if args.out is not None:
