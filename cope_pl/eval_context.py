@@ -315,12 +315,13 @@ def write_csv(rows: list[dict[str, Any]], out: Path) -> None:
 def format_rows(rows: list[dict[str, Any]]) -> Iterator[str]:
     yield f"{'run':32} {'len':>6} {'set':>10} {'loss':>8} {'ppl':>10} {'word_ppl':>10} {'error':>7}"
     for r in rows:
+        run = f"{r['run']} {r['rope_scaling']}" if r.get("rope_scaling") else r["run"]
         if r["status"] != "ok":
-            yield f"{r['run']:32} {r['seq_len']:>6} {r['status']:>10}  {r['reason']}"
+            yield f"{run:32} {r['seq_len']:>6} {r['status']:>10}  {r['reason']}"
             continue
         word = f"{r['word_ppl']:10.3f}" if r["word_ppl"] is not None else " " * 10
         name = r["set"] or "-"
-        yield f"{r['run']:32} {r['seq_len']:>6} {name:>10} {r['loss']:8.4f} {r['ppl']:10.3f} {word} {r['error']:7.4f}"
+        yield f"{run:32} {r['seq_len']:>6} {name:>10} {r['loss']:8.4f} {r['ppl']:10.3f} {word} {r['error']:7.4f}"
 
 
 def main(argv: list[str] | None = None) -> None:

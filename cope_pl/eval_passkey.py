@@ -184,7 +184,8 @@ def save_rows(run: Path, rows: list[dict[str, Any]]) -> None:
 def format_rows(rows: list[dict[str, Any]]) -> Iterator[str]:
     yield f"{'run':32} {'len':>6} {'depth':>6} {'samples':>8} {'accuracy':>9} {'digit_acc':>9}"
     for r in rows:
-        head = f"{r['run']:32} {r['seq_len']:>6} {r['depth']:>6.2f}"
+        run = f"{r['run']} {r['rope_scaling']}" if r.get("rope_scaling") else r["run"]
+        head = f"{run:32} {r['seq_len']:>6} {r['depth']:>6.2f}"
         if r["status"] != "ok":
             yield f"{head} {r['status']:>8}  {r['reason']}"
             continue
