@@ -1,11 +1,11 @@
-"""FIRE, Functional Interpolation for Relative Positions (Li et al. 2023, arXiv 2310.04418).
+"""FIRE, Functional Interpolation for Relative Positions (Li et al. 2023, ICLR 2024, arXiv 2310.04418).
 
 Each layer adds a learned per-head bias b(i, j) = f_theta(psi(i - j) / psi(max(L, i))) to the logit of query i
-and key j (Section 3.2, Eq. 3-4): psi(x) = log(c x + 1) compresses distances (Section 3.3), and dividing by
-psi of the query position maps every distance into [0, 1] at any length ("progressive interpolation"); the
-threshold L keeps short contexts from being over-normalised (Section 3.4). f_theta is an MLP 1 -> mlp_width ->
-n_heads with a ReLU; c and the threshold multiplier are learned, initialised to init_c and 1 (L = init_L times
-the multiplier, its absolute value, as in the paper's appendix listing). The bias depends on i, not only on
+and key j (the paper's FIRE bias, with both of its transformations): psi(x) = log(c x + 1)
+compresses distances, and dividing by psi of the query position maps every distance into [0, 1] at any length
+("progressive interpolation"); the threshold L keeps short contexts from being over-normalised. f_theta is an
+MLP 1 -> mlp_width -> n_heads with a ReLU; c and the threshold multiplier are learned, initialised to init_c
+and 1 (L = |multiplier * init_L|, as in the paper's appendix listing). The bias depends on i, not only on
 i - j, so it is a `PairBias` and attention runs explicitly.
 """
 

@@ -1,15 +1,16 @@
 """FoX, Forgetting Attention (Lin et al. 2025, "Forgetting Transformer: Softmax Attention with a Forget Gate",
-ICLR 2025).
+ICLR 2025, arXiv 2503.02130).
 
 Each head of each layer computes a scalar forget gate per token from the layer input, f_t = sigmoid(w . x_t + b)
-(Section 2, the gate of Eq. 4), and the logit of query i and key j gains D_ij = sum_{t=j+1..i} log f_t
-(Eq. 6-7: softmax(q.k / sqrt(D) + D) with D = c_i - c_j, c the cumulative sum of log f). Like CoPE's gates it
+(the paper's forget gate), and the logit of query i and key j gains D_ij = sum_{t=j+1..i} log f_t: the paper's
+softmax(q.k / sqrt(D) + D), with D = c_i - c_j and c the cumulative sum of log f. Like CoPE's gates it
 is data-dependent, but one gate per key rather than per (query, key) pair. The paper's FoX uses no other
 position encoding; `fox+cope` and the like compose from configuration.
 
 The log gates are a per-key feature (`key_features`), so a KV cache keeps them with the keys and decoding sums
 them over everything cached; the bias is a `PairBias`, so attention runs explicitly. w and b are plain
-parameters (w normal with std 0.02, b zero: f = 1/2 at initialisation), outside the model's Linear init.
+parameters outside the model's Linear init: w normal with std 0.02, b `gate_bias_init` (0: f = 1/2 at
+initialisation).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """KERPLE, logarithmic variant (Chi et al. 2022, "KERPLE: Kernelized Relative Positional Embedding for Length
-Extrapolation", NeurIPS 2022).
+Extrapolation", NeurIPS 2022, arXiv 2205.09921).
 
 Each layer adds -r1 * log(1 + r2 * |i - j|) to the logits, with r1, r2 > 0 learned per head: the logarithmic
-conditionally positive definite kernel of the paper's Section 4 (its "log" variant, the better of the two it
-evaluates). Both are clamped at `min_value` so they stay positive, and initialised uniformly in
-(min_value, 2) and (min_value, 1). A function of i - j alone: a `DistanceBias`, so it takes every fast path.
+conditionally positive definite kernel of the paper (its "log" variant, beside the power variant). Both are
+clamped at `min_value` so they stay positive, and initialised uniformly in (min_value, 2) and (min_value, 1).
+A function of i - j alone: a `DistanceBias`, so it takes every fast path.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""xPos, the extrapolatable rotary embedding (Sun et al. 2023, "A Length-Extrapolatable Transformer", ACL 2023).
+"""xPos, the extrapolatable rotary embedding (Sun et al. 2023, "A Length-Extrapolatable Transformer", ACL 2023,
+arXiv 2212.10554).
 
-RoPE with a per-dimension exponential scale (Section 3.2): the channel pair c of a query at position n is
-multiplied by zeta_c^(n / scale_base) and that of a key at position m by zeta_c^(-m / scale_base), with
+RoPE with a per-dimension exponential scale (the paper's extrapolatable position embedding): the channel pair c
+of a query at position n is multiplied by zeta_c^(n / scale_base) and that of a key at position m by
+zeta_c^(-m / scale_base), with
 zeta_c = (c / (D/2) + gamma) / (1 + gamma) in (0, 1) and gamma = 0.4, so the logit of (n, m) decays by
 zeta_c^((n - m) / scale_base) on top of RoPE's rotation. Positions count from 0 on both sides (the paper's
 code centres them, which leaves every product q_n . k_m as it is and would change cached keys as a sequence
