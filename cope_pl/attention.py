@@ -6,14 +6,19 @@ A position encoding never implements attention. Besides an input embedding and a
   RelativeLogits(table)        q_i . r[clamp(i - j, 0, R - 1)]        (relative, relative_capped)
   DistanceBias(values)         b_h[clamp(i - j, 0, R - 1)]             (ALiBi, bucketed biases)
   ContextualLogits(table, ...) q_i . e[p_ij], CoPE's contextual term  (cope, cope_sepkeys)
+  PairBias(values)             b[..., i, j] given for every pair        (FIRE, FoX's forget gates)
+
+and one that replaces the softmax instead of adding a term:
+
+  StickBreaking()              A_ij = sigmoid(z_ij) prod_{j<t<i} (1 - sigmoid(z_it)) over the logits z
 
 `choose_backend` picks how to compute softmax(q.k / sqrt(D) + terms) v from the forms present and the device:
   sdpa      no terms: torch's fused scaled_dot_product_attention;
   chunked   one CoPE term, plus at most one relative table and one distance bias: the exact
             memory-efficient op (O(T) memory, never T x T logits); `triton` is the fused GPU kernel
             (CoPE alone);
-  explicit  anything else, and any call of at most EXPLICIT_ROWS queries (a decode step): the (B, H, T, S)
-            logits with every term added, then a softmax.
+  explicit  anything else (a pair bias, stick-breaking), and any call of at most EXPLICIT_ROWS queries (a
+            decode step): the (B, H, T, S) logits with every term added, then a softmax (or stick-breaking).
 A new encoding that contributes these forms, alone or combined with others, gets the same fast paths.
 
 Queries are the last T of S keys (S > T when decoding with a `KVCache`). `recording()` makes every attention
@@ -88,7 +93,43 @@ class ContextualLogits:
         return cope_position_logits(q, self.gate_logits(q, content), self.table.to(q.dtype))
 
 
-Term = RelativeLogits | DistanceBias | ContextualLogits
+@dataclass
+class PairBias:
+    """b[i, j] given for every (query, key) pair: (H, T, S) or (B, H, T, S); for biases that are not a function
+    of i - j alone (FIRE's normalised distances, FoX's data-dependent forget gates)."""
+
+    values: Tensor
+
+    def logits(self, q: Tensor, s: int, content: Tensor) -> Tensor:
+        return self.values.to(q.dtype)  # (H, T, S) or (B, H, T, S)
+
+
+@dataclass
+class StickBreaking:
+    """Not a logit term: attention weights by stick-breaking over the keys, nearest first, instead of a softmax.
+
+    With z the logits (q.k / sqrt(D) plus any other terms), key j gets A_ij = sigmoid(z_ij) prod_{j<t<i}
+    (1 - sigmoid(z_it)) of query i; with attend_current the query's own key breaks the stick first (t <= i, and
+    j = i allowed). The weights need not sum to 1; what is left is not attended (Tan et al. 2025).
+    """
+
+    attend_current: bool = False
+
+    def weights(self, scores: Tensor) -> Tensor:
+        """(B, H, T, S) logits of the last T of S positions -> (B, H, T, S) weights, in log space (float32 at least)."""
+        t, s = scores.shape[-2:]
+        rows = torch.arange(t, device=scores.device).unsqueeze(1) + (s - t)  # absolute position of each query
+        cols = torch.arange(s, device=scores.device).unsqueeze(0)
+        breaks = cols <= rows if self.attend_current else cols < rows  # (T, S): keys that take a share
+        z = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        log_take = F.logsigmoid(z).masked_fill(~breaks, float("-inf"))  # log sigmoid(z_ij)
+        log_leave = F.logsigmoid(-z).masked_fill(~breaks, 0.0)  # log(1 - sigmoid(z_it))
+        # Sum over the keys t > j that break the stick before j does: a reverse cumulative sum, shifted by one.
+        after = F.pad(log_leave.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))  # (B, H, T, S)
+        return torch.exp(log_take + after).to(scores.dtype)
+
+
+Term = RelativeLogits | DistanceBias | ContextualLogits | PairBias | StickBreaking
 
 
 @dataclass
@@ -118,7 +159,8 @@ def choose_backend(terms: list[Term], device: torch.device, rows: int | None = N
         by_form.setdefault(type(term), []).append(term)
     cope = by_form.get(ContextualLogits, [])
     relative, bias = by_form.get(RelativeLogits, []), by_form.get(DistanceBias, [])
-    if len(cope) == 1 and len(relative) <= 1 and len(bias) <= 1:
+    only_op_forms = set(by_form) <= {ContextualLogits, RelativeLogits, DistanceBias}  # the CoPE op adds no others
+    if only_op_forms and len(cope) == 1 and len(relative) <= 1 and len(bias) <= 1:
         impl = resolve_cope_impl(cope[0].impl, device, relative=bool(relative or bias), compiled=cope[0].compiled)
         if impl != "reference":
             return Plan(impl, cope[0], relative[0] if relative else None, bias[0] if bias else None)
@@ -135,7 +177,8 @@ def explicit_scores(q: Tensor, k: Tensor, terms: list[Term]) -> tuple[Tensor, Te
     content = _content_logits(q, k)
     scores = content
     for term in terms:
-        scores = scores + term.logits(q, k.size(-2), content)
+        if not isinstance(term, StickBreaking):
+            scores = scores + term.logits(q, k.size(-2), content)
     return scores, content
 
 
@@ -189,7 +232,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, terms: list[Term], dropout
             dropout_p=dropout_p,
         )
     scores, content = explicit_scores(q, k, terms)
-    probs = torch.softmax(scores, dim=-1)
+    stick = next((term for term in terms if isinstance(term, StickBreaking)), None)
+    probs = torch.softmax(scores, dim=-1) if stick is None else stick.weights(scores)
     if _RECORDS:
         _RECORDS[-1].append(record(q, content, probs, terms))
     probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)

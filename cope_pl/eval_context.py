@@ -11,6 +11,10 @@ same tokens: the whole test split, or its first `--limit-tokens N` tokens.
 An encoding that cannot represent a length (a learned absolute table, or an uncapped relative table shorter
 than the context) raises ValueError from `position.check_length`; that row is reported as "n/a" with the
 reason, never scored with wrapped or clipped positions.
+
+`--rope-scaling linear|dynamic|yarn --rope-factor 4` scores a RoPE model with its frequencies scaled as Hugging
+Face's rope_type of that name does (cope_pl/position/rope_scaling.py); its rows carry `rope_scaling` (`yarn×4`),
+are kept beside the unscaled rows of the same length, and a report names them `rope+yarn×4`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from cope_pl.data.base import IGNORE_INDEX
 from cope_pl.data.windows import SlidingWindows
 from cope_pl.eval_positions import bucket_rows, save_position_rows
 from cope_pl.metrics import batch_sums, perplexity
+from cope_pl.position.rope_scaling import ROPE_TYPES, apply_rope_scaling
 from cope_pl.runs import (
     EVAL_CONTEXT_FILE,
     build_datamodule,
@@ -46,6 +51,7 @@ from cope_pl.runs import (
 COLUMNS = (
     "run",
     "position",
+    "rope_scaling",
     "train_seq_len",
     "seq_len",
     "factor",
@@ -223,6 +229,8 @@ def evaluate_context(
     limit_tokens: int | None = None,
     memory_gb: float | None = None,
     bucket: int = BUCKET,
+    rope_scaling: str | None = None,
+    rope_factor: float | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (length, eval set) for one run (a run directory or a checkpoint file); the loss by
     position of each goes to the run's positions CSV. Progress goes to stderr, a line per length."""
@@ -237,9 +245,11 @@ def evaluate_context(
     train_len = train_seq_len(config)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_trained(ckpt, map_location=dev).eval()
+    scaling = scale_rope(model, rope_scaling, rope_factor, train_len)
     budget = memory_gb * 2**30 if memory_gb else None
     base = {"run": run_label(run), "position": model.hparams.position, "train_seq_len": train_len, "stride": stride}
     base["checkpoint_step"] = model.checkpoint_step  # the training step of the scored weights
+    base["rope_scaling"] = scaling
     rows, position_rows = [], []
     todo = parse_lengths(lengths, train_len)
     for step, seq_len in enumerate(todo, 1):
@@ -282,12 +292,30 @@ def evaluate_context(
     return rows
 
 
+def scale_rope(model, rope_type: str | None, factor: float | None, train_len: int) -> str:
+    """Apply --rope-scaling/--rope-factor to a loaded run's model; its label (`yarn×4`), or "" without scaling."""
+    if rope_type is None:
+        if factor is not None:
+            raise ValueError("--rope-factor needs --rope-scaling (linear, dynamic or yarn)")
+        return ""
+    if factor is None:
+        raise ValueError(f"--rope-scaling {rope_type} needs --rope-factor (e.g. 4 for four times the training length)")
+    return apply_rope_scaling(model.model, rope_type, factor, train_len).label
+
+
+def add_rope_scaling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rope-scaling", choices=ROPE_TYPES, default=None, help="RoPE scaling (Hugging Face rope_type)"
+    )
+    parser.add_argument("--rope-factor", type=float, default=None, help="its factor, e.g. 4")
+
+
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
 def row_key(row: dict[str, Any]) -> tuple:
-    return (row["seq_len"], row["set"], row.get("stride"))
+    return (row["seq_len"], row["set"], row.get("stride"), row.get("rope_scaling") or "")
 
 
 def save_rows(run: Path, rows: list[dict[str, Any]]) -> None:
@@ -307,12 +335,13 @@ def write_csv(rows: list[dict[str, Any]], out: Path) -> None:
 def format_rows(rows: list[dict[str, Any]]) -> Iterator[str]:
     yield f"{'run':32} {'len':>6} {'set':>10} {'loss':>8} {'ppl':>10} {'word_ppl':>10} {'error':>7}"
     for r in rows:
+        run = f"{r['run']} {r['rope_scaling']}" if r.get("rope_scaling") else r["run"]
         if r["status"] != "ok":
-            yield f"{r['run']:32} {r['seq_len']:>6} {r['status']:>10}  {r['reason']}"
+            yield f"{run:32} {r['seq_len']:>6} {r['status']:>10}  {r['reason']}"
             continue
         word = f"{r['word_ppl']:10.3f}" if r["word_ppl"] is not None else " " * 10
         name = r["set"] or "-"
-        yield f"{r['run']:32} {r['seq_len']:>6} {name:>10} {r['loss']:8.4f} {r['ppl']:10.3f} {word} {r['error']:7.4f}"
+        yield f"{run:32} {r['seq_len']:>6} {name:>10} {r['loss']:8.4f} {r['ppl']:10.3f} {word} {r['error']:7.4f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -332,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-gb", type=float, default=None, help="memory budget for the attention logits")
     parser.add_argument("--bucket", type=int, default=BUCKET, help="positions per bucket of the loss by position")
     parser.add_argument("--out", type=Path, default=None, help="also write all rows to this CSV file")
+    add_rope_scaling_arguments(parser)
     args = parser.parse_args(argv)
     if args.limit_batches is not None:
         raise ValueError(
@@ -349,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
             args.limit_tokens,
             args.memory_gb,
             args.bucket,
+            rope_scaling=args.rope_scaling,
+            rope_factor=args.rope_factor,
         )
     print("\n".join(format_rows(rows)))
     if args.out is not None:

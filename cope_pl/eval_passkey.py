@@ -9,6 +9,9 @@ key digits right, `loss` the mean NLL of the key digits. A re-scored (length, de
 An encoding that cannot represent a length (a learned absolute table past model.max_seq_len, an uncapped
 relative table) raises ValueError from `position.check_length`; its rows say "n/a" with the reason and have
 no accuracy, never one scored with wrapped or clipped positions.
+
+`--rope-scaling linear|dynamic|yarn --rope-factor 4` scores a RoPE model with scaled frequencies, as
+`cope-pl eval-context` does; its rows carry `rope_scaling` (`yarn×4`) beside the unscaled ones.
 """
 
 from __future__ import annotations
@@ -25,7 +28,14 @@ from torch.utils.data import DataLoader
 from cope_pl.atomic import merge_csv_atomic, write_csv_atomic
 from cope_pl.data.base import IGNORE_INDEX
 from cope_pl.data.passkey import EVAL_DEPTHS, PasskeyDataModule
-from cope_pl.eval_context import fitting_batch_size, parse_lengths, progress, score_batch
+from cope_pl.eval_context import (
+    add_rope_scaling_arguments,
+    fitting_batch_size,
+    parse_lengths,
+    progress,
+    scale_rope,
+    score_batch,
+)
 from cope_pl.runs import (
     PASSKEY_FILE,
     build_datamodule,
@@ -39,6 +49,7 @@ from cope_pl.runs import (
 COLUMNS = (
     "run",
     "position",
+    "rope_scaling",
     "train_seq_len",
     "checkpoint_step",
     "seq_len",
@@ -111,6 +122,8 @@ def evaluate_passkey(
     batch_size: int | None = None,
     device: str | None = None,
     memory_gb: float | None = None,
+    rope_scaling: str | None = None,
+    rope_factor: float | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (length, depth) for one run (a run directory or a checkpoint file), merged into the run's
     passkey.csv. Progress goes to stderr, a line per length."""
@@ -125,8 +138,10 @@ def evaluate_passkey(
     depths = configured_depths(config, depths)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_trained(ckpt, map_location=dev).eval()
+    scaling = scale_rope(model, rope_scaling, rope_factor, train_len)
     budget = memory_gb * 2**30 if memory_gb else None
-    base = {"run": run_label(run), "position": model.hparams.position, "train_seq_len": train_len}
+    base = {"run": run_label(run), "position": model.hparams.position, "rope_scaling": scaling}
+    base["train_seq_len"] = train_len
     base["checkpoint_step"] = model.checkpoint_step  # the training step of the scored weights
     rows: list[dict[str, Any]] = []
     todo = parse_lengths(lengths, train_len)
@@ -158,9 +173,9 @@ def evaluate_passkey(
     return rows
 
 
-def row_key(row: dict[str, Any]) -> tuple[int, float]:
-    """(length, depth); read back from the CSV every value is text."""
-    return int(row["seq_len"]), float(row["depth"])
+def row_key(row: dict[str, Any]) -> tuple[int, float, str]:
+    """(length, depth, RoPE scaling); read back from the CSV every value is text."""
+    return int(row["seq_len"]), float(row["depth"]), row.get("rope_scaling") or ""
 
 
 def save_rows(run: Path, rows: list[dict[str, Any]]) -> None:
@@ -171,7 +186,8 @@ def save_rows(run: Path, rows: list[dict[str, Any]]) -> None:
 def format_rows(rows: list[dict[str, Any]]) -> Iterator[str]:
     yield f"{'run':32} {'len':>6} {'depth':>6} {'samples':>8} {'accuracy':>9} {'digit_acc':>9}"
     for r in rows:
-        head = f"{r['run']:32} {r['seq_len']:>6} {r['depth']:>6.2f}"
+        run = f"{r['run']} {r['rope_scaling']}" if r.get("rope_scaling") else r["run"]
+        head = f"{run:32} {r['seq_len']:>6} {r['depth']:>6.2f}"
         if r["status"] != "ok":
             yield f"{head} {r['status']:>8}  {r['reason']}"
             continue
@@ -188,11 +204,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--memory-gb", type=float, default=None, help="memory budget for the attention logits")
     parser.add_argument("--out", type=Path, default=None, help="also write all rows to this CSV file")
+    add_rope_scaling_arguments(parser)
     args = parser.parse_args(argv)
     rows = []
     for run in args.runs:
         rows += evaluate_passkey(
-            run, args.lengths, args.depths, args.samples, args.batch_size, args.device, args.memory_gb
+            run,
+            args.lengths,
+            args.depths,
+            args.samples,
+            args.batch_size,
+            args.device,
+            args.memory_gb,
+            rope_scaling=args.rope_scaling,
+            rope_factor=args.rope_factor,
         )
     print("\n".join(format_rows(rows)))
     if args.out is not None:

@@ -19,6 +19,7 @@ from cope_pl.runs import POSITIONS_FILE
 POSITION_COLUMNS = (
     "run",
     "position",
+    "rope_scaling",
     "train_seq_len",
     "seq_len",
     "set",
@@ -44,11 +45,16 @@ def bucket_rows(row: dict[str, Any], nll: Tensor, tokens: Tensor, bucket: int) -
     return rows
 
 
-def position_key(row: dict[str, Any]) -> tuple[int, str, str]:
-    """(length, set, stride): a sliding-window evaluation of a length keeps its own rows. Read back from the
-    CSV every value is text, hence the stride as text ('' without one)."""
+def position_key(row: dict[str, Any]) -> tuple[int, str, str, str]:
+    """(length, set, stride, RoPE scaling): a sliding-window or RoPE-scaled evaluation of a length keeps its own
+    rows. Read back from the CSV every value is text, hence the stride as text ('' without one)."""
     stride = row.get("stride")
-    return int(row["seq_len"]), row["set"] or "", "" if stride in (None, "") else str(stride)
+    return (
+        int(row["seq_len"]),
+        row["set"] or "",
+        "" if stride in (None, "") else str(stride),
+        row.get("rope_scaling") or "",
+    )
 
 
 def save_position_rows(run: Path, rows: list[dict[str, Any]]) -> None:

@@ -132,7 +132,8 @@ def test_loss_by_position_buckets_average_back_to_the_loss_of_each_length(tmp_pa
     rows = evaluate_context(run, ["1x", "2x"], bucket=3)
     positions = read_positions(run)
     assert list(positions.columns) == [
-        "run", "position", "train_seq_len", "seq_len", "set", "stride", "bucket_start", "bucket_end", "tokens", "loss"
+        "run", "position", "rope_scaling", "train_seq_len", "seq_len", "set", "stride", "bucket_start", "bucket_end",
+        "tokens", "loss",
     ]  # fmt: skip
     for row in rows:
         buckets = positions[positions.seq_len == row["seq_len"]]

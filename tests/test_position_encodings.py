@@ -154,3 +154,15 @@ def test_encodings_without_logit_term_take_the_sdpa_path(monkeypatch):
     calls.clear()
     tiny_model("cope")(torch.randint(0, 23, (1, 5)))
     assert not calls
+
+
+def test_every_name_with_cope_is_contextual_position_encoding():
+    """'CoPE' also names Clipped RoPE (arXiv 2602.05258); here every name containing it holds Contextual PE."""
+    from cope_pl.position.cope import ContextualPositionEncoding
+
+    named_cope = [name for name in ENCODINGS if "cope" in name]
+    assert named_cope and all(
+        any(isinstance(m, ContextualPositionEncoding) for m in tiny_model(name).position.modules())
+        for name in named_cope
+    )
+    assert not [name for name in ENCODINGS if "clip" in name]

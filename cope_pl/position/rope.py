@@ -1,4 +1,7 @@
-"""Rotary position embedding (Su et al. 2021), rotate-half layout, applied to q and k."""
+"""Rotary position embedding (Su et al. 2021), rotate-half layout, applied to q and k.
+
+At evaluation a `RopeScaling` (rope_scaling.py: linear, dynamic NTK, YaRN) may replace the frequencies.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from torch import Tensor
 
 from cope_pl.position.base import ModelDims, PositionEncoding
 from cope_pl.position.registry import register
+from cope_pl.position.rope_scaling import RopeScaling
 
 
 def rotate(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
@@ -28,7 +32,13 @@ class RotaryPositionEncoding(PositionEncoding):
             raise ValueError(f"rope needs an even head dimension, got d_model/n_heads = {d}")
         inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)  # (D/2,)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.base = base
+        self.scaling: RopeScaling | None = None  # set at evaluation by apply_rope_scaling
 
     def transform_qk(self, layer: int, q: Tensor, k: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
         positions = torch.arange(start, start + q.size(-2), device=q.device)
-        return rotate(q, positions, self.inv_freq), rotate(k, positions, self.inv_freq)
+        if self.scaling is None:
+            return rotate(q, positions, self.inv_freq), rotate(k, positions, self.inv_freq)
+        inv_freq, scale = self.scaling.frequencies(self.base, self.dims.d_head, start + q.size(-2))
+        inv_freq = inv_freq.to(q.device, torch.float32)  # (D/2,)
+        return rotate(q, positions, inv_freq) * scale, rotate(k, positions, inv_freq) * scale

@@ -181,6 +181,20 @@ def grid_labels(run: pd.Series) -> dict[str, Any]:
     return {k: v for k, v in run.items() if not str(k).startswith(("val/", "test/")) and k not in skip}
 
 
+def label_rope_scaling(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows scored with RoPE scaling (`--rope-scaling yarn --rope-factor 4`) name it after the encoding,
+    `rope+yarn×4`, so that tables and plots show them as rows of their own."""
+    if "rope_scaling" not in frame:
+        return frame
+    scaling = frame["rope_scaling"].fillna("").astype(str)
+    frame["rope_scaling"] = scaling
+    if "position" in frame:
+        frame["position"] = (
+            frame["position"].astype(str).where(scaling == "", frame["position"].astype(str) + "+" + scaling)
+        )
+    return frame
+
+
 def load_eval_context(runs: pd.DataFrame) -> pd.DataFrame:
     """Rows of every run's eval_context.json, with the run's swept keys and seed attached."""
     frames = []
@@ -191,7 +205,7 @@ def load_eval_context(runs: pd.DataFrame) -> pd.DataFrame:
         frame = pd.DataFrame(json.loads(path.read_text())).drop(columns=["run", "position"], errors="ignore")
         for column, value in grid_labels(run).items():
             frame[column] = value
-        frames.append(frame)
+        frames.append(label_rope_scaling(frame))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -207,7 +221,7 @@ def load_eval_context_positions(runs: pd.DataFrame) -> pd.DataFrame:
         frame["set"] = frame["set"].fillna("").astype(str)
         for column, value in grid_labels(run).items():
             frame[column] = value
-        frames.append(frame)
+        frames.append(label_rope_scaling(frame))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -223,7 +237,7 @@ def load_passkey(runs: pd.DataFrame) -> pd.DataFrame:
         frame["reason"] = frame["reason"].fillna("").astype(str)
         for column, value in grid_labels(run).items():
             frame[column] = value
-        frames.append(frame)
+        frames.append(label_rope_scaling(frame))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

@@ -240,12 +240,14 @@ def extrapolation_table(
     labels = row_labels(ec, keys)
     run_labels = row_labels(runs, keys)
     lengths = sorted(ec["seq_len"].dropna().astype(int).unique())
-    rows = list(dict.fromkeys(list(run_labels)))
+    # Rows scored with RoPE scaling (`rope+yarn×4`) are rows of their own, expecting as many runs as were scored.
+    rows = list(dict.fromkeys(list(run_labels) + list(labels)))
     table = Table(title, " / ".join(keys), rows, [str(t) for t in lengths], {}, {}, {}, {})
     for option, value in options.items():
         setattr(table, option, value)
     for row in table.rows:
         group = ec[labels == row]
+        expected = int((run_labels == row).sum()) or int(group["run_dir"].nunique() if "run_dir" in group else 1)
         # The scored checkpoint's step where the rows name it (eval-context, passkey), else the run's.
         scored = "checkpoint_step" in group and group["checkpoint_step"].notna().any()
         table.steps[row] = step_text(group, "checkpoint_step") if scored else step_text(runs[run_labels == row], "step")
@@ -254,7 +256,7 @@ def extrapolation_table(
             key = (row, str(length))
             ok = cell[cell["status"] == "ok"]
             values = pd.to_numeric(ok[metric], errors="coerce").dropna()
-            table.expected[key], table.n[key] = int((run_labels == row).sum()), len(values)
+            table.expected[key], table.n[key] = expected, len(values)
             table.mean[key] = float(values.mean()) if len(values) else math.nan
             table.std[key] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
             not_ok = cell[cell["status"] != "ok"]
@@ -271,7 +273,8 @@ def passkey_table(
     if passkey.empty:
         return None
     per_run = []
-    for _, group in passkey.groupby(["run_dir", "seq_len"], sort=True):
+    by = ["run_dir", "seq_len"] + (["rope_scaling"] if "rope_scaling" in passkey else [])
+    for _, group in passkey.groupby(by, sort=True, dropna=False):
         ok = group[group["status"] == "ok"]
         row = group.iloc[0].to_dict()
         if len(ok):
