@@ -55,7 +55,7 @@ COMMANDS = {
     "position-maps": "draw CoPE gates, positions and attention of a run: cope-pl position-maps RUN_DIR",
     "count-probe": "what each CoPE head of a Counting run counts: cope-pl count-probe RUN_DIR [--set ood_long]",
     "generate": "continue a prompt with a trained run: cope-pl generate RUN_DIR --prompt TEXT [--max-new-tokens N]",
-    "launch": "write (and submit) a SLURM job or print a torchrun command for multi-node training",
+    "launch": "multi-node training: write a SLURM job script (--submit: sbatch it) or print a torchrun command",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 DEFAULT_RUN_NAME = "auto"  # replaced by "<data>-<position>" so TensorBoard runs are told apart
