@@ -134,7 +134,7 @@ def test_slurm_script_has_one_array_task_per_cell_and_srun_steps(tmp_path):
     assert "  5)  # cope-seed2" in script
     assert "--trainer.logger.init_args.name=cope-seed2" in script
     assert "srun --ntasks=1 --nodes=1" in script and "eval-context" in script
-    assert '--step-done "$cell" "$name"' in script  # completed steps are skipped on resubmission
+    assert '--step-done "$CELL" "$name"' in script  # completed steps are skipped on resubmission
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
