@@ -87,6 +87,7 @@ MinJobAge=600
 SchedulerParameters=sched_interval=2
 SlurmctldTimeout=30
 SlurmdTimeout=30
+SlurmdParameters=config_overrides
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
@@ -168,7 +169,8 @@ class Cluster:
 def start_cluster(root: Path | None = None, cpus: int | None = None) -> Cluster:
     """A started cluster in `root` (a fresh temporary directory by default); call .stop() when done."""
     root = Path(root or tempfile.mkdtemp(prefix="cope-pl-slurm-"))
-    cluster = Cluster(root=root, host=socket.gethostname().split(".")[0], cpus=cpus or os.cpu_count() or 1)
+    # At least 2 CPUs, whatever the machine has (config_overrides), so a 2-process job fits on a 1-core runner.
+    cluster = Cluster(root=root, host=socket.gethostname().split(".")[0], cpus=cpus or max(2, os.cpu_count() or 1))
     try:
         cluster.start()
     except BaseException:
