@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.slurm_cluster import missing_requirement, start_cluster
@@ -132,4 +133,30 @@ def test_launch_slurm_trains_two_processes_to_their_results(cluster, tmp_path):
     log = (runs / f"ddp2-{job}.out").read_text()
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log  # two ranks, from SLURM's environment
     results = json.loads((runs / "ddp2" / "version_0" / "results.json").read_text())
+    assert results["metrics"]["val/loss"] > 0
+
+
+def test_a_preempted_job_requeues_and_resumes_from_its_preemption_checkpoint(cluster, tmp_path):
+    """USR1 as SLURM sends it before a time limit or preemption (`#SBATCH --signal=SIGUSR1@90`), sent once the
+    first periodic checkpoint exists: the job saves, requeues itself and the second attempt trains on from the
+    preemption checkpoint, not from the older periodic one, to the end."""
+    steps = ("--trainer.max_steps=200", "--trainer.val_check_interval=200", "--checkpoint.every_n_train_steps=10")
+    job = submitted(cluster, launch_cmd(tmp_path, "preempt", fit=steps), cwd=tmp_path)
+    runs = tmp_path / "runs"
+    run = runs / "preempt" / "version_0"
+    wait_for(cluster, lambda: any(run.glob("checkpoints/*.ckpt")), "first checkpoint", runs)
+    cluster.run("scancel", "--signal=USR1", job)
+    wait_for(cluster, lambda: "Restarts=1" in job_record(cluster, job), "requeue", runs)
+    assert wait_finished(cluster, job, runs) == ["COMPLETED"], failure_details(runs)
+
+    log = (runs / f"preempt-{job}.out").read_text()  # both attempts: the log is appended to
+    restored = re.findall(r"Restoring states from the checkpoint path at (\S+)", log)
+    assert len(restored) == 1, failure_details(runs)
+    checkpoint = Path(restored[0])
+    assert checkpoint.parent == run / "checkpoints" and checkpoint.name.startswith("hpc_ckpt")
+    stray = [p for p in tmp_path.rglob("hpc_ckpt*") if p.parent != run / "checkpoints"]
+    assert not stray, f"preemption checkpoints outside the run: {stray}"
+    resumed_at = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+    assert 10 < resumed_at < 200  # later than the periodic checkpoint it was sent after
+    results = json.loads((run / "results.json").read_text())
     assert results["metrics"]["val/loss"] > 0
