@@ -298,6 +298,9 @@ def main(argv: list[str] | None = None) -> None:
         print(torchrun_command(fit_args, resources.nodes, resources.tasks_per_node, args.rdzv_endpoint))
         return
     script = slurm_script(fit_args, resources, job_name=args.job_name, output=args.output)
+    log_dir = Path(args.output).parent
+    if "%" not in str(log_dir):  # SLURM fails a job whose log it cannot open, and writes no word of why
+        log_dir.mkdir(parents=True, exist_ok=True)
     size = f"{resources.nodes} node(s) x {resources.tasks_per_node} process(es)"
     size += f", {resources.gpus_per_node} GPU(s) per node" if resources.gpus_per_node else ", no GPU"
     if args.out:

@@ -220,3 +220,11 @@ def test_the_array_task_records_a_kill_at_the_time_limit(tmp_path):
     recorded = json.loads(status.read_text())
     assert recorded["status"] == "timeout" and recorded["step"] == "fit" and recorded["slurm_job"] == "40_1"
     assert recorded["log"] == f"{tmp_path}/runs/logs/arr-40_1.out"
+
+
+def test_the_log_directory_exists_before_the_job_starts(tmp_path, capsys):
+    """SLURM fails a job whose --output it cannot open, without a word: launch makes the directory."""
+    output = tmp_path / "logs" / "deep" / "%x-%j.out"
+    launch(capsys, "slurm", "--output", str(output), "--out", str(tmp_path / "job.sbatch"), "--", *FIT_ARGS)
+    assert output.parent.is_dir()
+    assert f"--output={output}" in directives((tmp_path / "job.sbatch").read_text())

@@ -56,23 +56,34 @@ def job_record(cluster, job: str) -> str:
     return cluster.run("scontrol", "show", "job", job, check=False).stdout
 
 
-def wait_for(cluster, ready, what: str, logs: Path, timeout: float = JOB_TIMEOUT) -> None:
+def queued(cluster, job: str) -> bool:
+    return bool(cluster.run("squeue", "-h", "-j", job, check=False).stdout.strip())
+
+
+def failure_details(cluster, job: str, logs: Path) -> str:
+    record = job_record(cluster, job)
+    return record + "\n".join(f"--- {p}\n{p.read_text()[-4000:]}" for p in sorted(logs.rglob("*.out")))
+
+
+def wait_for(cluster, ready, what: str, job: str, logs: Path, timeout: float = JOB_TIMEOUT) -> None:
+    """Wait until ready(); fail at once when the job has left the queue without it."""
     deadline = time.monotonic() + timeout
     while not ready():
+        if not queued(cluster, job) and not ready():
+            pytest.fail(f"job {job} ended before its {what}:\n{failure_details(cluster, job, logs)}")
         if time.monotonic() > deadline:
-            tails = {p.name: p.read_text()[-3000:] for p in sorted(logs.rglob("*.out"))}
-            pytest.fail(f"no {what} after {timeout} s; queue:\n{cluster.run('squeue').stdout}\nlogs: {tails}")
+            pytest.fail(f"no {what} after {timeout} s:\n{failure_details(cluster, job, logs)}")
         time.sleep(1)
 
 
 def wait_finished(cluster, job: str, logs: Path) -> list[str]:
     """Wait until no task of the job is queued or running; the JobState of every task."""
-    wait_for(cluster, lambda: not cluster.run("squeue", "-h", "-j", job, check=False).stdout.strip(), "end", logs)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while queued(cluster, job):
+        if time.monotonic() > deadline:
+            pytest.fail(f"job {job} still queued after {JOB_TIMEOUT} s:\n{failure_details(cluster, job, logs)}")
+        time.sleep(1)
     return re.findall(r"JobState=(\w+)", job_record(cluster, job))
-
-
-def failure_details(logs: Path) -> str:
-    return "\n".join(f"--- {p}\n{p.read_text()[-4000:]}" for p in sorted(logs.rglob("*.out")))
 
 
 def test_sweep_array_runs_every_cell_and_a_resubmission_only_the_unfinished(cluster, tmp_path):
@@ -91,7 +102,7 @@ def test_sweep_array_runs_every_cell_and_a_resubmission_only_the_unfinished(clus
     runs = tmp_path / "runs"
 
     job = submitted(cluster, [*sweep, "--slurm", "--submit"], cwd=tmp_path)
-    assert wait_finished(cluster, job, runs) == ["COMPLETED", "COMPLETED"], failure_details(runs)
+    assert wait_finished(cluster, job, runs) == ["COMPLETED", "COMPLETED"], failure_details(cluster, job, runs)
     for index, cell in enumerate(["cope", "rope"]):
         results = json.loads((runs / cell / "version_0" / "results.json").read_text())
         assert any(key.startswith("test/") for key in results["metrics"]), cell
@@ -106,7 +117,7 @@ def test_sweep_array_runs_every_cell_and_a_resubmission_only_the_unfinished(clus
     (runs / "rope" / "version_0" / "results.json").unlink()
     again = submitted(cluster, [*sweep, "--slurm", "--submit"], cwd=tmp_path)
     assert "#SBATCH --array=1" in (runs / "slurm_tier.sbatch").read_text().splitlines()
-    assert wait_finished(cluster, again, runs) == ["COMPLETED"], failure_details(runs)
+    assert wait_finished(cluster, again, runs) == ["COMPLETED"], failure_details(cluster, again, runs)
     assert re.search(rf"JobId={again} ArrayJobId={again} ArrayTaskId=1\b", job_record(cluster, again))
     assert (runs / "rope" / "version_0" / "results.json").is_file()
     assert (runs / "cope" / "version_0" / "results.json").stat().st_mtime_ns == finished
@@ -129,7 +140,7 @@ def test_launch_slurm_trains_two_processes_to_their_results(cluster, tmp_path):
     cmd = launch_cmd(tmp_path, "ddp2", "--tasks-per-node", "2", fit=("--trainer.strategy=ddp",))
     job = submitted(cluster, cmd, cwd=tmp_path)
     runs = tmp_path / "runs"
-    assert wait_finished(cluster, job, runs) == ["COMPLETED"], failure_details(runs)
+    assert wait_finished(cluster, job, runs) == ["COMPLETED"], failure_details(cluster, job, runs)
     log = (runs / f"ddp2-{job}.out").read_text()
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log  # two ranks, from SLURM's environment
     results = json.loads((runs / "ddp2" / "version_0" / "results.json").read_text())
@@ -144,14 +155,14 @@ def test_a_preempted_job_requeues_and_resumes_from_its_preemption_checkpoint(clu
     job = submitted(cluster, launch_cmd(tmp_path, "preempt", fit=steps), cwd=tmp_path)
     runs = tmp_path / "runs"
     run = runs / "preempt" / "version_0"
-    wait_for(cluster, lambda: any(run.glob("checkpoints/*.ckpt")), "first checkpoint", runs)
+    wait_for(cluster, lambda: any(run.glob("checkpoints/*.ckpt")), "first checkpoint", job, runs)
     cluster.run("scancel", "--signal=USR1", job)
-    wait_for(cluster, lambda: "Restarts=1" in job_record(cluster, job), "requeue", runs)
-    assert wait_finished(cluster, job, runs) == ["COMPLETED"], failure_details(runs)
+    wait_for(cluster, lambda: "Restarts=1" in job_record(cluster, job), "requeue", job, runs)
+    assert wait_finished(cluster, job, runs) == ["COMPLETED"], failure_details(cluster, job, runs)
 
     log = (runs / f"preempt-{job}.out").read_text()  # both attempts: the log is appended to
     restored = re.findall(r"Restoring states from the checkpoint path at (\S+)", log)
-    assert len(restored) == 1, failure_details(runs)
+    assert len(restored) == 1, failure_details(cluster, job, runs)
     checkpoint = Path(restored[0])
     assert checkpoint.parent == run / "checkpoints" and checkpoint.name.startswith("hpc_ckpt")
     stray = [p for p in tmp_path.rglob("hpc_ckpt*") if p.parent != run / "checkpoints"]
