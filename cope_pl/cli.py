@@ -196,6 +196,9 @@ def test_in_place_args(target: str, rest: list[str]) -> list[str]:
 def main(args: list[str] | None = None) -> CopeCLI | None:
     """`cope-pl fit|validate|test ...` (LightningCLI), `cope-pl test RUN_DIR` or one of TOOLS."""
     argv = sys.argv[1:] if args is None else list(args)
+    # Where SLURM is installed, Lightning warns at every run outside a job that srun is not used; a run outside a job
+    # is meant to be one process here, and `cope-pl launch slurm` writes the srun job.
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return None

@@ -399,7 +399,7 @@ def slurm_script(sweep: Sweep, sweep_file: Path, cells: list[Cell] | None = None
     extra |= {"prepare_data_per_node": False} if resources.nodes > 1 else {}
     for cell in cells:
         body.append(f"  {cell.index})  # {cell.name}")
-        body.append(f"    CELL={cell.index} STATUS={shlex.quote(str(status_path(sweep, cell)))} LOG={log}")
+        body.append(f"    CELL={shlex.quote(cell.name)} STATUS={shlex.quote(str(status_path(sweep, cell)))} LOG={log}")
         body.append("    record running start")
         for step in sweep.steps():
             scoring = step in SCORING_STEPS

@@ -20,7 +20,7 @@ from cope_pl.launch import (
     torchrun_command,
 )
 from cope_pl.launch import main as launch_main
-from cope_pl.sweep import array_spec, load_sweep
+from cope_pl.sweep import array_spec, cell_status, load_sweep
 from cope_pl.sweep import slurm_script as sweep_script
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -219,6 +219,8 @@ def test_the_array_task_records_a_kill_at_the_time_limit(tmp_path):
     status = tmp_path / "runs" / "status" / "seed1.json"
     recorded = json.loads(status.read_text())
     assert recorded["status"] == "timeout" and recorded["step"] == "fit" and recorded["slurm_job"] == "40_1"
+    assert recorded["cell"] == "seed1"  # as `cope-pl sweep` records it
+    assert cell_status(sweep, sweep.cells[1]).startswith("timeout (in fit, SLURM job 40_1, log ")
     assert recorded["log"] == f"{tmp_path}/runs/logs/arr-40_1.out"
 
 
