@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import warnings
 from argparse import ArgumentError
@@ -22,13 +23,15 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cope_pl.cope_stats import CopeStatistics
 from cope_pl.data import LMDataModule
 from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteError, NonFiniteGuard
+from cope_pl.preemption import PreemptionCheckpoint
 from cope_pl.results import ResultsWriter, fit_finished, read_results
-from cope_pl.resume import CheckedCheckpointIO, RngState, resolve_resume
+from cope_pl.resume import CheckedCheckpointIO, RngState, is_intact, resolve_resume
 from cope_pl.runs import RESULTS_FILE, resolve_run, version_of
 from cope_pl.throughput import TokenThroughputMonitor
 
@@ -72,6 +75,15 @@ class CopeCLI(LightningCLI):
         parser.add_lightning_class_args(CopeStatistics, "cope_stats")
         # Lightning prepares data on local rank 0 of every node; on a shared filesystem once is enough.
         parser.add_argument("--prepare_data_per_node", type=bool, default=True)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyperparameters of a named checkpoint before anything else: a corrupt one gets the
+        # one-line error (and the file set aside) here, not torch's traceback.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file() and not is_intact(Path(ckpt_path)):
+            CheckedCheckpointIO().load_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         self.datamodule.prepare_data_per_node = self.config.fit.prepare_data_per_node
@@ -163,6 +175,7 @@ def trainer_defaults() -> dict:
             ResultsWriter(),
             RngState(),
             NonFiniteGuard(),
+            PreemptionCheckpoint(),
         ],
     }
 
@@ -244,6 +257,10 @@ def entry() -> None:
     """The `cope-pl` console script: main() with user errors as one line (COPE_PL_TRACEBACK=1 shows all)."""
     try:
         main()
+    except SIGTERMException:
+        # Lightning stops its loops at SIGTERM with a SystemExit that would exit 0, as if the run had finished.
+        print("cope-pl: stopped by SIGTERM; continue the run with --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except USER_ERRORS as err:
         if os.environ.get("COPE_PL_TRACEBACK"):
             raise

@@ -98,4 +98,6 @@ class CopeStatistics(L.Callback):
                         experiment.add_scalar(f"cope/{name}/layer{layer}/head{head}", value, step)
                 experiment.add_histogram(f"cope/positions/layer{layer}", stats["positions"].cpu(), step)
         worst = max(float(stats["clamped_frac"].max()) for stats in layers)
-        pl_module.log("cope/max_clamped_frac", worst if math.isfinite(worst) else 0.0, rank_zero_only=True)
+        # Every rank measures its own fixed batch; the largest over ranks is logged.
+        value = worst if math.isfinite(worst) else 0.0
+        pl_module.log("cope/max_clamped_frac", value, sync_dist=True, reduce_fx="max")

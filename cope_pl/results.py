@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from cope_pl.atomic import write_json_atomic
@@ -21,8 +21,15 @@ EVAL_PREFIXES = ("val/", "test/", "cope/")  # cope/: the CoPE statistics summary
 
 
 def run_dir(trainer: L.Trainer) -> Path | None:
-    """Where this run's logs live (None when logging is off)."""
-    return Path(trainer.log_dir) if trainer.logger is not None and trainer.log_dir else None
+    """Where this run's logs live (None when logging is off), as `trainer.log_dir` would say on this rank.
+
+    Read from the logger itself: `trainer.log_dir` broadcasts from rank 0, a collective that a rank-zero-only
+    hook must not call (the other ranks are not there to answer, so rank 0 crashes or hangs)."""
+    logger = trainer.logger
+    if logger is None:
+        return None
+    directory = logger.log_dir if isinstance(logger, TensorBoardLogger | CSVLogger) else logger.save_dir
+    return Path(directory) if directory else None
 
 
 def read_results(path: Path) -> dict[str, Any]:

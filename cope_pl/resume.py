@@ -5,8 +5,9 @@ comes from `ResumableBatchSampler` (cope_pl/data/sampling.py). This module adds 
   - `RngState`: the torch RNG state (dropout) at the checkpoint, put back before the first resumed step;
   - `CheckedCheckpointIO`: checkpoints written to a temporary file and renamed (a kill while saving leaves
     the previous file intact), and a clear error for a corrupt or truncated checkpoint or a full disk;
-  - `resolve_resume`: `--ckpt_path last` continues in the run directory it came from instead of a new
-    `version_N`, so the logs and `last.ckpt` stay in one place.
+  - `resolve_resume`: `--ckpt_path last` continues from the newest intact checkpoint of the run (periodic or
+    preemption, cope_pl/preemption.py), in the run directory it came from instead of a new `version_N`, so the
+    logs and checkpoints stay in one place.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from cope_pl.atomic import atomic_path
 from cope_pl.lm import LanguageModel
-from cope_pl.runs import LAST_CKPT, run_of_checkpoint, version_of
+from cope_pl.runs import run_checkpoints, run_of_checkpoint, version_of
 
-LAST_CHECKPOINT = LAST_CKPT.name
 # What torch.load raises on a truncated or overwritten file.
 CORRUPT = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
 
@@ -141,29 +141,36 @@ class CheckedCheckpointIO(TorchCheckpointIO):
 def resolve_resume(ckpt_path: str | None, run_root: Path) -> tuple[str | None, int | None]:
     """(checkpoint file, logger version) for a `--ckpt_path` value.
 
-    run_root is `<save_dir>/<name>`. "last" picks the newest `version_N/checkpoints/last.ckpt` under it (the
-    newest other checkpoint there when no last.ckpt is left) and continues in that version; a path inside
-    `version_N/checkpoints/` continues in version N; anything else
-    is passed through with a new version. With "last" and no checkpoint yet, training starts from scratch
-    (so the same command can be resubmitted, e.g. by a SLURM requeue).
+    run_root is `<save_dir>/<name>`. "last" picks the newest intact checkpoint under its `version_*/checkpoints/`,
+    whichever kind (last.ckpt, a periodic one, or the one written when a scheduler warned of preemption), and
+    continues in that version; newer corrupt ones are set aside on the way. A path inside
+    `version_N/checkpoints/` continues in version N; anything else is passed through with a new version. With
+    "last" and no checkpoint yet, training starts from scratch (so the same command can be resubmitted, e.g. by
+    a SLURM requeue).
     """
     if not ckpt_path:
         return ckpt_path, None
     if ckpt_path == "last":
-
-        def newest(pattern: str) -> list[Path]:
-            return sorted(run_root.glob(f"version_*/checkpoints/{pattern}"), key=lambda p: p.stat().st_mtime)
-
-        found = newest(LAST_CHECKPOINT)
-        if not found:
-            found = newest("*.ckpt")  # last.ckpt was deleted (e.g. corrupt): continue from the newest other one
-            if found:
-                print(f"No {LAST_CHECKPOINT} under {run_root}: resuming from {found[-1]}.")
-        if not found:
+        chosen = newest_intact_of_run(run_root)
+        if chosen is None:
             print(f"No checkpoint under {run_root}: starting from scratch.")
             return None, None
-        return str(found[-1]), version_of(found[-1].parent.parent)
+        print(f"--ckpt_path last: resuming from {chosen}, the newest intact checkpoint under {run_root}.")
+        return str(chosen), version_of(run_of_checkpoint(chosen))
     path = Path(ckpt_path)
     if path.parent.name == "checkpoints" and path.parent.parent.parent.resolve() == run_root.resolve():
         return ckpt_path, version_of(path.parent.parent)
     return ckpt_path, None
+
+
+def newest_intact_of_run(run_root: Path) -> Path | None:
+    """The newest intact checkpoint under a run root; corrupt ones newer than it are set aside, saying so."""
+    for ckpt in run_checkpoints(run_root):
+        try:
+            intact = is_intact(ckpt)
+        except FileNotFoundError:  # another rank set it aside meanwhile
+            continue
+        if intact:
+            return ckpt
+        print(f"{ckpt} is corrupt or truncated{set_aside(ckpt)}; trying the next newest checkpoint.")
+    return None

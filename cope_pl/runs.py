@@ -3,7 +3,8 @@
 Every run writes `runs/<name>/version_N/`:
     config.yaml                    the full LightningCLI config (CONFIG_FILE)
     results.json                   final metrics, model and data settings (RESULTS_FILE)
-    checkpoints/last.ckpt          the newest checkpoint (LAST_CKPT)
+    checkpoints/last.ckpt          the newest periodic checkpoint (LAST_CKPT)
+    checkpoints/hpc_ckpt_N.ckpt    a checkpoint written when a scheduler warned of preemption (preemption_checkpoint)
     eval_context.json, eval_context.csv, eval_context_positions.csv   cope-pl eval-context
     passkey.csv                    cope-pl passkey
     position_maps/                 cope-pl position-maps
@@ -23,7 +24,9 @@ import yaml
 
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
-LAST_CKPT = Path("checkpoints") / "last.ckpt"
+CHECKPOINTS_DIR = "checkpoints"
+LAST_CKPT = Path(CHECKPOINTS_DIR) / "last.ckpt"
+PREEMPTION_PREFIX = "hpc_ckpt_"  # Lightning's name for its SLURM checkpoints, kept so users recognise them
 EVAL_CONTEXT_FILE = "eval_context.json"
 POSITIONS_FILE = "eval_context_positions.csv"
 PASSKEY_FILE = "passkey.csv"
@@ -43,6 +46,30 @@ def sweep_status_file(save_dir: Path, cell: str) -> Path:
 def run_of_checkpoint(ckpt: Path) -> Path:
     """The run directory a checkpoint file belongs to (`<run>/checkpoints/x.ckpt`, or a file beside the logs)."""
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def preemption_checkpoint(checkpoints: Path) -> Path:
+    """The next free `hpc_ckpt_N.ckpt` in a checkpoints folder (N counts the run's preemptions from 1)."""
+    taken = [
+        int(p.stem[len(PREEMPTION_PREFIX) :])
+        for p in Path(checkpoints).glob(f"{PREEMPTION_PREFIX}*.ckpt")
+        if p.stem[len(PREEMPTION_PREFIX) :].isdigit()
+    ]
+    return Path(checkpoints) / f"{PREEMPTION_PREFIX}{max(taken, default=0) + 1}.ckpt"
+
+
+def run_checkpoints(run_root: Path) -> list[Path]:
+    """Every checkpoint file of every `version_N` under `<save_dir>/<name>`, newest first, whichever kind
+    (last.ckpt, periodic, preemption); files that vanish while being listed are left out."""
+
+    def written(path: Path) -> float | None:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return None
+
+    found = [(written(p), p) for p in Path(run_root).glob(f"version_*/{CHECKPOINTS_DIR}/*.ckpt")]
+    return [p for mtime, p in sorted((f for f in found if f[0] is not None), reverse=True)]
 
 
 def version_of(run: Path) -> int | None:

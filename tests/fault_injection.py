@@ -5,6 +5,7 @@ import signal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 
 
 class KillAtStep(L.Callback):
@@ -48,3 +49,25 @@ class NaNAtStep(L.Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+class SignalAtStep(L.Callback):
+    """Send this process a signal (by name, e.g. SIGUSR1) once, after optimizer step `step`, as a scheduler would;
+    with `rank`, only the process of that global rank."""
+
+    def __init__(self, step: int, name: str, rank: int | None = None):
+        self.step = step
+        self.signum = getattr(signal, name)
+        self.rank = rank
+        self.sent = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+class SignalAfterCallbacks(Checkpoint, SignalAtStep):
+    """SignalAtStep from the step's last callback: the trainer runs checkpoint callbacks after all others."""

@@ -1,10 +1,13 @@
 """Two CPU processes under DDP (gloo) train exactly like one process accumulating two batches.
 
 Also: the ranks see different training data, and validation scores every item once, on every rank the
-same number of batches, with metrics reduced from sums (equal to a single-process evaluation).
+same number of batches, with metrics reduced from sums (equal to a single-process evaluation); and the
+`cope-pl` commands run to their end with two processes, logger and every default callback on.
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +18,8 @@ from cope_pl.data import CopyDataModule
 from cope_pl.lm import LanguageModel
 
 STEPS = 6
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 
 
 class RecordingLM(LanguageModel):
@@ -105,3 +110,48 @@ def test_ddp_validation_equals_single_process_validation(runs):
     expected = single.validate(*fresh(), verbose=False)[0]
     for key in ("val/loss", "val/error", "val/seq_error"):
         assert got[key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+def cope_pl(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "cope_pl.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, f"cope-pl {args[0]} failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    return done
+
+
+def test_cope_pl_fit_test_and_eval_context_run_to_their_end_with_two_processes(tmp_path):
+    # What `cope-pl fit` users get (TensorBoard logger, every default callback), on 2 gloo processes; rank 1 alone
+    # gets the preemption warning after step 2, and both ranks checkpoint at the same step.
+    warning = {
+        "class_path": "tests.fault_injection.SignalAtStep",
+        "init_args": {"step": 2, "name": "SIGUSR1", "rank": 1},
+    }
+    fit = cope_pl(
+        "fit",
+        *("--config", str(CONFIGS / "trainer/smoke.yaml")),
+        *("--config", str(CONFIGS / "data/copy.yaml")),
+        *("--config", str(CONFIGS / "model/tiny.yaml")),
+        *("--config", str(CONFIGS / "position/cope.yaml")),
+        *("--trainer.devices=2", "--trainer.strategy=ddp"),
+        *("--data.init_args.train_size=512", "--data.init_args.eval_size=64"),
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.callbacks+=" + json.dumps(warning),
+    )
+    assert "(2 processes x 32 x 1 accumulation)" in fit.stdout + fit.stderr
+    run = tmp_path / "copy-cope" / "version_0"
+    results = json.loads((run / "results.json").read_text())
+    assert results["fit_finished"] is True and results["global_step"] == 4 and results["run_dir"] == str(run)
+    assert {"val/loss", "val/error", "cope/max_clamped_frac"} <= set(results["metrics"])
+    assert torch.load(run / "checkpoints" / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 2
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+    test = cope_pl("test", str(run))
+    assert "GLOBAL_RANK: 1" in test.stdout + test.stderr  # the run's own config: 2 processes again
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == {"test": 4} and results["fit_finished"] is True
+    assert results["metrics"]["test/loss"] == pytest.approx(results["metrics"]["val/loss"], abs=1e-6)  # same set
+
+    cope_pl("eval-context", str(run), "--lengths", "1x", "2x")
+    rows = json.loads((run / "eval_context.json").read_text())
+    assert sorted({row["seq_len"] for row in rows if row["status"] == "ok"}) == [64, 128]
