@@ -59,7 +59,7 @@ COMMANDS = {
     "position-maps": "draw CoPE gates, positions and attention of a run: cope-pl position-maps RUN_DIR",
     "count-probe": "what each CoPE head of a Counting run counts: cope-pl count-probe RUN_DIR [--set ood_long]",
     "generate": "continue a prompt with a trained run: cope-pl generate RUN_DIR --prompt TEXT [--max-new-tokens N]",
-    "launch": "write (and submit) a SLURM job or print a torchrun command for multi-node training",
+    "launch": "multi-node training: write a SLURM job script (--submit: sbatch it) or print a torchrun command",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 DEFAULT_RUN_NAME = "auto"  # replaced by "<data>-<position>" so TensorBoard runs are told apart
@@ -219,6 +219,9 @@ def test_in_place_args(target: str, rest: list[str]) -> list[str]:
 def main(args: list[str] | None = None) -> CopeCLI | None:
     """`cope-pl fit|validate|test ...` (LightningCLI), `cope-pl test RUN_DIR` or one of TOOLS."""
     argv = sys.argv[1:] if args is None else list(args)
+    # Where SLURM is installed, Lightning warns at every run outside a job that srun is not used; a run outside a job
+    # is meant to be one process here, and `cope-pl launch slurm` writes the srun job.
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return None

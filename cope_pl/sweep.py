@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from cope_pl.launch import sbatch_header
+from cope_pl.launch import OMP_LINE, Resources, resolve_resources, run_settings, sbatch_header
 from cope_pl.results import read_results
 from cope_pl.runs import EVAL_CONTEXT_FILE, PASSKEY_FILE, RESULTS_FILE, sweep_cell_dir, sweep_status_file
 
@@ -245,10 +245,18 @@ def record(sweep: Sweep, cell: Cell, status: str, **details: Any) -> None:
 
 
 def cell_status(sweep: Sweep, cell: Cell) -> str:
+    """done, pending, or the last recorded status: failed, running, timeout (killed at the SLURM time limit)
+    or killed (scancel, requeue), with the step and the log."""
     if step_done(sweep, cell, "all"):
         return "done"
     path = status_path(sweep, cell)
-    return json.loads(path.read_text())["status"] if path.is_file() else "pending"
+    if not path.is_file():
+        return "pending"
+    status = json.loads(path.read_text())
+    where = [f"in {status['step']}"] if status.get("step") not in (None, "all") else []
+    where += [f"SLURM job {status['slurm_job']}"] if status.get("slurm_job") else []
+    where += [f"log {status['log']}"] if status.get("log") else []
+    return status["status"] + (f" ({', '.join(where)})" if where else "")
 
 
 def write_manifest(sweep: Sweep) -> None:
@@ -306,58 +314,116 @@ def run_sweep(sweep: Sweep, cells: list[Cell] | None = None, log=print) -> dict[
 
 
 # SLURM --------------------------------------------------------------------------------------------------
-def slurm_script(sweep: Sweep, sweep_file: Path) -> str:
-    """An array job, one task per cell; each step runs under srun so Lightning reads the SLURM environment
-    (one process per GPU, DDP across `nodes`), and eval-context and passkey run as one process."""
-    s = sweep.slurm
-    nodes, gpus = int(s.get("nodes", 1)), int(s.get("gpus_per_node", 1))
-    array = f"0-{len(sweep.cells) - 1}" + (f"%{s['max_parallel']}" if s.get("max_parallel") else "")
-    header = sbatch_header(
-        job_name=sweep.name,
-        nodes=nodes,
-        gpus_per_node=gpus,
-        output=f"{sweep.save_dir / 'logs'}/%x-%a.out",
-        cpus_per_task=int(s.get("cpus_per_task", 8)),
-        time=s.get("time", "24:00:00"),
-        partition=s.get("partition"),
-        array=array,
-        extra=s.get("extra", []),
-    )
-    sweep_cmd = shlex.join(
-        [sweep.python, "-m", "cope_pl.cli", "sweep", str(sweep_file), "--save-dir", str(sweep.save_dir)]
-    )
-    body = [
-        "set -uo pipefail",
-        f"SWEEP=({sweep_cmd})",
-        "# step CELL STEP COMMAND...: skip a step whose output exists; record a failure and stop the task.",
-        "step() {",
-        "  local cell=$1 name=$2; shift 2",
-        '  if "${SWEEP[@]}" --step-done "$cell" "$name"; then echo "cell $cell: $name complete, skipped"; return; fi',
-        '  "$@" || { "${SWEEP[@]}" --record "$cell" failed "$name"; exit 1; }',
-        "}",
-        'case "$SLURM_ARRAY_TASK_ID" in',
-    ]
-    extra = {"trainer.num_nodes": nodes, "prepare_data_per_node": False} if nodes > 1 else {}
-    for cell in sweep.cells:
+SLURM_ONLY_KEYS = ("max_parallel",)
+
+# The array task's shell functions. Every status change is written by the script itself, atomically, in the
+# format of `record` below: the SIGTERM handler has only SLURM's KillWait seconds before SIGKILL, too few to
+# start Python and torch.
+JOB_FUNCTIONS = r"""JOB="${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${SLURM_ARRAY_TASK_ID:-0}"
+STEP=start
+# record STATUS STEP [RETURNCODE]: this cell's status file (see `cope-pl sweep --dry-run`).
+record() {
+  local tmp="$STATUS.$SLURM_JOB_ID.tmp"
+  mkdir -p "$(dirname "$STATUS")"
+  printf '{"cell": "%s", "status": "%s", "step": "%s", "time": "%s", "slurm_job": "%s", "log": "%s"%s}\n' \
+    "$CELL" "$1" "$2" "$(date '+%Y-%m-%d %H:%M:%S')" "$JOB" "$LOG" "${3:+, \"returncode\": $3}" >"$tmp"
+  mv "$tmp" "$STATUS"
+}
+# SIGTERM comes at the time limit (recorded as timeout), from scancel or before a requeue.
+on_term() {
+  local reason
+  reason=$(squeue -h -j "$SLURM_JOB_ID" -o %r 2>/dev/null)
+  if [ "$reason" = TimeLimit ]; then record timeout "$STEP"; else record killed "$STEP"; fi
+  exit 143
+}
+trap on_term TERM
+# step NAME COMMAND...: skip a step whose output exists; record a failure and stop the task.
+step() {
+  local name=$1 code
+  shift
+  if "${SWEEP[@]}" --step-done "$CELL" "$name"; then echo "cell $CELL: $name complete, skipped"; return; fi
+  STEP=$name
+  "$@" &  # in the background: `wait` returns at once on SIGTERM, so the handler runs in time
+  wait $!
+  code=$?
+  if [ $code -ne 0 ]; then record failed "$name" $code; exit 1; fi
+}"""
+
+
+def slurm_resources(sweep: Sweep) -> Resources:
+    """The array's resources: the file's `slurm:` section, the rest from the cells' own configs (GPUs only
+    for a GPU trainer, CPUs for the data-loader workers)."""
+    options = {k: v for k, v in sweep.slurm.items() if k not in SLURM_ONLY_KEYS}
+    settings = [run_settings(cell.configs, cell.overrides) for cell in sweep.cells]
+    if len({s.gpu for s in settings}) > 1:
+        raise ValueError(f"sweep {sweep.file}: some cells train on GPUs and some do not; split them in two sweeps")
+    widest = max(settings, key=lambda s: s.num_workers)
+    return resolve_resources(widest, options, f"sweep {sweep.file}: slurm")
+
+
+def array_spec(indices: list[int]) -> str:
+    """SLURM's --array list of these task ids, e.g. 0-3,5,7-8."""
+    spans: list[list[int]] = []
+    for index in sorted(indices):
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def unfinished(sweep: Sweep) -> list[Cell]:
+    return [cell for cell in sweep.cells if not step_done(sweep, cell, "all")]
+
+
+def log_name(sweep: Sweep) -> str:
+    return f"{sweep.save_dir / 'logs'}/{sweep.name}-%A_%a.out"  # %A_%a: array job and task, kept over a requeue
+
+
+def slurm_script(sweep: Sweep, sweep_file: Path, cells: list[Cell] | None = None) -> str:
+    """An array job, one task per cell (only `cells`, by default those not complete); each step runs under srun
+    so Lightning reads the SLURM environment (one process per device, DDP across `nodes`), and eval-context and
+    passkey run as one process."""
+    resources = slurm_resources(sweep)
+    cells = unfinished(sweep) if cells is None else cells
+    if not cells:
+        raise ValueError(f"sweep {sweep.file}: every cell is complete; nothing to submit")
+    limit = sweep.slurm.get("max_parallel")
+    array = array_spec([cell.index for cell in cells]) + (f"%{limit}" if limit else "")
+    header = sbatch_header(sweep.name, resources, log_name(sweep), array=array)
+    sweep_cmd = [sweep.python, "-m", "cope_pl.cli", "sweep", str(sweep_file), "--save-dir", str(sweep.save_dir)]
+    log = str(sweep.save_dir / "logs" / sweep.name) + '-"$JOB".out'
+    body = ["set -uo pipefail", OMP_LINE, f"SWEEP=({shlex.join(sweep_cmd)})", JOB_FUNCTIONS]
+    body.append('case "$SLURM_ARRAY_TASK_ID" in')
+    extra = {"trainer.num_nodes": resources.nodes, "trainer.devices": resources.tasks_per_node}
+    extra |= {"prepare_data_per_node": False} if resources.nodes > 1 else {}
+    for cell in cells:
         body.append(f"  {cell.index})  # {cell.name}")
+        body.append(f"    CELL={shlex.quote(cell.name)} STATUS={shlex.quote(str(status_path(sweep, cell)))} LOG={log}")
+        body.append("    record running start")
         for step in sweep.steps():
             scoring = step in SCORING_STEPS
             launcher = ["srun", "--ntasks=1", "--nodes=1"] if scoring else ["srun"]
             cmd = launcher + step_command(sweep, cell, step, None if scoring else extra)
-            body.append(f"    step {cell.index} {step} {shlex.join(cmd)}")
-        body.append(f'    "${{SWEEP[@]}}" --record {cell.index} done all')
+            body.append(f"    step {step} {shlex.join(cmd)}")
+        body.append("    record done all")
         body.append("    ;;")
-    body += ['  *) echo "no cell $SLURM_ARRAY_TASK_ID in this sweep"; exit 1 ;;', "esac"]
+    body += ['  *) echo "no cell $SLURM_ARRAY_TASK_ID to run in this array job"; exit 1 ;;', "esac"]
     return "\n".join(header + [""] + body) + "\n"
 
 
-def write_slurm(sweep: Sweep, submit: bool) -> Path:
+def write_slurm(sweep: Sweep, submit: bool) -> Path | None:
+    """The array script for the unfinished cells (None when every cell is complete), submitted if asked."""
     write_manifest(sweep)
+    cells = unfinished(sweep)
+    if not cells:
+        print(f"every cell of {sweep.name} is complete; nothing to submit")
+        return None
     (sweep.save_dir / "logs").mkdir(parents=True, exist_ok=True)
     path = sweep.save_dir / f"{sweep.name}.sbatch"
-    path.write_text(slurm_script(sweep, sweep.file))
+    path.write_text(slurm_script(sweep, sweep.file, cells))
     path.chmod(0o755)
-    print(f"SLURM array job for {len(sweep.cells)} cells written to {path}")
+    print(f"SLURM array job for {len(cells)} of {len(sweep.cells)} cells written to {path}")
     if submit:
         if shutil.which("sbatch") is None:
             raise FileNotFoundError("sbatch is not on PATH; submit the script on the cluster: sbatch " + str(path))

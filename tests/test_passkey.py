@@ -271,7 +271,7 @@ def test_a_sweep_with_a_passkey_section_scores_each_cell_after_fit_and_test(tmp_
     assert step_done(sweep, cell, "passkey")
     assert [c.keys["seed"] for c in sweep.cells[::2]] == ["seed0"] * 6  # the header's even cells: seed 0
     script = slurm_script(sweep, CONFIGS / "sweeps/passkey_cpu.yaml")
-    assert "step 0 passkey srun --ntasks=1 --nodes=1 " in script  # one scoring process per cell
+    assert "    step passkey srun --ntasks=1 --nodes=1 " in script  # one scoring process per cell
 
 
 # End to end --------------------------------------------------------------------------------------------

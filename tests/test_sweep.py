@@ -122,18 +122,20 @@ def test_slurm_script_has_one_array_task_per_cell_and_srun_steps(tmp_path):
         {"position": POSITIONS, "seed": [0, 1, 2]},
         eval_context={"lengths": ["1x", "4x"]},
         slurm={"nodes": 2, "gpus_per_node": 4, "max_parallel": 3, "partition": "gpu"},
+        configs=[str(CONFIGS / "trainer/gpu_ddp.yaml")],
     )
     sweep = load_sweep(path)
     script = slurm_script(sweep, path)
     assert "#SBATCH --array=0-5%3" in script
     assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
+    assert "#SBATCH --gpus-per-node=4" in script
     assert "#SBATCH --partition=gpu" in script
     fits = [line for line in script.splitlines() if line.strip().startswith("step") and " fit " in line]
     assert len(fits) == 6 and all(" srun " in f and "--trainer.num_nodes=2" in f for f in fits)
     assert "  5)  # cope-seed2" in script
     assert "--trainer.logger.init_args.name=cope-seed2" in script
     assert "srun --ntasks=1 --nodes=1" in script and "eval-context" in script
-    assert '--step-done "$cell" "$name"' in script  # completed steps are skipped on resubmission
+    assert '--step-done "$CELL" "$name"' in script  # completed steps are skipped on resubmission
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
