@@ -235,9 +235,6 @@ def main(args: list[str] | None = None) -> CopeCLI | None:
     no_exit = {"exit_on_error": False}  # parse errors reach entry() and become one line
     # The arguments are sys.argv's, possibly rewritten (test RUN_DIR): Lightning's warning about both is noise.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
-    # On a cluster's login node Lightning sees `srun` and suggests prefixing it; cope-pl's SLURM path is
-    # `cope-pl launch slurm` / `sweep --slurm` (docs/reliability.md), so the hint only misleads.
-    warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used")
     return CopeCLI(
         LanguageModel,
         LMDataModule,
