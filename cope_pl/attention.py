@@ -106,9 +106,11 @@ class Plan:
 EXPLICIT_ROWS = 16
 
 
-def choose_backend(terms: list[Term], device: torch.device, rows: int | None = None) -> Plan:
+def choose_backend(
+    terms: list[Term], device: torch.device, rows: int | None = None, dtype: torch.dtype = torch.float32
+) -> Plan:
     """The fastest exact way to compute attention with these terms on this device, for `rows` queries (None: a
-    long sequence)."""
+    long sequence) of `dtype`."""
     if not terms:
         return Plan("sdpa")
     if rows is not None and rows <= EXPLICIT_ROWS:
@@ -119,7 +121,11 @@ def choose_backend(terms: list[Term], device: torch.device, rows: int | None = N
     cope = by_form.get(ContextualLogits, [])
     relative, bias = by_form.get(RelativeLogits, []), by_form.get(DistanceBias, [])
     if len(cope) == 1 and len(relative) <= 1 and len(bias) <= 1:
-        impl = resolve_cope_impl(cope[0].impl, device, relative=bool(relative or bias), compiled=cope[0].compiled)
+        term = cope[0]
+        impl = resolve_cope_impl(
+            term.impl, device, relative=bool(relative or bias), compiled=term.compiled, dtype=dtype,
+            table=tuple(term.table.shape), sep_keys=term.gate_keys is not None,
+        )  # fmt: skip
         if impl != "reference":
             return Plan(impl, cope[0], relative[0] if relative else None, bias[0] if bias else None)
     return Plan("explicit")
@@ -170,7 +176,7 @@ def recording() -> Iterator[list[dict[str, Tensor | None]]]:
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, terms: list[Term], dropout_p: float = 0.0) -> Tensor:
     """softmax(q.k / sqrt(D) + terms, causal) v: q (B, H, T, D), k and v (B, H, S, D) with S >= T -> (B, H, T, D)."""
     t, s = q.size(-2), k.size(-2)
-    plan = Plan("explicit") if _RECORDS else choose_backend(terms, q.device, rows=t)
+    plan = Plan("explicit") if _RECORDS else choose_backend(terms, q.device, rows=t, dtype=q.dtype)
     if plan.backend == "sdpa":
         mask = None if t in (1, s) else causal_mask(t, s, q.device)  # is_causal aligns to the top left when T < S
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=t == s > 1)

@@ -212,12 +212,6 @@ def test_unknown_impl_is_one_clear_error():
         tiny_model("rope_cope", position_options={"impl": "fast"})
 
 
-def test_triton_impl_without_triton_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr("cope_pl.ops.dispatch.triton_available", lambda: False)
-    with pytest.raises(ValueError, match="impl='triton' needs the triton package and a CUDA GPU"):
-        tiny_model("rope_cope", position_options={"impl": "triton"})
-
-
 @pytest.mark.parametrize("sep_keys", [False, True])
 def test_dropout_keeps_reference_probabilities_scaled_and_drops_about_p(sep_keys):
     op = functools.partial(cope_attention_chunked, block_size=8)

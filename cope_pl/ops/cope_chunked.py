@@ -24,7 +24,9 @@ import math
 import torch
 from torch import Tensor
 
+from cope_pl.ops import cope_cpu
 from cope_pl.ops.dropout import check_dropout, draw_dropout_seed
+from cope_pl.ops.interpolation import interpolation_table, interpolation_table_grad
 from cope_pl.seeding import generator as seeded_generator
 
 # A block is at most MAX_BLOCK_ROWS queries of a group of heads (of the flattened B*H) whose (group, rows, keys)
@@ -50,23 +52,6 @@ def head_groups(b: int, h: int, n: int, end: int):
     )
     for g0 in range(0, b * h, size):
         yield slice(g0, min(g0 + size, b * h)), g0 % h
-
-
-def interpolation_table(pos_emb: Tensor) -> Tensor:
-    """(D, 2P): columns e[p], e[p + 1] - e[p] for each p (the slope is 0 at p = P - 1). q_i . e interpolated at
-    p = f + w is z[f] + w slope[f] with (z[f], slope[f]) the pair f of q_i . table, so one gather of complex
-    pairs at f = floor(p) reads both, and a clamped position (f = P - 1) has no slope."""
-    slopes = torch.cat([pos_emb[:, 1:] - pos_emb[:, :-1], torch.zeros_like(pos_emb[:, :1])], dim=1)
-    return torch.stack([pos_emb, slopes], dim=-1).flatten(1)
-
-
-def interpolation_table_grad(grad: Tensor) -> Tensor:
-    """The gradient of `interpolation_table`'s input (D, P), given the gradient of its output (D, 2P)."""
-    pairs = grad.unflatten(1, (-1, 2))
-    grad_e, grad_slopes = pairs[..., 0].clone(), pairs[:, :-1, 1]
-    grad_e[:, 1:] += grad_slopes
-    grad_e[:, :-1] -= grad_slopes
-    return grad_e
 
 
 COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
@@ -275,9 +260,7 @@ def block_functions(compiled: bool, fused: bool = False) -> tuple:
     """(forward, backward) block functions; with compiled=True, torch.compile'd once and reused; with fused=True,
     the C++ ones of cope_cpu.py (CPU; no relative table or bias)."""
     if fused:
-        from cope_pl.ops.cope_cpu import fused_block_backward, fused_block_forward
-
-        return fused_block_forward, fused_block_backward
+        return cope_cpu.fused_block_forward, cope_cpu.fused_block_backward
     if not compiled:
         return block_forward, block_backward
     if "fns" not in _COMPILED:
@@ -320,20 +303,16 @@ def cope_attention_chunked(
         raise ValueError(f"cope_attention_chunked: block_size must be >= 1, got {block}")
     check_dropout(dropout_p)
     if fused:
-        from cope_pl.ops.cope_cpu import available, build_error
-
         if rel_emb is not None or bias is not None or compiled or q.device.type != "cpu":
             raise ValueError("the fused CPU blocks take CPU tensors without a relative table, bias or compile")
-        if not available():
-            raise RuntimeError(f"the CPU CoPE kernel could not be built ({build_error()}); use impl=chunked")
+        if not cope_cpu.available():
+            raise RuntimeError(f"the CPU CoPE kernel could not be built ({cope_cpu.build_error()}); use impl=chunked")
     if dropout_p > 0 and dropout_seed is None:
         dropout_seed = draw_dropout_seed()
     dtype = torch.promote_types(q.dtype, torch.float32)
     args = [x if x is None else x.to(dtype) for x in (q, k, v, pos_emb, gate_k, rel_emb, bias)]
     with torch.autocast(q.device.type, enabled=False):
         if fused and dropout_p == 0:  # the block loop in C++ too
-            from cope_pl.ops.cope_cpu import CPUCoPEAttention
-
-            return CPUCoPEAttention.apply(*args[:5], block).to(q.dtype)
+            return cope_cpu.CPUCoPEAttention.apply(*args[:5], block).to(q.dtype)
         out = ChunkedCoPEAttention.apply(*args, block, block_functions(compiled, fused), dropout_p, dropout_seed or 0)
     return out.to(q.dtype)
