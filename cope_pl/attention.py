@@ -17,14 +17,15 @@ A position encoding never implements attention. Besides an input embedding and a
 A new encoding that contributes these forms, alone or combined with others, gets the same fast paths.
 
 Queries are the last T of S keys (S > T when decoding with a `KVCache`). `recording()` makes every attention
-call take the explicit path and keep its probabilities and CoPE positions (the position maps).
+call take the explicit path and keep its probabilities and CoPE positions (the position maps). `observing(fn)`
+hands every call's queries, keys and terms to fn and then runs it as usual, keeping nothing (CoPE statistics).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -173,9 +174,27 @@ def recording() -> Iterator[list[dict[str, Tensor | None]]]:
         _RECORDS.remove(records)
 
 
+Observer = Callable[[Tensor, Tensor, list[Term]], None]
+_OBSERVERS: list[Observer] = []
+
+
+@contextlib.contextmanager
+def observing(observer: Observer) -> Iterator[None]:
+    """Within the block, every attention call first hands its q (B, H, T, D), k (B, H, S, D) and terms to
+    `observer` (one call per layer and forward), then runs on its usual backend: whatever the observer computes
+    from them, the call itself keeps no (T, S) tensor."""
+    _OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observer)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, terms: list[Term], dropout_p: float = 0.0) -> Tensor:
     """softmax(q.k / sqrt(D) + terms, causal) v: q (B, H, T, D), k and v (B, H, S, D) with S >= T -> (B, H, T, D)."""
     t, s = q.size(-2), k.size(-2)
+    if _OBSERVERS:
+        _OBSERVERS[-1](q, k, terms)
     plan = Plan("explicit") if _RECORDS else choose_backend(terms, q.device, rows=t, dtype=q.dtype)
     if plan.backend == "sdpa":
         mask = None if t in (1, s) else causal_mask(t, s, q.device)  # is_causal aligns to the top left when T < S
