@@ -3,16 +3,20 @@
 At every validation the callback runs the model once more, in eval mode on its usual attention backend, on a
 fixed validation batch, with `cope_pl.attention.observing()`: each layer with a CoPE term hands its queries and
 keys over, and its gates and positions are recomputed here in float32, one block of queries at a time, into
-sums per head (never on the training hot path). It logs to TensorBoard, per layer L and head H:
-  cope/mean_gate/layerL/headH         mean sigmoid gate over causal (query, key) pairs;
-  cope/clamped_frac/layerL/headH      fraction of pairs whose position p_ij exceeds npos_max - 1: the clamp
-                                      zeroes their gate gradient, so a high fraction means npos_max is too small;
-  cope/mean_farthest/layerL/headH     mean position of the first key (the farthest) seen from each query;
-  cope/max_farthest/layerL/headH      its maximum (unclamped);
-  cope/gate_entropy/layerL/headH      mean binary entropy of the gates, in nats (0: every gate 0 or 1);
-a histogram of the clamped positions per layer (cope/positions/layerL, TensorBoard's default bins, counted
-block by block), and cope/max_clamped_frac, the largest clamped fraction over layers and heads, which also goes
-to results.json for the ablation report. Memory: a block holds a few (B, H, rows, keys) float32 tensors of at
+sums per head (never on the training hot path). It logs to TensorBoard, under val_cope/ so that the
+train/ and val/ curves sort first, per layer L (the mean over heads; the maximum for max_farthest):
+  val_cope/mean_gate/layerL         mean sigmoid gate over causal (query, key) pairs;
+  val_cope/clamped_frac/layerL      fraction of pairs whose position p_ij exceeds npos_max - 1: the clamp
+                                    zeroes their gate gradient, so a high fraction means npos_max is too small;
+  val_cope/mean_farthest/layerL     mean position of the first key (the farthest) seen from each query;
+  val_cope/max_farthest/layerL      its maximum (unclamped);
+  val_cope/gate_entropy/layerL      mean binary entropy of the gates, in nats (0: every gate 0 or 1);
+with `--cope_stats.per_head=true` also each head's value (val_cope/<statistic>/layerL/headH). A custom-scalars
+layout (TensorBoard's CUSTOM SCALARS tab) draws one chart per statistic with a line per layer and, per head,
+one chart per statistic and layer with a line per head. Also a histogram of the clamped positions per layer
+(val_cope/positions/layerL, TensorBoard's default bins, counted block by block), and val_cope/max_clamped_frac,
+the largest clamped fraction over layers and heads, which also goes to results.json for the ablation report.
+Memory: a block holds a few (B, H, rows, keys) float32 tensors of at
 most BLOCK_ELEMENTS values each; nothing but the per-head sums and the histogram's counts outlives a layer.
 Turned off with `--cope_stats.enabled=false`; models without a CoPE term run nothing and log nothing.
 """
@@ -163,15 +167,54 @@ def cope_statistics(model, input_ids: Tensor, edges=None, block_elements: int = 
     return layers
 
 
-class CopeStatistics(L.Callback):
-    """Logs `cope/*` gate and position statistics at every validation (see the module docstring)."""
+PREFIX = "val_cope"  # sorts after train/ and val/ in TensorBoard: the curves a reader came for come first
+# How a layer's heads combine into its one scalar: the mean, except for a maximum, which stays one.
+LAYER_AGGREGATE = {"max_farthest": "max"}
 
-    def __init__(self, enabled: bool = True, sequences: int = 8):
+
+def layer_scalars(stats: dict) -> dict[str, float]:
+    """{'val_cope/<statistic>/layer<L>': value}: one number per statistic and layer (mean or max over heads)."""
+    layer = stats["layer"]
+    return {
+        f"{PREFIX}/{name}/layer{layer}": float(stats[name].max() if LAYER_AGGREGATE.get(name) else stats[name].mean())
+        for name in STATISTICS
+    }
+
+
+def head_scalars(stats: dict) -> dict[str, float]:
+    """{'val_cope/<statistic>/layer<L>/head<H>': value}: the per-head values (`cope_stats.per_head=true`)."""
+    layer = stats["layer"]
+    return {
+        f"{PREFIX}/{name}/layer{layer}/head{head}": value
+        for name in STATISTICS
+        for head, value in enumerate(stats[name].tolist())
+    }
+
+
+def custom_scalars_layout(layers: list[int], per_head: bool) -> dict:
+    """TensorBoard's custom-scalars layout: per statistic, one chart with a line per layer and, with per_head,
+    one chart per layer with a line per head (instead of a card per head)."""
+    charts = {f"{name}, layers": ["Multiline", [rf"^{PREFIX}/{name}/layer\d+$"]] for name in STATISTICS}
+    if per_head:
+        charts |= {
+            f"{name}, layer {layer} heads": ["Multiline", [rf"^{PREFIX}/{name}/layer{layer}/head\d+$"]]
+            for name in STATISTICS
+            for layer in layers
+        }
+    return {"CoPE statistics": charts}
+
+
+class CopeStatistics(L.Callback):
+    """Logs `val_cope/*` gate and position statistics at every validation (see the module docstring)."""
+
+    def __init__(self, enabled: bool = True, sequences: int = 8, per_head: bool = False):
         if sequences < 1:
             raise ValueError(f"cope_stats.sequences must be >= 1, got {sequences}")
         self.enabled = enabled
         self.sequences = sequences
+        self.per_head = per_head
         self.batch: Tensor | None = None
+        self.layout_written = False
 
     def fixed_batch(self, trainer: L.Trainer) -> Tensor | None:
         if self.batch is None:
@@ -196,19 +239,25 @@ class CopeStatistics(L.Callback):
         layers = cope_statistics(pl_module, batch.to(pl_module.device), edges)
         if not layers:
             return
-        step = trainer.global_step
+        step = trainer.global_step  # optimizer steps done: the step every other validation value is logged at
         if writes:
-            for stats in layers:
-                layer = stats["layer"]
-                for name in STATISTICS:
-                    for head, value in enumerate(stats[name].tolist()):
-                        experiment.add_scalar(f"cope/{name}/layer{layer}/head{head}", value, step)
-                hist = stats["positions"]
-                if hist is not None and hist.num:
-                    limits, counts = hist.buckets()
-                    experiment.add_histogram_raw(
-                        f"cope/positions/layer{layer}", hist.min, hist.max, hist.num, hist.sum, hist.sum_squares,
-                        limits, counts, step,
-                    )  # fmt: skip
+            self.write(experiment, layers, step)
         worst = max(float(stats["clamped_frac"].max()) for stats in layers)
-        pl_module.log("cope/max_clamped_frac", worst if math.isfinite(worst) else 0.0, rank_zero_only=True)
+        pl_module.log(f"{PREFIX}/max_clamped_frac", worst if math.isfinite(worst) else 0.0, rank_zero_only=True)
+
+    def write(self, experiment, layers: list[dict], step: int) -> None:
+        """Per-layer scalars (per-head ones with per_head), the chart layout once, and the position histograms."""
+        if not self.layout_written and hasattr(experiment, "add_custom_scalars"):
+            experiment.add_custom_scalars(custom_scalars_layout([s["layer"] for s in layers], self.per_head))
+            self.layout_written = True
+        for stats in layers:
+            scalars = layer_scalars(stats) | (head_scalars(stats) if self.per_head else {})
+            for tag, value in scalars.items():
+                experiment.add_scalar(tag, value, step)
+            hist = stats["positions"]
+            if hist is not None and hist.num:
+                limits, counts = hist.buckets()
+                experiment.add_histogram_raw(
+                    f"{PREFIX}/positions/layer{stats['layer']}", hist.min, hist.max, hist.num, hist.sum,
+                    hist.sum_squares, limits, counts, step,
+                )  # fmt: skip

@@ -1,5 +1,5 @@
 """CoPE statistics: exact on hand-built gates, the model's own gates in every CoPE variant, the same values as
-the whole-tensor computation they replace, and logged under cope/."""
+the whole-tensor computation they replace, and logged under val_cope/ (per layer; per head on request)."""
 
 import json
 import math
@@ -114,17 +114,48 @@ def test_the_block_holds_at_most_block_elements_per_tensor(monkeypatch):
 
 def cope_tags(run):
     events = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0}).Reload()
-    return [t for t in events.Tags()["scalars"] if t.startswith("cope/")], events.Tags()["histograms"]
+    return [t for t in events.Tags()["scalars"] if t.startswith("val_cope/")], events.Tags()["histograms"]
 
 
-def test_validation_logs_cope_statistics_and_results_keep_the_worst_clamp(tmp_path):
+def custom_layout(run) -> dict[str, list[str]]:
+    """The custom-scalars layout a run registered: chart title -> the tag patterns of its lines."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    events = EventAccumulator(str(run), size_guidance={"tensors": 0}).Reload()
+    (event,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    return {chart.title: list(chart.multiline.tag) for c in layout.category for chart in c.chart}
+
+
+def test_validation_logs_cope_statistics_per_layer_and_results_keep_the_worst_clamp(tmp_path):
     main([*FIT, "--model.position=cope", f"--trainer.logger.init_args.save_dir={tmp_path}"])
     run = tmp_path / "copy-cope" / "version_0"
     scalars, histograms = cope_tags(run)
-    assert "cope/clamped_frac/layer0/head0" in scalars and "cope/mean_gate/layer1/head3" in scalars
-    assert "cope/positions/layer1" in histograms
+    assert sorted(scalars) == sorted(
+        [f"val_cope/{name}/layer{layer}" for name in STATISTICS for layer in (0, 1)] + ["val_cope/max_clamped_frac"]
+    )  # one card per statistic and layer, none per head
+    assert "val_cope/positions/layer1" in histograms
+    assert min(scalars) > "val/" and "val/" > "train/"  # TensorBoard sorts the curves a reader came for first
+    charts = custom_layout(run)
+    assert charts["mean_gate, layers"] == [r"^val_cope/mean_gate/layer\d+$"]  # a line per layer, one chart
     metrics = json.loads((run / "results.json").read_text())["metrics"]
-    assert 0 <= metrics["cope/max_clamped_frac"] <= 1
+    assert 0 <= metrics["val_cope/max_clamped_frac"] <= 1
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("val_cope/mean_gate/layer0")] == [e.step for e in events.Scalars("val/loss")]
+
+
+def test_per_head_statistics_are_an_option_drawn_as_one_chart_per_layer(tmp_path):
+    main(
+        [*FIT, "--model.position=cope", "--cope_stats.per_head=true", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    )
+    run = tmp_path / "copy-cope" / "version_0"
+    scalars, _ = cope_tags(run)
+    assert "val_cope/clamped_frac/layer0/head0" in scalars and "val_cope/mean_gate/layer1/head3" in scalars
+    charts = custom_layout(run)
+    assert charts["gate_entropy, layer 1 heads"] == [r"^val_cope/gate_entropy/layer1/head\d+$"]
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    heads = [events.Scalars(f"val_cope/mean_gate/layer0/head{h}")[-1].value for h in range(4)]
+    assert events.Scalars("val_cope/mean_gate/layer0")[-1].value == pytest.approx(np.mean(heads), rel=1e-5)
 
 
 def test_the_statistics_are_off_with_one_flag(tmp_path):
@@ -133,4 +164,4 @@ def test_the_statistics_are_off_with_one_flag(tmp_path):
     )
     run = tmp_path / "copy-cope" / "version_0"
     assert cope_tags(run) == ([], [])
-    assert "cope/max_clamped_frac" not in json.loads((run / "results.json").read_text())["metrics"]
+    assert "val_cope/max_clamped_frac" not in json.loads((run / "results.json").read_text())["metrics"]
