@@ -6,6 +6,10 @@ for a block of queries it forms logits, gates, positions, the interpolated CoPE 
 the block's output, and frees everything else. Backward recomputes each block (the same softmax, so no
 log-sum-exp is kept) from q, k, v (and gate keys, tables), so what is saved is O(T·D) per head, never O(T·S).
 
+How big a block is depends on the device decisions are taken for (`block_policy`): on CPU a core's cache
+sizes it; on CUDA, where every tensor op is a kernel launch, a memory budget does, so a layer launches hundreds
+of kernels rather than tens of thousands.
+
 Two things make it faster as well as smaller. A query block only reads the keys up to its last query (the
 rest are masked), which skips half of the causal square. And each block works with its keys in reverse
 order, so the paper's "cumulative sum from the right" is a plain cumulative sum with no flips.
