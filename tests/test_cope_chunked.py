@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cope_pl.attention import EXPLICIT_ROWS
-from cope_pl.ops import causal_mask, cope_attention, cope_attention_chunked, cope_cpu, resolve_cope_impl
+from cope_pl.ops import causal_mask, cope_attention, cope_attention_chunked, cope_cpu, resolve_cope_impl, target_device
 from cope_pl.ops import cope_chunked as chunked_module
 from cope_pl.ops import dispatch as dispatch_module
 from cope_pl.ops.cope_chunked import MAX_BLOCK_ROWS, block_rows
@@ -273,5 +274,60 @@ def test_head_groups_give_the_reference_result(monkeypatch, elements):
     inputs, weights = [q, k, v, e, gk, r, bias], torch.randn(3, 4, 12, 8, dtype=torch.float64)
     ref = output_and_grads(explicit, inputs, weights)
     fast = output_and_grads(lambda *a: cope_attention_chunked(*a[:6], bias=a[6], block_size=5), inputs, weights)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched (each a kernel launch on a GPU) and the bytes of the largest tensor any of
+    them makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.largest = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        for x in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel() * x.element_size())
+        return out
+
+
+def count_forward_backward(inputs, target: str) -> OpCounter:
+    with target_device(target), OpCounter() as counter:
+        cope_attention_chunked(*inputs).sum().backward()
+    return counter
+
+
+def test_the_cuda_policy_launches_few_ops():
+    # One layer of the WikiText-103 model, at a quarter of its batch and sequence length: the CPU policy's
+    # cache-sized blocks dispatch about 1,200 ops here, the CUDA policy's budget-sized ones about 160
+    # (docs/cope-ops.md gives both at the full shape).
+    inputs = make_inputs(2, 12, 256, 256, 64, 64, torch.float32)[:4]
+    cuda, cpu = count_forward_backward(inputs, "cuda"), count_forward_backward(inputs, "cpu")
+    assert cuda.ops <= 200 and cpu.ops >= 5 * cuda.ops
+
+
+def test_the_cuda_policy_keeps_every_block_tensor_within_its_budget(monkeypatch):
+    # Values per (heads, rows, keys) tensor; the widest of them (int64 positions, complex pairs) take 8 bytes each.
+    budget = 2 * 4 * 32 * 128  # (B*H, 32 rows, 128 keys)
+    monkeypatch.setattr(chunked_module, "CUDA_GROUP_ELEMENTS", budget)
+    inputs = make_inputs(2, 4, 128, 128, 16, 8, torch.float32, sep_keys=True)[:5]
+    whole = count_forward_backward(inputs, "cuda").largest
+    assert budget * 4 <= whole <= budget * 8
+    monkeypatch.setattr(chunked_module, "CUDA_GROUP_ELEMENTS", budget // 8)  # below 16 rows: groups of heads
+    assert block_rows(128, chunked_module.block_policy(torch.device("cuda")), 8, 128) == 16
+    assert count_forward_backward(inputs, "cuda").largest <= whole // 2
+
+
+@pytest.mark.parametrize("sep_keys", [False, True])
+def test_the_cuda_policy_is_as_exact(sep_keys):
+    inputs = make_inputs(2, 3, 37, 45, 8, 5, torch.float64, sep_keys, rel=4)
+    weights = torch.randn(2, 3, 37, 8, dtype=torch.float64)
+    ref = output_and_grads(lambda *a: reference_with_relative(*a), inputs, weights)
+    with target_device("cuda"):
+        fast = output_and_grads(lambda q, k, v, e, gk, r: cope_attention_chunked(q, k, v, e, gk, r), inputs, weights)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -20,9 +20,7 @@ the CoPE op runs at all.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -31,29 +29,13 @@ from cope_pl.ops import cope_cpu
 from cope_pl.ops.cope import cope_attention
 from cope_pl.ops.cope_chunked import cope_attention_chunked
 from cope_pl.ops.cope_triton import MAX_NPOS, cope_attention_triton, interpreting, triton_available
+from cope_pl.ops.device import decision_device, target_device  # noqa: F401 (target_device: named here too)
 
 COPE_IMPLS = ("auto", "reference", "chunked", "cpu", "triton")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TARGETS: list[torch.device] = []
 # (device type, dtype, head size, table width, gate keys) -> why the fused kernel is not used there (None: it is).
 _FUSED_CHECKS: dict[tuple, str | None] = {}
 _WARNED: set[str] = set()
-
-
-@contextlib.contextmanager
-def target_device(device: str | torch.device) -> Iterator[None]:
-    """Take every device decision (implementation, block sizes) for `device` whatever the tensors' device: a
-    plan traces on CPU or meta tensors what a run would do on a GPU, and tests check the CUDA policy without one."""
-    _TARGETS.append(torch.device(device))
-    try:
-        yield
-    finally:
-        _TARGETS.pop()
-
-
-def decision_device(device: torch.device) -> torch.device:
-    """The device that device decisions are taken for: the innermost `target_device`, else the tensors' own."""
-    return _TARGETS[-1] if _TARGETS else device
 
 
 def check_cope_impl(impl: str) -> str:
