@@ -239,6 +239,7 @@ def plot_learning_curves(
             tag = f"{base}@{set_name}" if set_name else base
             ax = axes[r][p]
             values: list[float] = []
+            with_train = False
             val_steps: set[int] = set()  # ticks at the validation points, not at training-loss ones
             for (group_title, name), frames in curves.items():
                 if group_title != panel:
@@ -249,7 +250,7 @@ def plot_learning_curves(
                         mean = seed_band(train, "step", "value")["mean"]
                         ax.plot(mean.index, mean, color=styles[name]["color"], linewidth=0.8, alpha=0.45)
                         values += list(mean)
-                        train_drawn = True
+                        with_train = train_drawn = True
                 frames = [f[f["tag"] == tag] for f in frames if (f["tag"] == tag).any()]
                 if not frames:
                     continue
@@ -269,7 +270,7 @@ def plot_learning_curves(
                 ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # labels that do not collide
             keep_scale_honest(ax, values, log=False)
             ax.set_xlabel("training step")
-            ax.set_ylabel(ylabel)
+            ax.set_ylabel(ylabel.replace("val loss", "val and training loss") if with_train else ylabel)
             ax.set_title(" · ".join(x for x in (panel, set_name) if x), fontsize=9)
             plain_axis(ax.yaxis)
             if not values:
@@ -315,13 +316,14 @@ def plot_loss_by_position(
     ylabel, _ = metric_label("test/loss")
     seeds: set[int] = set()
     for ax, (panel, length) in zip(axes[0], panels):
-        train_lens, widths, tokens = set(), set(), []
+        train_lens, widths, tokens, drawn = set(), set(), [], []
         for (group_title, name), group in groups.items():
             rows = group[group["seq_len"].astype(int) == length]
             if group_title != panel or rows.empty:
                 continue
             by_run = [part for _, part in rows.groupby("run_dir")] if "run_dir" in rows else [rows]
             band = seed_band(by_run, "midpoint", "loss")
+            drawn += list(band["mean"])
             (line,) = ax.plot(band.index, band["mean"], label=name, markersize=4, fillstyle="none", **styles[name])
             if len(by_run) >= 2:
                 ax.fill_between(band.index, band["min"], band["max"], alpha=0.15, color=styles[name]["color"],
@@ -337,6 +339,7 @@ def plot_loss_by_position(
         if log_x:
             ax.set_xscale("log")
         plain_axis(ax.xaxis, log=log_x, values=[max(length, 1), 1])
+        keep_scale_honest(ax, drawn, log=False)  # per-bucket noise is no cliff
         plain_axis(ax.yaxis)
         ax.set_xlabel("token position (bucket midpoint)\n" + bucket_note(widths, tokens), fontsize=9)
         ax.set_ylabel(ylabel)
