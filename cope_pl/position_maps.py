@@ -1,4 +1,5 @@
-"""CoPE's contextual positions p_ij and the attention they induce, per layer and head (paper Figure 4).
+"""CoPE's gates, the contextual positions p_ij they count and the attention they induce, per layer and head (paper
+Figure 4).
 
 The maps are what the model's own attention computed: `TransformerLM.record_attention` runs the model once
 under `cope_pl.attention.recording()`, which keeps each layer's attention probabilities and, for CoPE terms,
