@@ -202,18 +202,22 @@ class WithoutAdverts(logging.Filter):
 
 
 LIGHTNING_TIP = "\U0001f4a1 Tip:"  # how Lightning's adverts begin
-# A torch deprecation that Lightning's own code triggers: nothing a cope-pl user can change.
-FOREIGN_DEPRECATIONS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+FOREIGN_NOTICES = (
+    # A torch deprecation that Lightning's own code triggers: nothing a cope-pl user can change.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # Lightning's hint on any machine with an `srun` binary; cope-pl's SLURM route is `cope-pl launch`.
+    r"The `srun` command is available on your system but is not used",
+)
 
 
 def quiet_foreign_noise() -> None:
-    """The output is cope-pl's own: no adverts, no deprecation notices about Lightning's internals. Other
+    """The output is cope-pl's own: no adverts, no notices about Lightning's internals or its SLURM hint. Other
     warnings, Lightning's included, still show."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         log = logging.getLogger(name)
         if not any(isinstance(f, WithoutAdverts) for f in log.filters):
             log.addFilter(WithoutAdverts())
-    for message in FOREIGN_DEPRECATIONS:
+    for message in FOREIGN_NOTICES:
         warnings.filterwarnings("ignore", message=message)
 
 

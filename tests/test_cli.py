@@ -59,7 +59,7 @@ def test_test_of_a_run_dir_adds_test_metrics_to_that_run_at_its_step(finished_ru
     assert "Final test metrics (step 4)" in done.stdout
     assert "Test metric" not in done.stdout  # printed once, not again in Lightning's table
     assert "Tip:" not in done.stdout + done.stderr and "litlogger" not in done.stdout + done.stderr  # no advert
-    assert "deprecated" not in done.stderr
+    assert "deprecated" not in done.stderr and "srun" not in done.stderr
     assert scalar_steps(finished_run, "test/loss") == [4]
     assert (finished_run / "config.yaml").read_bytes() == config  # the fit's config, byte for byte
     assert list(tmp_path.iterdir()) == []  # nothing written outside the run directory
