@@ -266,6 +266,11 @@ def data_axes(fig):
     return [ax for ax in fig.axes if ax.get_ylabel()]
 
 
+def heading(fig) -> str:
+    """The figure's heading on one line (it is wrapped to the panels' width)."""
+    return " ".join(fig._suptitle.get_text().split())
+
+
 PPL = {  # two encodings that coincide, one that cannot go past the training length
     "train128 / relative": [216.14, 216.16, 216.18],
     "train128 / relative_capped": [216.14, 216.16, 216.18],
@@ -318,7 +323,15 @@ def test_one_run_per_cell_draws_no_band_and_says_so(tmp_path, drawn):
     fig = drawn(plot_extrapolation, table_of(list(PPL), ["128", "192", "256"], PPL), tmp_path / "e.png", "test/ppl")
     (ax,) = data_axes(fig)
     assert not ax.collections  # no zero-width band
-    assert "one run each, no spread" in fig._suptitle.get_text()
+    assert "one run each, no spread" in heading(fig)
+
+
+def test_a_narrow_seed_band_is_drawn_whole(tmp_path, drawn):
+    values = {"cope": [169.3, 169.3, 169.4], "rope": [169.3, 169.3, 169.3]}
+    table = table_of(list(values), ["128", "256", "512"], values, row_name="position")
+    table.n, table.std = dict.fromkeys(table.n, 2), dict.fromkeys(table.std, 0.7)
+    fig = drawn(plot_extrapolation, table, tmp_path / "e.png", "test/ppl")
+    assert "mean over 2 seeds, band ±1 std" in heading(fig) and "cut" not in heading(fig)
 
 
 def test_a_wide_seed_band_is_cut_at_the_axis_rather_than_flattening_the_lines(tmp_path, drawn):
@@ -330,8 +343,8 @@ def test_a_wide_seed_band_is_cut_at_the_axis_rather_than_flattening_the_lines(tm
     (ax,) = data_axes(fig)
     low, high = ax.get_ylim()
     assert low >= 10 and high <= 80  # the means' range, not the band's 1e-12 .. 540
-    assert len(ax.collections) == 2 and "bands cut at the axis" in fig._suptitle.get_text()
-    assert "±1 std over 3 seeds" in fig._suptitle.get_text()
+    assert len(ax.collections) == 2 and "bands cut at the axis" in heading(fig)
+    assert "mean over 3 seeds, band ±1 std" in heading(fig)
 
 
 PPL_NAMES = {"relative", "relative_capped", "absolute"}
@@ -366,7 +379,7 @@ def test_bars_of_one_run_have_no_error_bars_and_say_so(tmp_path, drawn):
     )
     (ax,) = data_axes(fig)
     assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]  # no zero-height error bars
-    assert "one run each, no spread" in fig._suptitle.get_text()
+    assert "one run each, no spread" in heading(fig)
     assert ax.get_ylabel() == "test perplexity (per token)"
 
 
@@ -414,7 +427,7 @@ def test_learning_curves_have_a_panel_per_data_set_and_a_line_per_encoding(tmp_p
     assert mean["cope"] == pytest.approx([15.0, 25.0])  # seeds 0 and 1 averaged, in percent
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["cope", "rope"]
     assert len(axes[0].collections) == 2  # the promised min-max band, one per encoding
-    assert "band: min to max" in fig._suptitle.get_text()
+    assert "band: min to max" in heading(fig)
 
 
 def test_learning_curves_tick_the_validation_steps_and_draw_the_training_loss(tmp_path, drawn):
@@ -433,7 +446,7 @@ def test_learning_curves_tick_the_validation_steps_and_draw_the_training_loss(tm
     assert list(error.get_xticks()) == [200, 400, 600] == list(loss.get_xticks())
     assert [len(line.get_xdata()) for line in loss.lines] == [30, 3]  # training loss every 20 steps, then val
     assert "training loss (thin line)" in [t.get_text() for t in fig.legends[0].get_texts()]
-    assert not error.collections and "one run each, no band" in fig._suptitle.get_text()  # no band promised
+    assert not error.collections and "one run each, no band" in heading(fig)  # no band promised
     low, high = error.get_ylim()
     assert high - low > 10  # 84.4 .. 84.8 % is not zoomed to its third decimal
 

@@ -45,9 +45,12 @@ def finish(fig, axes, path: Path, title: str, handles: dict | None = None) -> Pa
         fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 6),
                    fontsize=8, frameon=False)  # fmt: skip
     heading = fig.suptitle(textwrap.fill(title, int(14 * fig.get_figwidth())), fontsize=9)  # ~14 characters/inch
-    fig.draw_without_rendering()  # lay out, then centre the heading over the panels rather than the page
-    boxes = [ax.get_position() for row in axes for ax in row if ax.get_visible()]
-    heading.set_x((min(b.x0 for b in boxes) + max(b.x1 for b in boxes)) / 2)
+    for _ in range(2):  # lay out, then centre the heading over the panels (not the page) and wrap it to their width
+        fig.draw_without_rendering()
+        boxes = [ax.get_position() for row in axes for ax in row if ax.get_visible()]
+        left, right = min(b.x0 for b in boxes), max(b.x1 for b in boxes)
+        heading.set_x((left + right) / 2)
+        heading.set_text(textwrap.fill(title, int(14 * (right - left) * fig.get_figwidth())))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -92,8 +95,10 @@ def plot_extrapolation(table: Table, path: Path, metric: str, train_len: dict[st
             train_length_line(ax, length)
         if log:
             ax.set_yscale("log")
-        clipped |= fit_limits(ax, values, [v for band in bands for v in band], log)
+        fit_limits(ax, values, [v for band in bands for v in band], log)
         keep_scale_honest(ax, values, log)
+        low, high = ax.get_ylim()
+        clipped |= any(v < low or v > high for band in bands for v in band)
         plain_axis(ax.yaxis, log=log, values=values)
         ax.set_xticks(lengths, [str(t) for t in lengths])
         ax.set_xlabel("evaluation context length (tokens)")
@@ -103,19 +108,19 @@ def plot_extrapolation(table: Table, path: Path, metric: str, train_len: dict[st
             note = textwrap.fill("no result (n/a or missing): " + "; ".join(absent), 80)
             ax.annotate(note, (0, 0), xytext=(0, -34), xycoords="axes fraction", textcoords="offset points",
                         fontsize=7, color="dimgrey", va="top")  # fmt: skip
-    seeds = seed_note(table)
+    seeds = seed_note(table, "band")
     note = f" ({seeds}{'; bands cut at the axis' if clipped else ''})" if seeds else ""
     return finish(fig, axes, path, table.title + note, handles)
 
 
-def fit_limits(ax, means: list[float], band: list[float], log: bool, reach: float = 0.5) -> bool:
+def fit_limits(ax, means: list[float], band: list[float], log: bool, reach: float = 0.5) -> None:
     """y-limits around the means with a margin, widened for the bands by at most `reach` of the means' span (in
-    log space on a log axis); True when a band goes past them and is cut."""
+    log space on a log axis): a wider band is cut at the axis."""
     import math
 
     finite = [v for v in means if math.isfinite(v) and (v > 0 or not log)]
     if not finite:
-        return False
+        return
     t = (lambda v: math.log(v)) if log else (lambda v: v)
     inv = math.exp if log else (lambda v: v)
     low, high = t(min(finite)), t(max(finite))
@@ -125,18 +130,17 @@ def fit_limits(ax, means: list[float], band: list[float], log: bool, reach: floa
     hi = min(max(edges, default=high), high + reach * span)
     margin = 0.08 * (hi - lo or span)
     ax.set_ylim(inv(lo - margin), inv(hi + margin))
-    return any(v < lo - margin or v > hi + margin for v in edges)
 
 
-def seed_note(table: Table) -> str:
-    """'mean ± std over 3 seeds', 'one run each, no spread', or the range when cells differ."""
+def seed_note(table: Table, spread: str) -> str:
+    """'mean over 3 seeds, band ±1 std' (spread: how the std is drawn), or 'one run each, no spread'."""
     counts = sorted({n for n in table.n.values() if n})
     if not counts:
         return ""
     if counts == [1]:
         return "one run each, no spread"
     seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    return f"mean, band or bars ±1 std over {seeds} seeds"
+    return f"mean over {seeds} seeds, {spread} ±1 std"
 
 
 def plot_bars(table: Table, path: Path, metric: str) -> Path:
@@ -171,7 +175,7 @@ def plot_bars(table: Table, path: Path, metric: str) -> Path:
         ax.set_ylim(0, ax.get_ylim()[1] * 1.1)  # room for the value labels
         plain_axis(ax.yaxis)
         ax.set_title(title, fontsize=9)
-    seeds = seed_note(table)
+    seeds = seed_note(table, "error bars")
     return finish(fig, axes, path, table.title + (f" ({seeds})" if seeds else ""), handles)
 
 
