@@ -58,11 +58,18 @@ class PositionHistogram:
         return cls(edges, np.zeros(len(edges) - 1, dtype=np.int64))
 
     def add(self, values: Tensor) -> None:
-        x = values.detach().cpu().numpy().astype(float).reshape(-1)
-        if x.size == 0:
+        """Count values (any shape) on their own device, as np.histogram would: bin i holds edges[i] <= x <
+        edges[i + 1], the last bin its right edge too, and values outside the edges are left out."""
+        x = values.detach().reshape(-1).double()
+        if x.numel() == 0:
             return
-        self.counts += np.histogram(x, bins=self.edges)[0]
-        self.num += x.size
+        edges = torch.as_tensor(self.edges, device=x.device)
+        bins = len(self.counts)
+        index = torch.bucketize(x, edges, right=True) - 1
+        index[x == edges[-1]] = bins - 1
+        index = index[(index >= 0) & (index < bins)]
+        self.counts += torch.bincount(index, minlength=bins).cpu().numpy()
+        self.num += x.numel()
         self.sum += float(x.sum())
         self.sum_squares += float(x.dot(x))
         self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))

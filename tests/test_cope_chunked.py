@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from cope_pl.attention import EXPLICIT_ROWS
+from cope_pl.bench.launches import OpCounter, count_layer
 from cope_pl.ops import causal_mask, cope_attention, cope_attention_chunked, cope_cpu, resolve_cope_impl, target_device
 from cope_pl.ops import cope_chunked as chunked_module
 from cope_pl.ops import dispatch as dispatch_module
@@ -278,33 +278,17 @@ def test_head_groups_give_the_reference_result(monkeypatch, elements):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched (each a kernel launch on a GPU) and the bytes of the largest tensor any of
-    them makes."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.largest = 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops += 1
-        for x in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.largest = max(self.largest, x.numel() * x.element_size())
-        return out
-
-
 def count_forward_backward(inputs, target: str) -> OpCounter:
-    with target_device(target), OpCounter() as counter:
-        cope_attention_chunked(*inputs).sum().backward()
-    return counter
+    """One counter over the chunked op's forward and backward with the block sizes of `target`."""
+    forward, backward = count_layer(inputs, target)
+    forward.ops += backward.ops
+    forward.largest = max(forward.largest, backward.largest)
+    return forward
 
 
 def test_the_cuda_policy_launches_few_ops():
-    # One layer of the WikiText-103 model, at a quarter of its batch and sequence length: the CPU policy's
-    # cache-sized blocks dispatch about 1,200 ops here, the CUDA policy's budget-sized ones about 160
-    # (docs/cope-ops.md gives both at the full shape).
+    # One layer of the WikiText-103 model's heads at a smaller batch and length (docs/benchmarks.md counts the
+    # full shape): budget-sized blocks dispatch several times fewer ops than cache-sized ones.
     inputs = make_inputs(2, 12, 256, 256, 64, 64, torch.float32)[:4]
     cuda, cpu = count_forward_backward(inputs, "cuda"), count_forward_backward(inputs, "cpu")
     assert cuda.ops <= 200 and cpu.ops >= 5 * cuda.ops

@@ -96,20 +96,23 @@ def fused_kernel_agrees(device: torch.device, dtype: torch.dtype, head_dim: int,
 
 
 def _check_fused_kernel(device, dtype, head_dim: int, npos: int, sep_keys: bool) -> str | None:
+    """Why the fused kernel may not run for this key (a compile or launch error, or which tensor differs from the
+    chunked op's and by how much), or None."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    # The first call may come from validation (inference mode, no grad), under autocast or in a fake-tensor trace.
+    with unset_fake_temporarily(), torch.inference_mode(False), torch.enable_grad():
+        with torch.autocast(device.type, enabled=False):
+            inputs = _fused_problem(device, dtype, head_dim, npos, sep_keys)
+            weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1)).to(device)
+            try:
+                fused = _outputs_and_grads(cope_attention_triton, inputs, weights)
+            except Exception as err:  # a compile or launch error: the chunked op runs instead
+                lines = str(err).strip().splitlines() or [""]
+                return f"failed to run ({type(err).__name__}: {lines[-1][:200]})"
+            exact = _outputs_and_grads(cope_attention_chunked, inputs, weights)
     tolerance = 1e-3 if dtype == torch.float32 else 3e-2
-    names = ["output", "dq", "dk", "dv", "dpos_emb", "dgate_k"]
-    with unset_fake_temporarily(), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        inputs = _fused_problem(device, dtype, head_dim, npos, sep_keys)
-        weights = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1)).to(device)
-        try:
-            fused = _outputs_and_grads(cope_attention_triton, inputs, weights)
-        except Exception as err:  # a compile or launch error: the chunked op runs instead
-            lines = str(err).strip().splitlines() or [""]
-            return f"failed to run ({type(err).__name__}: {lines[-1][:200]})"
-        exact = _outputs_and_grads(cope_attention_chunked, inputs, weights)
-    for name, f, e in zip(names, fused, exact):
+    for name, f, e in zip(["output", "dq", "dk", "dv", "dpos_emb", "dgate_k"], fused, exact):
         scale = e.abs().max().item()
         err = (f - e).abs().max().item()
         if not err <= tolerance * scale + 1e-5:  # NaN fails too
