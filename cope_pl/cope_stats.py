@@ -240,9 +240,10 @@ class CopeStatistics(L.Callback):
             return
         experiment = getattr(trainer.logger, "experiment", None)
         writes = trainer.is_global_zero and hasattr(experiment, "add_scalar")
-        edges = (
-            getattr(experiment, "default_bins", None) if writes and hasattr(experiment, "add_histogram_raw") else None
-        )
+        bins = getattr(experiment, "default_bins", None) if writes else None  # a SummaryWriter's bin edges
+        # A stand-in logger (fast_dev_run's) answers every attribute with a no-op function: no histogram there.
+        histograms = isinstance(bins, list | tuple | np.ndarray) and hasattr(experiment, "add_histogram_raw")
+        edges = bins if histograms else None
         layers = cope_statistics(pl_module, batch.to(pl_module.device), edges)
         if not layers:
             return
