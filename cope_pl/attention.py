@@ -22,14 +22,15 @@ and one that replaces the softmax instead of adding a term:
 A new encoding that contributes these forms, alone or combined with others, gets the same fast paths.
 
 Queries are the last T of S keys (S > T when decoding with a `KVCache`). `recording()` makes every attention
-call take the explicit path and keep its probabilities and CoPE positions (the position maps).
+call take the explicit path and keep its probabilities and CoPE positions (the position maps). `observing(fn)`
+hands every call's queries, keys and terms to fn and then runs it as usual, keeping nothing (CoPE statistics).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -147,9 +148,11 @@ class Plan:
 EXPLICIT_ROWS = 16
 
 
-def choose_backend(terms: list[Term], device: torch.device, rows: int | None = None) -> Plan:
+def choose_backend(
+    terms: list[Term], device: torch.device, rows: int | None = None, dtype: torch.dtype = torch.float32
+) -> Plan:
     """The fastest exact way to compute attention with these terms on this device, for `rows` queries (None: a
-    long sequence)."""
+    long sequence) of `dtype`."""
     if not terms:
         return Plan("sdpa")
     if rows is not None and rows <= EXPLICIT_ROWS:
@@ -161,7 +164,11 @@ def choose_backend(terms: list[Term], device: torch.device, rows: int | None = N
     relative, bias = by_form.get(RelativeLogits, []), by_form.get(DistanceBias, [])
     only_op_forms = set(by_form) <= {ContextualLogits, RelativeLogits, DistanceBias}  # the CoPE op adds no others
     if only_op_forms and len(cope) == 1 and len(relative) <= 1 and len(bias) <= 1:
-        impl = resolve_cope_impl(cope[0].impl, device, relative=bool(relative or bias), compiled=cope[0].compiled)
+        term = cope[0]
+        impl = resolve_cope_impl(
+            term.impl, device, relative=bool(relative or bias), compiled=term.compiled, dtype=dtype,
+            table=tuple(term.table.shape), sep_keys=term.gate_keys is not None,
+        )  # fmt: skip
         if impl != "reference":
             return Plan(impl, cope[0], relative[0] if relative else None, bias[0] if bias else None)
     return Plan("explicit")
@@ -210,10 +217,28 @@ def recording() -> Iterator[list[dict[str, Tensor | None]]]:
         _RECORDS.remove(records)
 
 
+Observer = Callable[[Tensor, Tensor, list[Term]], None]
+_OBSERVERS: list[Observer] = []
+
+
+@contextlib.contextmanager
+def observing(observer: Observer) -> Iterator[None]:
+    """Within the block, every attention call first hands its q (B, H, T, D), k (B, H, S, D) and terms to
+    `observer` (one call per layer and forward), then runs on its usual backend: whatever the observer computes
+    from them, the call itself keeps no (T, S) tensor."""
+    _OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observer)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, terms: list[Term], dropout_p: float = 0.0) -> Tensor:
     """softmax(q.k / sqrt(D) + terms, causal) v: q (B, H, T, D), k and v (B, H, S, D) with S >= T -> (B, H, T, D)."""
     t, s = q.size(-2), k.size(-2)
-    plan = Plan("explicit") if _RECORDS else choose_backend(terms, q.device, rows=t)
+    if _OBSERVERS:
+        _OBSERVERS[-1](q, k, terms)
+    plan = Plan("explicit") if _RECORDS else choose_backend(terms, q.device, rows=t, dtype=q.dtype)
     if plan.backend == "sdpa":
         mask = None if t in (1, s) else causal_mask(t, s, q.device)  # is_causal aligns to the top left when T < S
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=t == s > 1)

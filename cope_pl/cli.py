@@ -11,6 +11,7 @@ own directory.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -216,8 +217,36 @@ def test_in_place_args(target: str, rest: list[str]) -> list[str]:
     )
 
 
+class WithoutAdverts(logging.Filter):
+    """Drops Lightning's product tips (e.g. its cloud-logging service) from the log; everything else passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(LIGHTNING_TIP)
+
+
+LIGHTNING_TIP = "\U0001f4a1 Tip:"  # how Lightning's adverts begin
+FOREIGN_NOTICES = (
+    # A torch deprecation that Lightning's own code triggers: nothing a cope-pl user can change.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # Lightning's hint on any machine with an `srun` binary; cope-pl's SLURM route is `cope-pl launch`.
+    r"The `srun` command is available on your system but is not used",
+)
+
+
+def quiet_foreign_noise() -> None:
+    """The output is cope-pl's own: no adverts, no notices about Lightning's internals or its SLURM hint. Other
+    warnings, Lightning's included, still show."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, WithoutAdverts) for f in log.filters):
+            log.addFilter(WithoutAdverts())
+    for message in FOREIGN_NOTICES:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def main(args: list[str] | None = None) -> CopeCLI | None:
     """`cope-pl fit|validate|test ...` (LightningCLI), `cope-pl test RUN_DIR` or one of TOOLS."""
+    quiet_foreign_noise()
     argv = sys.argv[1:] if args is None else list(args)
     # Where SLURM is installed, Lightning warns at every run outside a job that srun is not used; a run outside a job
     # is meant to be one process here, and `cope-pl launch slurm` writes the srun job.
@@ -232,6 +261,9 @@ def main(args: list[str] | None = None) -> CopeCLI | None:
         raise ValueError(f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (cope-pl --help)")
     if argv[0] == "test" and len(argv) > 1 and not argv[1].startswith("-"):
         argv = test_in_place_args(argv[1], argv[2:])
+    if argv[0] in ("validate", "test") and not any(a.startswith("--verbose") for a in argv):
+        # The metrics are printed once, by ResultsWriter; --verbose=true adds Lightning's table of them.
+        argv.append("--verbose=false")
     no_exit = {"exit_on_error": False}  # parse errors reach entry() and become one line
     # The arguments are sys.argv's, possibly rewritten (test RUN_DIR): Lightning's warning about both is noise.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")

@@ -90,6 +90,9 @@ class LanguageModel(L.LightningModule):
             logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=self.hparams.ignore_index
         )
         self.log("train/loss", loss, prog_bar=True)
+        # Logged at the step this batch's update completes (1 for the first batch), as checkpoints count steps:
+        # Lightning's own default is one less, so validation after 600 steps would show at 599.
+        self.log("step", float(self.trainer.global_step + 1) if self._trainer is not None else 0.0)
         return loss
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -157,10 +160,9 @@ class LanguageModel(L.LightningModule):
             first = False
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.validated_step = self.trainer.global_step
-        if self.trainer.state.fn != "fit":
-            # Lightning logs metrics outside fit at step 0 unless a `step` value says otherwise: they belong
-            # to the evaluated checkpoint's step.
-            self.log("step", float(self.evaluated_step()), sync_dist=False)
+        # Lightning logs validation at one step less than the updates done (599 after 600) and metrics outside
+        # fit at step 0, unless a `step` value says otherwise: they belong to the evaluated weights' step.
+        self.log("step", float(self.evaluated_step()), sync_dist=False)
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, batch_idx, dataloader_idx)

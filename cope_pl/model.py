@@ -8,7 +8,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cope_pl.attention import KVCache, LayerCache, causal_attention, choose_backend, recording
+from cope_pl.attention import (
+    ContextualLogits,
+    KVCache,
+    LayerCache,
+    Observer,
+    Term,
+    causal_attention,
+    choose_backend,
+    observing,
+    recording,
+)
 from cope_pl.position import ModelDims, PositionEncoding, build_position_encoding
 
 
@@ -103,13 +113,33 @@ class TransformerLM(nn.Module):
             nn.init.zeros_(module.bias)
 
     @torch.no_grad()
-    def attention_backend(self) -> str:
-        """The attention backend this model's encoding takes on its device ("explicit" holds T x T logits)."""
+    def _layer_terms(self, layer: int) -> list[Term]:
+        """The attention terms `layer` contributes, for one token: which forms the layer's attention takes."""
         dims, device = self.position.dims, self.lm_head.weight.device
         x = torch.zeros(1, 1, dims.d_model, device=device)
         q = torch.zeros(1, dims.n_heads, 1, dims.d_head, device=device)
-        terms = self.position.attention_terms(0, q, {"k": q, "v": q, **self.position.key_features(0, x)})
-        return choose_backend(terms, device).backend
+        return self.position.attention_terms(layer, q, {"k": q, "v": q, **self.position.key_features(layer, x)})
+
+    def attention_backend(self) -> str:
+        """The attention backend this model's encoding takes on its device ("explicit" holds T x T logits)."""
+        return choose_backend(self._layer_terms(0), self.lm_head.weight.device).backend
+
+    def has_cope_term(self) -> bool:
+        """Whether any layer's attention has a CoPE term."""
+        layers = range(self.position.dims.n_layers)
+        return any(isinstance(term, ContextualLogits) for layer in layers for term in self._layer_terms(layer))
+
+    @torch.no_grad()
+    def observe_attention(self, input_ids: Tensor, observer: Observer) -> None:
+        """One eval-mode forward under `cope_pl.attention.observing(observer)`: every layer's attention hands its
+        queries, keys and terms to `observer`, in layer order, then runs on its usual backend (CoPE statistics)."""
+        was_training = self.training
+        try:
+            self.eval()
+            with observing(observer):
+                self(input_ids)
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def record_attention(self, input_ids: Tensor) -> list[dict]:

@@ -1,9 +1,11 @@
-"""CoPE's contextual positions p_ij and the attention they induce, per layer and head (paper Figure 4).
+"""CoPE's gates, the contextual positions p_ij they count and the attention they induce, per layer and head (paper
+Figure 4).
 
 The maps are what the model's own attention computed: `TransformerLM.record_attention` runs the model once
 under `cope_pl.attention.recording()`, which keeps each layer's attention probabilities and, for CoPE terms,
-the positions p_ij (reverse cumulative sum of sigmoid gates, clamped at npos_max - 1). Whatever op an
-encoding normally runs on, the maps come from the same terms.
+its gates and positions p_ij (reverse cumulative sum of the sigmoid gates, which the model clamps at
+npos_max - 1; the maps draw them unclamped, hatching where the clamp applies). Whatever op an encoding
+normally runs on, the maps come from the same terms.
 
 `cope-pl position-maps RUN --out DIR` draws them as PNGs (`layer<L>_len<T>.png`) for a test-set sample of
 the run's data; `--length 2x` draws them at twice the training length, where encodings diverge most. The
@@ -42,38 +44,81 @@ def row_normalised(attention: Tensor) -> Tensor:
     return scaled.masked_fill(~causal_mask(t, s, attention.device), float("nan"))
 
 
+def unclamped_positions(gates: Tensor) -> Tensor:
+    """(..., T, S) gates, 0 on masked keys -> p_ij = sum_{t=j..i} g_it before any clamp: what the model would count
+    with a table large enough; where it exceeds npos_max - 1 the model uses npos_max - 1."""
+    return gates.flip(-1).cumsum(-1).flip(-1)  # (..., T, S)
+
+
+def map_rows(record: dict) -> list[tuple[str, Tensor, str, tuple[float, float]]]:
+    """(row name, (H, T, T) values with NaN on masked keys, colour bar label, (vmin, vmax)) for one layer: gates
+    and unclamped positions with a CoPE term, then attention scaled to its row maximum. One scale per row, shared
+    by its heads, so heads can be compared by colour."""
+    attention = record["attention"][0].float().cpu()  # (H, T, T)
+    t, s = attention.shape[-2:]
+    masked = ~causal_mask(t, s)
+    rows = []
+    if record.get("gates") is not None:
+        gates = record["gates"][0].float().cpu()  # (H, T, S)
+        positions = unclamped_positions(gates).masked_fill(masked, float("nan"))
+        top = max(float(torch.nan_to_num(positions, nan=0.0).max()), 1.0)
+        rows.append(("gate g_ij", gates.masked_fill(masked, float("nan")), "gate g_ij = sigmoid(q_i·k_j)", (0.0, 1.0)))
+        rows.append(("position p_ij", positions, "contextual position p_ij (unclamped)", (0.0, top)))
+    elif record.get("positions") is not None:  # a record without gates: positions as the model used them
+        positions = record["positions"][0].float().cpu().masked_fill(masked, float("nan"))
+        top = max(float(torch.nan_to_num(positions, nan=0.0).max()), 1.0)
+        rows.append(("position p_ij", positions, "contextual position p_ij", (0.0, top)))
+    rows.append(("attention", row_normalised(attention), "attention / row max", (0.0, 1.0)))
+    return rows
+
+
 def plot_position_maps(maps: list[dict], tokens: list[str] | None, path: Path, layer: int, title: str = "") -> Path:
-    """One PNG for one layer: p_ij (top row, CoPE only) and attention scaled to its row maximum (bottom row),
-    one column per head. Axes carry the token strings up to TOKEN_LABELS_UP_TO tokens, positions beyond."""
+    """One PNG for one layer, one column per head: with a CoPE term, the gates g_ij and the positions p_ij they
+    count (unclamped; hatched where p_ij > npos_max - 1, which the model clamps), then attention scaled to its row
+    maximum (paper Figure 4). One colour bar per row. Axes carry the token text up to TOKEN_LABELS_UP_TO tokens,
+    positions beyond."""
     from cope_pl.reporting.plots import pyplot
 
     plt = pyplot()
-    attention = maps[layer]["attention"][0].float().cpu()  # (H, T, T)
-    positions = maps[layer]["positions"]
-    panels = [("attention", row_normalised(attention), "attention / row max", (0.0, 1.0))]
-    if positions is not None:
-        p = positions[0].float().cpu().masked_fill(~causal_mask(*positions.shape[-2:]), float("nan"))
-        panels.insert(0, ("position p_ij", p, "contextual position p_ij", (0.0, None)))
-    heads, t = attention.size(0), attention.size(-1)
-    size = max(3.0, min(6.0, t / 8))
-    fig, axes = plt.subplots(len(panels), heads, figsize=(size * heads, size * len(panels)), squeeze=False)
+    record = maps[layer]
+    rows = map_rows(record)
+    heads, t = record["attention"].size(1), record["attention"].size(-1)
+    size = max(2.6, min(5.0, t / 10))
+    fig, axes = plt.subplots(
+        len(rows), heads, figsize=(size * heads + 1.4, size * len(rows) + 0.8), squeeze=False, layout="constrained"
+    )
     cmap = plt.get_cmap("viridis").with_extremes(bad="whitesmoke")  # masked (future) keys
-    for r, (name, values, bar_label, (vmin, vmax)) in enumerate(panels):
+    npos_max = record.get("npos_max")
+    labelled = tokens is not None and t <= TOKEN_LABELS_UP_TO
+    tick_size, label_size = ((6 if t <= 32 else 5), 8) if labelled else (7, 8)
+    for r, (name, values, bar_label, (vmin, vmax)) in enumerate(rows):
+        clamp = npos_max - 1 if name == "position p_ij" and npos_max and vmax > npos_max - 1 else None
         for head in range(heads):
             ax = axes[r][head]
             image = ax.imshow(values[head], cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
             ax.set_title(f"{name}, head {head}", fontsize=8)
-            fig.colorbar(image, ax=ax, fraction=0.046).set_label(bar_label, fontsize=7)
-            if tokens is not None and t <= TOKEN_LABELS_UP_TO:
-                ax.set_xticks(range(t), tokens, fontsize=5, rotation=90)
-                ax.set_yticks(range(t), tokens, fontsize=5)
-                ax.set_xlabel("key token j", fontsize=7)
-                ax.set_ylabel("query token i", fontsize=7)
+            if clamp is not None:
+                over = torch.nan_to_num(values[head], nan=0.0) > clamp
+                if over.any():
+                    ax.contourf(over.float().numpy(), levels=[0.5, 1.5], colors="none", hatches=["////"])
+                    ax.contour(over.float().numpy(), levels=[0.5], colors="white", linewidths=0.6)
+            if labelled:
+                ax.set_xticks(range(t), tokens, fontsize=tick_size, rotation=90)
+                ax.set_yticks(range(t), tokens, fontsize=tick_size)
+                ax.set_xlabel("key token j", fontsize=label_size)
+                ax.set_ylabel("query token i", fontsize=label_size)
             else:
-                ax.set_xlabel("key position j", fontsize=7)
-                ax.set_ylabel("query position i", fontsize=7)
+                ax.tick_params(labelsize=tick_size)
+                ax.set_xlabel("key position j", fontsize=label_size)
+                ax.set_ylabel("query position i", fontsize=label_size)
+        if clamp is not None:
+            bar_label += f"\nhatched: > npos_max - 1 = {clamp} (clamped)"
+        bar = fig.colorbar(image, ax=list(axes[r]), fraction=0.02, pad=0.01)
+        bar.set_label(bar_label, fontsize=label_size)
+        bar.ax.tick_params(labelsize=tick_size + 1)
+        if clamp is not None:
+            bar.ax.axhline(clamp, color="red", linewidth=1.2)
     fig.suptitle(f"{title}, layer {layer}".lstrip(", "), fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -93,14 +138,37 @@ def encoding_name(hparams) -> str:
 
 
 def token_strings(dm, ids: list[int]) -> list[str]:
-    """Token strings from the data module's tokenizer (text corpora; a leading space shows as '_'), else ids."""
+    """Token text from the data module's tokenizer (text corpora), readable: spaces as '·', newlines as '↵', tabs
+    as '→', bytes of a character split across tokens as <hex>; ids where there is no tokenizer."""
     tokenizer_path = Path(getattr(dm, "directory", "")) / "tokenizer.json"
     if not getattr(dm, "directory", None) or not tokenizer_path.is_file():
         return [str(i) for i in ids]
     from cope_pl.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)
-    return [(tokenizer.id_to_token(i) or str(i)).replace("\u0120", "_") for i in ids]
+    return [readable_token(tokenizer.id_to_token(i)) if tokenizer.id_to_token(i) else str(i) for i in ids]
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character -> the byte it stands for (GPT-2's byte mapping)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+BYTE_OF = byte_level_alphabet()
+VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "⏎"}
+
+
+def readable_token(token: str) -> str:
+    """A byte-level token ('Ċ' newline, 'Ġ' space) as the text it stands for, whitespace made visible."""
+    if not all(c in BYTE_OF for c in token):  # a special token such as <|endoftext|>
+        return token
+    raw = bytes(BYTE_OF[c] for c in token)
+    text = raw.decode("utf-8", errors="replace")
+    if "\ufffd" in text:  # part of a multi-byte character
+        return "".join(f"<{b:02x}>" if b >= 0x80 else VISIBLE.get(chr(b), chr(b)) for b in raw)
+    return "".join(VISIBLE.get(c, c) for c in text)
 
 
 def load_sample(run: Path, index: int, seq_len: int) -> tuple[Tensor, list[str]]:

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from cope_pl.atomic import write_json_atomic
 from cope_pl.runs import RESULTS_FILE
 
-EVAL_PREFIXES = ("val/", "test/", "cope/")  # cope/: the CoPE statistics summary (cope_stats.py)
+EVAL_PREFIXES = ("val/", "test/", "val_cope/")  # val_cope/: the CoPE statistics summary (cope_stats.py)
 
 
 def run_dir(trainer: L.Trainer) -> Path | None:

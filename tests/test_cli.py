@@ -57,10 +57,19 @@ def test_test_of_a_run_dir_adds_test_metrics_to_that_run_at_its_step(finished_ru
     assert {"test/loss", "test/error", "val/loss"} <= set(results["metrics"])
     assert results["global_step"] == 4 and results["steps"]["test"] == 4
     assert "Final test metrics (step 4)" in done.stdout
+    assert "Test metric" not in done.stdout  # printed once, not again in Lightning's table
+    assert "Tip:" not in done.stdout + done.stderr and "litlogger" not in done.stdout + done.stderr  # no advert
+    assert "deprecated" not in done.stderr and "srun" not in done.stderr
     assert scalar_steps(finished_run, "test/loss") == [4]
     assert (finished_run / "config.yaml").read_bytes() == config  # the fit's config, byte for byte
     assert list(tmp_path.iterdir()) == []  # nothing written outside the run directory
     assert sorted(p.name for p in finished_run.parent.iterdir()) == ["version_0"]  # no new version
+
+
+def test_training_and_validation_are_logged_at_the_step_their_update_completes(finished_run):
+    assert scalar_steps(finished_run, "train/loss") == [1, 2, 3, 4]  # log_every_n_steps 1, max_steps 4
+    assert scalar_steps(finished_run, "val/loss") == [4]  # after 4 updates, as results.json and checkpoints say
+    assert json.loads((finished_run / "results.json").read_text())["global_step"] == 4
 
 
 def test_a_retest_is_not_counted_as_another_seed(finished_run):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cope_pl.attention import EXPLICIT_ROWS
-from cope_pl.ops import causal_mask, cope_attention, cope_attention_chunked, cope_cpu, resolve_cope_impl
+from cope_pl.bench.launches import OpCounter, count_layer
+from cope_pl.ops import causal_mask, cope_attention, cope_attention_chunked, cope_cpu, resolve_cope_impl, target_device
 from cope_pl.ops import cope_chunked as chunked_module
 from cope_pl.ops import dispatch as dispatch_module
 from cope_pl.ops.cope_chunked import MAX_BLOCK_ROWS, block_rows
@@ -212,12 +213,6 @@ def test_unknown_impl_is_one_clear_error():
         tiny_model("rope_cope", position_options={"impl": "fast"})
 
 
-def test_triton_impl_without_triton_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr("cope_pl.ops.dispatch.triton_available", lambda: False)
-    with pytest.raises(ValueError, match="impl='triton' needs the triton package and a CUDA GPU"):
-        tiny_model("rope_cope", position_options={"impl": "triton"})
-
-
 @pytest.mark.parametrize("sep_keys", [False, True])
 def test_dropout_keeps_reference_probabilities_scaled_and_drops_about_p(sep_keys):
     op = functools.partial(cope_attention_chunked, block_size=8)
@@ -279,5 +274,44 @@ def test_head_groups_give_the_reference_result(monkeypatch, elements):
     inputs, weights = [q, k, v, e, gk, r, bias], torch.randn(3, 4, 12, 8, dtype=torch.float64)
     ref = output_and_grads(explicit, inputs, weights)
     fast = output_and_grads(lambda *a: cope_attention_chunked(*a[:6], bias=a[6], block_size=5), inputs, weights)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def count_forward_backward(inputs, target: str) -> OpCounter:
+    """One counter over the chunked op's forward and backward with the block sizes of `target`."""
+    forward, backward = count_layer(inputs, target)
+    forward.ops += backward.ops
+    forward.largest = max(forward.largest, backward.largest)
+    return forward
+
+
+def test_the_cuda_policy_launches_few_ops():
+    # One layer of the WikiText-103 model's heads at a smaller batch and length (docs/benchmarks.md counts the
+    # full shape): budget-sized blocks dispatch several times fewer ops than cache-sized ones.
+    inputs = make_inputs(2, 12, 256, 256, 64, 64, torch.float32)[:4]
+    cuda, cpu = count_forward_backward(inputs, "cuda"), count_forward_backward(inputs, "cpu")
+    assert cuda.ops <= 200 and cpu.ops >= 5 * cuda.ops
+
+
+def test_the_cuda_policy_keeps_every_block_tensor_within_its_budget(monkeypatch):
+    # Values per (heads, rows, keys) tensor; the widest of them (int64 positions, complex pairs) take 8 bytes each.
+    budget = 2 * 4 * 32 * 128  # (B*H, 32 rows, 128 keys)
+    monkeypatch.setattr(chunked_module, "CUDA_GROUP_ELEMENTS", budget)
+    inputs = make_inputs(2, 4, 128, 128, 16, 8, torch.float32, sep_keys=True)[:5]
+    whole = count_forward_backward(inputs, "cuda").largest
+    assert budget * 4 <= whole <= budget * 8
+    monkeypatch.setattr(chunked_module, "CUDA_GROUP_ELEMENTS", budget // 8)  # below 16 rows: groups of heads
+    assert block_rows(128, chunked_module.block_policy(torch.device("cuda")), 8, 128) == 16
+    assert count_forward_backward(inputs, "cuda").largest <= whole // 2
+
+
+@pytest.mark.parametrize("sep_keys", [False, True])
+def test_the_cuda_policy_is_as_exact(sep_keys):
+    inputs = make_inputs(2, 3, 37, 45, 8, 5, torch.float64, sep_keys, rel=4)
+    weights = torch.randn(2, 3, 37, 8, dtype=torch.float64)
+    ref = output_and_grads(lambda *a: reference_with_relative(*a), inputs, weights)
+    with target_device("cuda"):
+        fast = output_and_grads(lambda q, k, v, e, gk, r: cope_attention_chunked(q, k, v, e, gk, r), inputs, weights)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

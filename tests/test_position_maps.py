@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from cope_pl.ops import contextual_positions
-from cope_pl.position_maps import map_title, plot_position_maps, position_maps, row_normalised
+from cope_pl.position_maps import (
+    map_title,
+    plot_position_maps,
+    position_maps,
+    readable_token,
+    row_normalised,
+    unclamped_positions,
+)
 from tests.conftest import tiny_model
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -60,14 +67,15 @@ def test_positions_are_sums_of_gates_from_key_to_query():
     assert contextual_positions(gates, npos_max=2).max() <= 1
 
 
-def draw_maps(monkeypatch, tmp_path, t, tokens=True, title="copy-cope/version_0: cope, test sample 0"):
+def draw_maps(monkeypatch, tmp_path, t, tokens=True, title="copy-cope/version_0: cope, test sample 0", npos_max=None):
     """plot_position_maps for a tiny CoPE model on t tokens; the figure is drawn and returned unclosed."""
     from cope_pl.reporting.plots import pyplot
 
     plt = pyplot()
     figures = []
     monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
-    maps = position_maps(tiny_model("cope"), torch.randint(0, 23, (1, t)))
+    options = {"position_options": {"npos_max": npos_max}} if npos_max else {}
+    maps = position_maps(tiny_model("cope", **options), torch.randint(0, 23, (1, t)))
     names = [f"tok{i}" for i in range(t)] if tokens else None
     path = plot_position_maps(maps, names, tmp_path / "layer0.png", layer=0, title=title)
     assert path.read_bytes()[:4] == b"\x89PNG"
@@ -79,10 +87,48 @@ def panels(fig):
     return [ax for ax in fig.axes if ax.get_title()]
 
 
-def test_every_colourbar_is_labelled(monkeypatch, tmp_path):
+def colour_bars(fig):
+    return [ax for ax in fig.axes if not ax.get_title()]
+
+
+def test_gates_positions_and_attention_each_get_a_row_with_one_colour_scale(monkeypatch, tmp_path):
     fig = draw_maps(monkeypatch, tmp_path, 6)
-    bars = [ax for ax in fig.axes if not ax.get_title()]
-    assert bars and {ax.get_ylabel() for ax in bars} == {"contextual position p_ij", "attention / row max"}
+    titles = [ax.get_title() for ax in panels(fig)]
+    assert titles == [f"{row}, head {h}" for row in ("gate g_ij", "position p_ij", "attention") for h in range(4)]
+    bars = colour_bars(fig)  # one per row, shared by its heads
+    assert [ax.get_ylabel() for ax in bars] == [
+        "gate g_ij = sigmoid(q_i·k_j)", "contextual position p_ij (unclamped)", "attention / row max"
+    ]  # fmt: skip
+    for row in range(3):
+        limits = {tuple(ax.images[0].get_clim()) for ax in panels(fig)[4 * row : 4 * row + 4]}
+        assert len(limits) == 1  # the heads of a row are compared on one scale
+
+
+def test_positions_past_the_table_are_drawn_unclamped_and_hatched_as_clamped(monkeypatch, tmp_path):
+    fig = draw_maps(monkeypatch, tmp_path, 24, npos_max=4)
+    position_panels = [ax for ax in panels(fig) if ax.get_title().startswith("position")]
+    assert max(ax.images[0].get_clim()[1] for ax in position_panels) > 3  # beyond npos_max - 1: not clamped
+    assert all(any("/" in str(getattr(c, "hatches", "")) for c in ax.collections) for ax in position_panels)
+    assert "hatched: > npos_max - 1 = 3 (clamped)" in colour_bars(fig)[1].get_ylabel()
+
+
+def test_unclamped_positions_are_reverse_sums_of_the_gates():
+    gates = torch.tensor([[1.0, 0.0, 0.0], [0.5, 1.0, 0.0], [1.0, 0.25, 1.0]])  # (T, S), 0 on masked keys
+    expected = torch.tensor([[1.0, 0.0, 0.0], [1.5, 1.0, 0.0], [2.25, 1.25, 1.0]])
+    torch.testing.assert_close(unclamped_positions(gates), expected)
+
+
+def test_byte_level_tokens_are_shown_as_readable_text():
+    assert [readable_token(t) for t in ("ĊĠĠĠ", "Ġthe", "âĢĶ", "âĢ", "<|endoftext|>")] == [
+        "↵···", "·the", "—", "<e2><80>", "<|endoftext|>"
+    ]  # fmt: skip
+
+
+def test_axis_labels_are_no_smaller_than_tick_labels(monkeypatch, tmp_path):
+    for t in (6, 50):
+        ax = panels(draw_maps(monkeypatch, tmp_path, t))[0]
+        ticks = max(label.get_fontsize() for label in ax.get_xticklabels() + ax.get_yticklabels())
+        assert ax.xaxis.label.get_fontsize() >= ticks and ax.yaxis.label.get_fontsize() >= ticks
 
 
 def test_attention_rows_are_scaled_to_their_maximum():

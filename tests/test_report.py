@@ -266,6 +266,11 @@ def data_axes(fig):
     return [ax for ax in fig.axes if ax.get_ylabel()]
 
 
+def heading(fig) -> str:
+    """The figure's heading on one line (it is wrapped to the panels' width)."""
+    return " ".join(fig._suptitle.get_text().split())
+
+
 PPL = {  # two encodings that coincide, one that cannot go past the training length
     "train128 / relative": [216.14, 216.16, 216.18],
     "train128 / relative_capped": [216.14, 216.16, 216.18],
@@ -310,8 +315,36 @@ def test_legend_names_encodings_and_coinciding_series_stay_apart(tmp_path, drawn
     (ax,) = data_axes(fig)
     series = {line.get_label(): line for line in ax.lines if line.get_label() in PPL_NAMES}
     a, b = series["relative"], series["relative_capped"]
-    assert (a.get_marker(), a.get_linestyle()) != (b.get_marker(), b.get_linestyle())
-    assert list(a.get_xdata()) != list(b.get_xdata())  # jittered side by side, not on top of each other
+    assert (a.get_marker(), a.get_linestyle()) != (b.get_marker(), b.get_linestyle())  # told apart by style
+    assert list(a.get_xdata()) == list(b.get_xdata()) == [128, 192, 256]  # markers at their true lengths
+
+
+def test_one_run_per_cell_draws_no_band_and_says_so(tmp_path, drawn):
+    fig = drawn(plot_extrapolation, table_of(list(PPL), ["128", "192", "256"], PPL), tmp_path / "e.png", "test/ppl")
+    (ax,) = data_axes(fig)
+    assert not ax.collections  # no zero-width band
+    assert "one run each, no spread" in heading(fig)
+
+
+def test_a_narrow_seed_band_is_drawn_whole(tmp_path, drawn):
+    values = {"cope": [169.3, 169.3, 169.4], "rope": [169.3, 169.3, 169.3]}
+    table = table_of(list(values), ["128", "256", "512"], values, row_name="position")
+    table.n, table.std = dict.fromkeys(table.n, 2), dict.fromkeys(table.std, 0.7)
+    fig = drawn(plot_extrapolation, table, tmp_path / "e.png", "test/ppl")
+    assert "mean over 2 seeds, band ±1 std" in heading(fig) and "cut" not in heading(fig)
+
+
+def test_a_wide_seed_band_is_cut_at_the_axis_rather_than_flattening_the_lines(tmp_path, drawn):
+    values = {"good": [20.0, 22.0, 30.0], "mixed": [25.0, 27.0, 40.0]}
+    table = table_of(list(values), ["128", "256", "512"], values, row_name="position")
+    table.n = dict.fromkeys(table.n, 3)
+    table.std = {key: (500.0 if key[0] == "mixed" else 1.0) for key in table.std}  # runs of very different quality
+    fig = drawn(plot_extrapolation, table, tmp_path / "e.png", "test/ppl")
+    (ax,) = data_axes(fig)
+    low, high = ax.get_ylim()
+    assert low >= 10 and high <= 80  # the means' range, not the band's 1e-12 .. 540
+    assert len(ax.collections) == 2 and "bands cut at the axis" in heading(fig)
+    assert "mean over 3 seeds, band ±1 std" in heading(fig)
 
 
 PPL_NAMES = {"relative", "relative_capped", "absolute"}
@@ -319,7 +352,7 @@ PPL_NAMES = {"relative", "relative_capped", "absolute"}
 
 def test_each_data_set_gets_its_own_panel_with_a_y_label(tmp_path, drawn):
     values = {"flipflop / cope": [0.01, 0.2], "flipflop / rope": [0.02, 0.3], "counting / cope": [0.5, 0.9]}
-    table = table_of(list(values), ["in_dist", "ood"], values, row_name="data / position")
+    table = table_of(list(values), ["in_dist", "ood"], values, row_name="data / position", scale=100)
     fig = drawn(plot_bars, table, tmp_path / "b.png", "test/error")
     axes = data_axes(fig)
     assert [ax.get_title() for ax in axes] == ["counting", "flipflop"]  # sorted by name
@@ -328,13 +361,49 @@ def test_each_data_set_gets_its_own_panel_with_a_y_label(tmp_path, drawn):
 
 def test_error_bars_are_in_percent_and_a_missing_cell_is_no_bar(tmp_path, drawn):
     values = {"cope": [0.0, 0.25], "alibi": [0.5, None]}
-    table = table_of(list(values), ["in_dist", "ood"], values, row_name="position")
+    table = table_of(list(values), ["in_dist", "ood"], values, row_name="position", scale=100)
     fig = drawn(plot_bars, table, tmp_path / "b.png", "test/error")
     (ax,) = data_axes(fig)
     heights = {b.get_label(): [r.get_height() for r in b] for b in ax.containers if hasattr(b, "patches")}
     assert heights == {"cope": [0.0, 25.0], "alibi": [50.0]}  # the true 0 % is a bar; the missing cell is not
     assert "missing" in [t.get_text() for t in ax.texts]
     assert ax.yaxis.get_major_formatter().get_offset() == ""
+
+
+def test_bars_of_one_run_have_no_error_bars_and_say_so(tmp_path, drawn):
+    from matplotlib.container import ErrorbarContainer
+
+    values = {"cope": [169.3], "rope": [170.1]}
+    fig = drawn(
+        plot_bars, table_of(list(values), ["test"], values, row_name="position"), tmp_path / "b.png", "test/ppl"
+    )
+    (ax,) = data_axes(fig)
+    assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]  # no zero-height error bars
+    assert "one run each, no spread" in heading(fig)
+    assert ax.get_ylabel() == "test perplexity (per token)"
+
+
+def write_lm_run(run_dir, position, seed, ppl):
+    """A WikiText-like run: perplexities and token error (a fraction), with word-level perplexity."""
+    run_dir.mkdir(parents=True)
+    config = {"seed_everything": seed, "model": {"position": position}, "data": {"init_args": {"seq_len": 128}}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    metrics = {"test/ppl": ppl, "test/word_ppl": 40 * ppl, "test/error": 0.813, "test/loss": math.log(ppl)}
+    data = {"class": "WikiTextDataModule", "seq_len": 128}
+    result = {"model": {"position": position}, "data": data, "global_step": 600, "fit_finished": True}
+    (run_dir / "results.json").write_text(json.dumps({**result, "metrics": metrics}))
+
+
+def test_a_language_model_report_leads_with_perplexity_and_bars_speak_the_tables_units(tmp_path, drawn):
+    for position, ppl in (("rope", 170.0), ("cope", 169.0)):
+        write_lm_run(tmp_path / "runs" / f"wikitext-{position}" / "version_0", position, 0, ppl)
+    files = build_report(tmp_path / "runs", tmp_path / "out")
+    names = {p.name for p in files}
+    assert "ppl_by_set.png" in names and "error_by_set.png" not in names
+    error = table_of(["rope"], ["test"], {"rope": [0.813]}, row_name="position")  # a table in fractions
+    fig = drawn(plot_bars, error, tmp_path / "b.png", "test/error")
+    (ax,) = data_axes(fig)
+    assert ax.get_ylabel() == "test error (fraction)" and [t.get_text() for t in ax.texts] == ["0.813"]
 
 
 def test_learning_curves_have_a_panel_per_data_set_and_a_line_per_encoding(tmp_path, drawn):
@@ -357,6 +426,29 @@ def test_learning_curves_have_a_panel_per_data_set_and_a_line_per_encoding(tmp_p
     mean = {line.get_label(): list(line.get_ydata()) for line in axes[0].lines}
     assert mean["cope"] == pytest.approx([15.0, 25.0])  # seeds 0 and 1 averaged, in percent
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["cope", "rope"]
+    assert len(axes[0].collections) == 2  # the promised min-max band, one per encoding
+    assert "band: min to max" in heading(fig)
+
+
+def test_learning_curves_tick_the_validation_steps_and_draw_the_training_loss(tmp_path, drawn):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = tmp_path / "wikitext-cope"
+    with SummaryWriter(run_dir) as writer:
+        for step in range(20, 620, 20):
+            writer.add_scalar("train/loss", 6.0 - step / 300, step)
+        for step in (200, 400, 600):
+            writer.add_scalar("val/loss", 6.2 - step / 300, step)
+            writer.add_scalar("val/error", 0.85 - step / 1e5, step)
+    runs = pd.DataFrame([{"run_dir": str(run_dir), "status": "ok", "data": "wikitext", "position": "cope"}])
+    fig = drawn(plot_learning_curves, runs, ["data", "position"], tmp_path / "c.png")
+    error, loss = data_axes(fig)
+    assert list(error.get_xticks()) == [200, 400, 600] == list(loss.get_xticks())
+    assert [len(line.get_xdata()) for line in loss.lines] == [30, 3]  # training loss every 20 steps, then val
+    assert "training loss (thin line)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert not error.collections and "one run each, no band" in heading(fig)  # no band promised
+    low, high = error.get_ylim()
+    assert high - low > 10  # 84.4 .. 84.8 % is not zoomed to its third decimal
 
 
 def test_learning_curves_of_named_evaluation_sets_get_a_column_each(tmp_path, drawn):
@@ -423,11 +515,15 @@ def test_loss_by_position_report_figure(tmp_path, drawn):
     assert tmp_path / "out" / "demo" / "loss_by_position.png" in files
     assert "loss_by_position.png" in (tmp_path / "out" / "demo" / "README.md").read_text()
     positions = load_eval_context_positions(load_runs(tmp_path))
-    fig = drawn(plot_loss_by_position, positions, ["position"], tmp_path / "p.png", all_lengths=True, log_x=True)
+    fig = drawn(plot_loss_by_position, positions, ["position"], tmp_path / "p.png", log_x=True)
     axes = data_axes(fig)
-    assert [ax.get_title() for ax in axes] == ["evaluated at 32 tokens", "evaluated at 64 tokens"]
+    assert [ax.get_title() for ax in axes] == ["evaluated at 32 tokens", "evaluated at 64 tokens"]  # every length
     cope = next(line for line in axes[1].lines if line.get_label() == "cope")
     assert list(cope.get_xdata()) == [8, 24, 40, 56] and list(cope.get_ydata()) == [1.5] * 4  # mean of seeds
+    assert len(axes[1].collections) == 1  # cope's two seeds span a band; rope's one run does not
+    assert "16-token buckets, 100 scored tokens each per run" in axes[1].get_xlabel()
+    centre = (axes[0].get_position().x0 + axes[1].get_position().x1) / 2
+    assert fig._suptitle.get_position()[0] == pytest.approx(centre)  # the heading sits over the panels
     assert axes[1].get_xscale() == "log" and axes[1].xaxis.get_major_formatter().get_offset() == ""
     assert any(line.get_label() == "train length 32" for line in axes[1].lines)
 

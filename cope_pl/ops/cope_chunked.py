@@ -6,6 +6,10 @@ for a block of queries it forms logits, gates, positions, the interpolated CoPE 
 the block's output, and frees everything else. Backward recomputes each block (the same softmax, so no
 log-sum-exp is kept) from q, k, v (and gate keys, tables), so what is saved is O(T·D) per head, never O(T·S).
 
+How big a block is depends on the device decisions are taken for (`block_policy`): on CPU a core's cache
+sizes it; on CUDA, where every tensor op is a kernel launch, a memory budget does, so a layer launches hundreds
+of kernels rather than tens of thousands.
+
 Two things make it faster as well as smaller. A query block only reads the keys up to its last query (the
 rest are masked), which skips half of the causal square. And each block works with its keys in reverse
 order, so the paper's "cumulative sum from the right" is a plain cumulative sum with no flips.
@@ -20,53 +24,69 @@ same mask instead of saving it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from cope_pl.ops import cope_cpu
+from cope_pl.ops.device import decision_device
 from cope_pl.ops.dropout import check_dropout, draw_dropout_seed
+from cope_pl.ops.interpolation import interpolation_table, interpolation_table_grad
 from cope_pl.seeding import generator as seeded_generator
 
-# A block is at most MAX_BLOCK_ROWS queries of a group of heads (of the flattened B*H) whose (group, rows, keys)
-# tensors hold about GROUP_ELEMENTS values, so the dozen passes over each stay in a core's cache; short sequences
-# take shorter blocks, which skip more of the masked upper triangle (docs/benchmarks.md measures the choice).
+# CPU: a block is at most MAX_BLOCK_ROWS queries of a group of heads (of the flattened B*H) whose (group, rows,
+# keys) tensors hold about GROUP_ELEMENTS values, so the dozen passes over each stay in a core's cache; short
+# sequences take shorter blocks, which skip more of the masked upper triangle (docs/benchmarks.md measures the
+# choice).
 MAX_BLOCK_ROWS = 64
 GROUP_ELEMENTS = 1 << 17
+# CUDA: every tensor op is a kernel launch, so a block is as many queries of as many heads as a memory budget
+# takes: CUDA_GROUP_ELEMENTS values per (group, rows, keys) tensor, of which backward holds about a dozen at once.
+CUDA_GROUP_ELEMENTS = 1 << 26
+MIN_BLOCK_ROWS = 16
 
 
-def block_rows(t: int) -> int:
-    """Queries per block: T/4 within [16, MAX_BLOCK_ROWS], spread evenly over the blocks that takes (T=129 runs
-    as 3 x 43, not 64 + 64 + a one-row block of full overhead)."""
-    most = max(16, min(t // 4, MAX_BLOCK_ROWS))
-    return math.ceil(t / math.ceil(t / most))
+@dataclass(frozen=True)
+class BlockPolicy:
+    """How big a block is: at most max_rows queries (None: no limit but the budget), and about group_elements
+    values per (heads, rows, keys) tensor."""
+
+    max_rows: int | None
+    group_elements: int
 
 
-def head_groups(b: int, h: int, n: int, end: int):
+def block_policy(device: torch.device) -> BlockPolicy:
+    """The block sizes for tensors of `device`, decided for `decision_device(device)` (a plan's target GPU)."""
+    if decision_device(device).type == "cuda":
+        return BlockPolicy(None, CUDA_GROUP_ELEMENTS)
+    return BlockPolicy(MAX_BLOCK_ROWS, GROUP_ELEMENTS)
+
+
+def block_rows(t: int, policy: BlockPolicy | None = None, bh: int = 1, s: int | None = None) -> int:
+    """Queries per block for T queries of bh heads against s keys (default T), spread evenly over the blocks that
+    takes (T=129 runs as 3 x 43, not 64 + 64 + a one-row block of full overhead). CPU: T/4 within
+    [MIN_BLOCK_ROWS, MAX_BLOCK_ROWS]; CUDA: as many rows as the budget takes for all bh heads, at least
+    MIN_BLOCK_ROWS (then `head_groups` splits the heads)."""
+    policy = policy or BlockPolicy(MAX_BLOCK_ROWS, GROUP_ELEMENTS)
+    if policy.max_rows is not None:
+        most = max(MIN_BLOCK_ROWS, min(t // 4, policy.max_rows))
+    else:
+        most = max(MIN_BLOCK_ROWS, policy.group_elements // max(bh * (t if s is None else s), 1))
+    most = min(most, t) if t > 0 else 1
+    return math.ceil(t / math.ceil(t / most)) if t > 0 else 1
+
+
+def head_groups(b: int, h: int, n: int, end: int, group_elements: int | None = None):
     """(slice of the flattened B*H, its first head) per group for a block of n queries reading `end` keys: whole
-    batches of heads, or a divisor of H heads once one batch's (H, n, end) tensors pass GROUP_ELEMENTS."""
-    fit = GROUP_ELEMENTS // max(n * end, 1)
+    batches of heads, or a divisor of H heads once one batch's (H, n, end) tensors pass group_elements (default
+    GROUP_ELEMENTS)."""
+    fit = (group_elements or GROUP_ELEMENTS) // max(n * end, 1)
     size = (
         h * max(1, min(b, fit // h)) if fit >= h else max(x for x in range(1, h + 1) if h % x == 0 and x <= max(fit, 1))
     )
     for g0 in range(0, b * h, size):
         yield slice(g0, min(g0 + size, b * h)), g0 % h
-
-
-def interpolation_table(pos_emb: Tensor) -> Tensor:
-    """(D, 2P): columns e[p], e[p + 1] - e[p] for each p (the slope is 0 at p = P - 1). q_i . e interpolated at
-    p = f + w is z[f] + w slope[f] with (z[f], slope[f]) the pair f of q_i . table, so one gather of complex
-    pairs at f = floor(p) reads both, and a clamped position (f = P - 1) has no slope."""
-    slopes = torch.cat([pos_emb[:, 1:] - pos_emb[:, :-1], torch.zeros_like(pos_emb[:, :1])], dim=1)
-    return torch.stack([pos_emb, slopes], dim=-1).flatten(1)
-
-
-def interpolation_table_grad(grad: Tensor) -> Tensor:
-    """The gradient of `interpolation_table`'s input (D, P), given the gradient of its output (D, 2P)."""
-    pairs = grad.unflatten(1, (-1, 2))
-    grad_e, grad_slopes = pairs[..., 0].clone(), pairs[:, :-1, 1]
-    grad_e[:, 1:] += grad_slopes
-    grad_e[:, :-1] -= grad_slopes
-    return grad_e
 
 
 COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
@@ -202,7 +222,7 @@ class _Blocks:
 
 class ChunkedCoPEAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pos_emb, gate_k, rel_emb, bias, block, fns, dropout_p, seed):  # noqa: D102
+    def forward(ctx, q, k, v, pos_emb, gate_k, rel_emb, bias, block, group_elements, fns, dropout_p, seed):  # noqa: D102
         b, h, t, d = q.shape
         s, scale = k.size(-2), 1.0 / math.sqrt(d)
         fwd, _ = fns
@@ -215,13 +235,14 @@ class ChunkedCoPEAttention(torch.autograd.Function):
             rows, keys = slice(i0, i0 + n), slice(s - end, s)
             drop = _dropout_factors(q, n, end, i0, dropout_p, seed)
             bias_b = None if bias is None else bias[:, idx_bias]  # (H, n, end)
-            for g, h0 in head_groups(b, h, n, end):
+            for g, h0 in head_groups(b, h, n, end, group_elements):
                 out[g, rows] = fwd(
                     q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], table, rel_emb,
                     _group_bias(bias_b, g, h0), mask, idx_rel, scale, None if drop is None else drop[g],
                 )  # fmt: skip
         ctx.save_for_backward(q3, k3, v3, pos_emb, gk3, rel_emb, bias)
-        ctx.block, ctx.fns, ctx.dropout, ctx.shape = block, fns, (dropout_p, seed), (b, h, t, s, d)
+        ctx.block, ctx.group_elements, ctx.fns = block, group_elements, fns
+        ctx.dropout, ctx.shape = (dropout_p, seed), (b, h, t, s, d)
         return out.view(b, h, t, d)
 
     @staticmethod
@@ -241,7 +262,7 @@ class ChunkedCoPEAttention(torch.autograd.Function):
             rows, keys = slice(i0, i0 + n), slice(s - end, s)
             drop = _dropout_factors(q3.view(b, h, t, d), n, end, i0, *ctx.dropout)
             bias_b = None if bias is None else bias[:, idx_bias]
-            for g, h0 in head_groups(b, h, n, end):
+            for g, h0 in head_groups(b, h, n, end, ctx.group_elements):
                 dqb, dkb, dvb, dgkb, dtb, drb, dbb = bwd(
                     q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], table, rel_emb,
                     _group_bias(bias_b, g, h0), mask, idx_rel, scale, None if drop is None else drop[g],
@@ -265,7 +286,7 @@ class ChunkedCoPEAttention(torch.autograd.Function):
         dk, dgk = keys_out(dk), keys_out(dgk)
         dv = dv.flip(1).view(b, h, s, d)
         dpos_emb = interpolation_table_grad(dtable)
-        return dq.view(b, h, t, d), dk, dv, dpos_emb, dgk, drel, dbias, None, None, None, None
+        return dq.view(b, h, t, d), dk, dv, dpos_emb, dgk, drel, dbias, None, None, None, None, None
 
 
 _COMPILED: dict[str, tuple] = {}
@@ -275,9 +296,7 @@ def block_functions(compiled: bool, fused: bool = False) -> tuple:
     """(forward, backward) block functions; with compiled=True, torch.compile'd once and reused; with fused=True,
     the C++ ones of cope_cpu.py (CPU; no relative table or bias)."""
     if fused:
-        from cope_pl.ops.cope_cpu import fused_block_backward, fused_block_forward
-
-        return fused_block_forward, fused_block_backward
+        return cope_cpu.fused_block_forward, cope_cpu.fused_block_backward
     if not compiled:
         return block_forward, block_backward
     if "fns" not in _COMPILED:
@@ -306,34 +325,32 @@ def cope_attention_chunked(
 
     q: (B, H, T, D); k, v, gate_k: (B, H, S, D) with S >= T; pos_emb: (D, P); rel_emb: optional (D, R), adds
     q_i . r[clamp(i - j, 0, R - 1)]; bias: optional (H, R'), adds b_h[clamp(i - j, 0, R' - 1)]; block_size:
-    queries per block (default: sized by `block_rows`); dropout_p: attention dropout, with masks drawn from
-    dropout_seed (default: a seed from torch's global RNG); fused: each block's elementwise work in the C++
-    extension of cope_cpu.py (CPU tensors, no rel_emb or bias, not compiled).
+    queries per block (default: `block_rows` for the device `decision_device` names); dropout_p: attention
+    dropout, with masks drawn from dropout_seed (default: a seed from torch's global RNG); fused: each block's
+    elementwise work in the C++ extension of cope_cpu.py (CPU tensors, no rel_emb or bias, not compiled).
     Half-precision inputs are computed in float32 and the output is cast back.
     """
     b, h, t, d = q.shape
     s = k.size(-2)
     if s < t:
         raise ValueError(f"cope_attention_chunked needs at least as many keys as queries, got S={s} < T={t}")
-    block = block_size or block_rows(t)
+    policy = block_policy(torch.device("cpu") if fused else q.device)  # the C++ blocks: CPU sizes
+    block = block_size or block_rows(t, policy, b * h, s)
     if block < 1:
         raise ValueError(f"cope_attention_chunked: block_size must be >= 1, got {block}")
     check_dropout(dropout_p)
     if fused:
-        from cope_pl.ops.cope_cpu import available, build_error
-
         if rel_emb is not None or bias is not None or compiled or q.device.type != "cpu":
             raise ValueError("the fused CPU blocks take CPU tensors without a relative table, bias or compile")
-        if not available():
-            raise RuntimeError(f"the CPU CoPE kernel could not be built ({build_error()}); use impl=chunked")
+        if not cope_cpu.available():
+            raise RuntimeError(f"the CPU CoPE kernel could not be built ({cope_cpu.build_error()}); use impl=chunked")
     if dropout_p > 0 and dropout_seed is None:
         dropout_seed = draw_dropout_seed()
     dtype = torch.promote_types(q.dtype, torch.float32)
     args = [x if x is None else x.to(dtype) for x in (q, k, v, pos_emb, gate_k, rel_emb, bias)]
     with torch.autocast(q.device.type, enabled=False):
         if fused and dropout_p == 0:  # the block loop in C++ too
-            from cope_pl.ops.cope_cpu import CPUCoPEAttention
-
-            return CPUCoPEAttention.apply(*args[:5], block).to(q.dtype)
-        out = ChunkedCoPEAttention.apply(*args, block, block_functions(compiled, fused), dropout_p, dropout_seed or 0)
+            return cope_cpu.CPUCoPEAttention.apply(*args[:5], block).to(q.dtype)
+        fns = block_functions(compiled, fused)
+        out = ChunkedCoPEAttention.apply(*args, block, policy.group_elements, fns, dropout_p, dropout_seed or 0)
     return out.to(q.dtype)

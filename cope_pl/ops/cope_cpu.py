@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cope_pl.ops.cope_chunked import interpolation_table, interpolation_table_grad
+from cope_pl.ops.interpolation import interpolation_table, interpolation_table_grad
 
 SOURCE = Path(__file__).with_name("cope_cpu.cpp")
 _STATE: dict[str, object] = {}

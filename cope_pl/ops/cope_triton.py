@@ -25,10 +25,10 @@ def triton_available() -> bool:
     """True when cope_attention_triton can run here: triton is installed and there is a GPU or the interpreter."""
     if importlib.util.find_spec("triton") is None:
         return False
-    return torch.cuda.is_available() or _interpreting()
+    return torch.cuda.is_available() or interpreting()
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -50,7 +50,7 @@ AUTOTUNE = True
 
 
 def _autotuning() -> bool:
-    return AUTOTUNE and not _interpreting()  # the interpreter cannot time anything
+    return AUTOTUNE and not interpreting()  # the interpreter cannot time anything
 
 
 @functools.cache
@@ -89,7 +89,7 @@ def _constants(q: Tensor, npos: int) -> dict:
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_P=max(16, triton.next_power_of_2(npos)),
         IN_DT=dtypes[q.dtype],
-        DOT_DT=tl.float32 if _interpreting() else dtypes[q.dtype],  # the interpreter cannot multiply bf16
+        DOT_DT=tl.float32 if interpreting() else dtypes[q.dtype],  # the interpreter cannot multiply bf16
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: no silent tf32 rounding
     )
 
@@ -209,7 +209,7 @@ def cope_attention_triton(
         dropout_seed = draw_dropout_seed()
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"cope_attention_triton takes float32, float16 or bfloat16 inputs, got {q.dtype}")
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or interpreting()):
         raise ValueError(
             "cope_attention_triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); use impl: chunked on CPU"
         )

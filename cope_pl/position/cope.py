@@ -12,8 +12,9 @@ computes the gates from the values, sigmoid(q_i . v_j / sqrt(D)), instead of the
 layer, relative PE on every layer, is `cope_every_k` (compose.py).
 
 `impl` chooses the op (cope_pl/ops/dispatch.py): `reference` adds the term to explicit (B, H, T, S) logits;
-`chunked` (and `auto`) and `triton` run the memory-efficient exact op, or the fused kernel, attention dropout
-included. `cope_pl.attention` makes that choice; this module only contributes the term.
+`chunked`, `cpu` and `triton` run the memory-efficient exact op, its C++ blocks, or the fused kernel, attention
+dropout included; `auto` picks one of them for the device at call time. `cope_pl.attention` makes that choice;
+this module only contributes the term.
 """
 
 from __future__ import annotations

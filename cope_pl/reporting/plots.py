@@ -18,7 +18,6 @@ from cope_pl.reporting.style import (
     encoding_styles,
     frame_panels,
     is_perplexity,
-    jitter,
     keep_scale_honest,
     metric_label,
     natural,
@@ -45,47 +44,61 @@ def finish(fig, axes, path: Path, title: str, handles: dict | None = None) -> Pa
     if handles:
         fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 6),
                    fontsize=8, frameon=False)  # fmt: skip
-    fig.suptitle(textwrap.fill(title, int(14 * fig.get_figwidth())), fontsize=9)  # about 14 characters per inch
+    heading = fig.suptitle(textwrap.fill(title, int(14 * fig.get_figwidth())), fontsize=9)  # ~14 characters/inch
+    for _ in range(2):  # lay out, then centre the heading over the panels (not the page) and wrap it to their width
+        fig.draw_without_rendering()
+        boxes = [ax.get_position() for row in axes for ax in row if ax.get_visible()]
+        left, right = min(b.x0 for b in boxes), max(b.x1 for b in boxes)
+        heading.set_x((left + right) / 2)
+        heading.set_text(textwrap.fill(title, int(14 * (right - left) * fig.get_figwidth())))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
 def plot_extrapolation(table: Table, path: Path, metric: str, train_len: dict[str, int] | None = None) -> Path:
-    """Per panel, one line per encoding: mean with a ±std band over seeds, at the evaluated lengths only.
+    """Per panel, one line per encoding: the mean over seeds at the evaluated lengths only (markers at their true
+    lengths; coinciding series differ by marker and line style), with a ±std band where there are 2+ seeds.
 
-    train_len: row label -> the length its runs were trained at (a labelled vertical line per panel).
+    The y-limits come from the means: a wide band (runs of very different quality) is cut at the axis and said to
+    be, rather than squeezing every line into a corner. train_len: row label -> the length its runs were trained
+    at (a labelled vertical line per panel).
     """
     ylabel, factor = metric_label(metric)
     log = is_perplexity(metric)
     lengths = [int(c) for c in table.columns]
-    spacing = min((b - a for a, b in zip(lengths, lengths[1:])), default=max(lengths[0], 1) if lengths else 1)
     panels = panels_of(table.rows, table.row_name)
     styles = encoding_styles(name for rows in panels.values() for name, _ in rows)
     fig, axes = panel_grid(len(panels))
     handles = {}
+    clipped = False
     for ax, (title, rows) in zip(axes[0], panels.items()):
-        values, absent = [], []
-        for i, (name, row) in enumerate(rows):
-            points = [(int(c), table.mean[(row, c)] * factor, table.spread((row, c)) * factor)
+        values, absent, bands = [], [], []
+        for name, row in rows:
+            points = [(int(c), table.mean[(row, c)] * factor, table.spread((row, c)) * factor, table.n[(row, c)])
                       for c in table.columns if table.n.get((row, c))]  # fmt: skip
             gaps = [c for c in table.columns if not table.n.get((row, c))]
             absent += [f"{name} at {', '.join(gaps)}"] if gaps else []
             if not points:
                 continue
-            x, y, s = zip(*points)
-            x = [v + jitter(i, len(rows), spacing) for v in x]
+            x, y, s, n = zip(*points)
             style = styles[name]
             (line,) = ax.plot(x, y, label=name, fillstyle="none", markersize=6, **style)
-            lower = [max(a - b, 1e-12) if log else a - b for a, b in zip(y, s)]
-            ax.fill_between(x, lower, [a + b for a, b in zip(y, s)], alpha=0.12, color=style["color"])
+            if max(n) >= 2:  # one run has no spread to show
+                lower = [max(a - b, 1e-12) if log else a - b for a, b in zip(y, s)]
+                upper = [a + b for a, b in zip(y, s)]
+                ax.fill_between(x, lower, upper, alpha=0.12, color=style["color"], linewidth=0)
+                bands += [lower, upper]
             handles.setdefault(name, line)
             values += list(y)
         for length in sorted({train_len[r] for _, r in rows if r in (train_len or {})}):
             train_length_line(ax, length)
         if log:
             ax.set_yscale("log")
+        fit_limits(ax, values, [v for band in bands for v in band], log)
         keep_scale_honest(ax, values, log)
+        low, high = ax.get_ylim()
+        clipped |= any(v < low or v > high for band in bands for v in band)
         plain_axis(ax.yaxis, log=log, values=values)
         ax.set_xticks(lengths, [str(t) for t in lengths])
         ax.set_xlabel("evaluation context length (tokens)")
@@ -95,13 +108,46 @@ def plot_extrapolation(table: Table, path: Path, metric: str, train_len: dict[st
             note = textwrap.fill("no result (n/a or missing): " + "; ".join(absent), 80)
             ax.annotate(note, (0, 0), xytext=(0, -34), xycoords="axes fraction", textcoords="offset points",
                         fontsize=7, color="dimgrey", va="top")  # fmt: skip
-    return finish(fig, axes, path, table.title, handles)
+    seeds = seed_note(table, "band")
+    note = f" ({seeds}{'; bands cut at the axis' if clipped else ''})" if seeds else ""
+    return finish(fig, axes, path, table.title + note, handles)
+
+
+def fit_limits(ax, means: list[float], band: list[float], log: bool, reach: float = 0.5) -> None:
+    """y-limits around the means with a margin, widened for the bands by at most `reach` of the means' span (in
+    log space on a log axis): a wider band is cut at the axis."""
+    import math
+
+    finite = [v for v in means if math.isfinite(v) and (v > 0 or not log)]
+    if not finite:
+        return
+    t = (lambda v: math.log(v)) if log else (lambda v: v)
+    inv = math.exp if log else (lambda v: v)
+    low, high = t(min(finite)), t(max(finite))
+    span = max(high - low, 1e-9 if log else 1e-9 * max(abs(low), 1.0))
+    edges = [t(v) for v in band if math.isfinite(v) and (v > 0 or not log)]
+    lo = max(min(edges, default=low), low - reach * span)
+    hi = min(max(edges, default=high), high + reach * span)
+    margin = 0.08 * (hi - lo or span)
+    ax.set_ylim(inv(lo - margin), inv(hi + margin))
+
+
+def seed_note(table: Table, spread: str) -> str:
+    """'mean over 3 seeds, band ±1 std' (spread: how the std is drawn), or 'one run each, no spread'."""
+    counts = sorted({n for n in table.n.values() if n})
+    if not counts:
+        return ""
+    if counts == [1]:
+        return "one run each, no spread"
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"mean over {seeds} seeds, {spread} ±1 std"
 
 
 def plot_bars(table: Table, path: Path, metric: str) -> Path:
-    """Per panel, grouped bars: one group per test set, one bar per encoding (std as error bars); a cell
-    without results gets a hatched 'missing' / 'n/a' marker instead of a bar."""
-    ylabel, factor = metric_label(metric)
+    """Per panel, grouped bars: one group per test set, one bar per encoding (std as error bars where 2+ seeds);
+    a cell without results gets a hatched 'missing' / 'n/a' marker instead of a bar. Values are shown on the
+    table's scale (an error table in fractions gives bars in fractions, one with scale 100 in %)."""
+    ylabel, factor = table_label(table, metric)
     panels = panels_of(table.rows, table.row_name)
     styles = encoding_styles(name for rows in panels.values() for name, _ in rows)
     fig, axes = panel_grid(len(panels), width=max(4.5, 1.4 * len(table.columns)))
@@ -116,8 +162,9 @@ def plot_bars(table: Table, path: Path, metric: str) -> Path:
                 x = [j + offset for j, _ in present]
                 y = [table.mean[(row, c)] * factor for _, c in present]
                 err = [table.spread((row, c)) * factor for _, c in present]
-                bars = ax.bar(x, y, width, yerr=err, capsize=2, label=name, color=styles[name]["color"])
-                ax.bar_label(bars, fmt="%.1f" if factor == 100 else "%.3g", fontsize=6, padding=1)
+                spread = {"yerr": err, "capsize": 2} if any(table.n[(row, c)] >= 2 for _, c in present) else {}
+                bars = ax.bar(x, y, width, label=name, color=styles[name]["color"], **spread)
+                ax.bar_label(bars, fmt=f"%.{table.digits}f", fontsize=7, padding=1)  # as the table prints it
                 handles.setdefault(name, bars)
             for j, c in enumerate(columns):
                 if not table.n.get((row, c)):
@@ -128,7 +175,16 @@ def plot_bars(table: Table, path: Path, metric: str) -> Path:
         ax.set_ylim(0, ax.get_ylim()[1] * 1.1)  # room for the value labels
         plain_axis(ax.yaxis)
         ax.set_title(title, fontsize=9)
-    return finish(fig, axes, path, table.title, handles)
+    seeds = seed_note(table, "error bars")
+    return finish(fig, axes, path, table.title + (f" ({seeds})" if seeds else ""), handles)
+
+
+def table_label(table: Table, metric: str) -> tuple[str, float]:
+    """metric_label, but in the units the table prints: a percent label only for a table scaled by 100."""
+    ylabel, factor = metric_label(metric)
+    if factor == 100 and table.scale != 100:
+        return ylabel.replace("(%)", "(fraction)"), 1.0
+    return ylabel, factor
 
 
 def missing_marker(ax, x: float, width: float, text: str) -> None:
@@ -160,13 +216,17 @@ def labelled_groups(runs: pd.DataFrame, row_keys: list[str]):
 def plot_learning_curves(
     runs: pd.DataFrame, row_keys: list[str], path: Path, tags=("val/error", "val/loss"), title: str = ""
 ) -> Path:
-    """One row per validation metric, one panel per data set, one line per encoding: the mean over seeds
-    with a min/max band, against the training step."""
+    """One row per validation metric, one panel per data set, one line per encoding: the mean over seeds against
+    the training step, with a min-to-max band where a series has 2+ seeds. The loss row also carries each
+    encoding's training loss (`train/loss`) as a thin line of its colour, so over- and underfitting show. A
+    panel's y-range is never narrower than keep_scale_honest allows (a short run's single point is no cliff)."""
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     ok = runs[runs["status"] == "ok"]
     groups, titles = labelled_groups(ok, row_keys)
-    curves = {key: [load_curves(d, tuple(tags)) for d in group["run_dir"]] for key, group in groups.items()}
+    wanted = (*tags, TRAIN_LOSS)
+    curves = {key: [load_curves(d, wanted) for d in group["run_dir"]] for key, group in groups.items()}
     logged = {t for cs in curves.values() for c in cs for t in c["tag"]}
     # Tasks with named evaluation sets get a column per set (their plain tag is an alias of the first set).
     sets = sorted({t.split("@", 1)[1] for t in logged if "@" in t}, key=lambda n: (n != "in_dist", n))
@@ -174,42 +234,72 @@ def plot_learning_curves(
     columns = [(panel, s) for panel in titles for s in (sets or [""])]
     styles = encoding_styles(name for _, name in groups)
     fig, axes = panel_grid(len(columns), rows=len(present), width=4.2 if sets else 5.0)
-    handles = {}
+    handles: dict = {}
+    seeds: set[int] = set()
+    train_drawn = False
     for r, base in enumerate(present):
         ylabel, factor = metric_label(base)
         for p, (panel, set_name) in enumerate(columns):
             tag = f"{base}@{set_name}" if set_name else base
             ax = axes[r][p]
+            values: list[float] = []
+            with_train = False
+            val_steps: set[int] = set()  # ticks at the validation points, not at training-loss ones
             for (group_title, name), frames in curves.items():
+                if group_title != panel:
+                    continue
+                if base.endswith("/loss") and (train := [f[f["tag"] == TRAIN_LOSS] for f in frames]):
+                    train = [f for f in train if len(f)]
+                    if train:
+                        mean = seed_band(train, "step", "value")["mean"]
+                        ax.plot(mean.index, mean, color=styles[name]["color"], linewidth=0.8, alpha=0.45)
+                        values += list(mean)
+                        with_train = train_drawn = True
                 frames = [f[f["tag"] == tag] for f in frames if (f["tag"] == tag).any()]
-                if group_title != panel or not frames:
+                if not frames:
                     continue
                 band = seed_band(frames, "step", "value") * factor
                 style = {**styles[name], "marker": styles[name]["marker"] if len(band) <= 12 else None}
                 (line,) = ax.plot(band.index, band["mean"], label=name, **style)
-                ax.fill_between(band.index, band["min"], band["max"], alpha=0.15, color=style["color"])
+                seeds.add(len(frames))
+                if len(frames) >= 2:
+                    ax.fill_between(band.index, band["min"], band["max"], alpha=0.15, color=style["color"], linewidth=0)
                 handles.setdefault(name, line)
-            steps = sorted({int(x) for line in ax.lines for x in line.get_xdata()})
+                values += list(band["mean"])
+                val_steps |= {int(x) for x in band.index}
+            steps = sorted(val_steps)
             if 0 < len(steps) <= 6:
                 ax.set_xticks(steps)
             else:
                 ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # labels that do not collide
+            keep_scale_honest(ax, values, log=False)
             ax.set_xlabel("training step")
-            ax.set_ylabel(ylabel)
+            ax.set_ylabel(ylabel.replace("val loss", "val and training loss") if with_train else ylabel)
             ax.set_title(" · ".join(x for x in (panel, set_name) if x), fontsize=9)
             plain_axis(ax.yaxis)
-            if not ax.lines:
+            if not values:
                 ax.text(0.5, 0.5, f"no {tag} logged", transform=ax.transAxes, ha="center", color="dimgrey")
+    if train_drawn:
+        handles["training loss (thin line)"] = Line2D([], [], color="grey", linewidth=0.8, alpha=0.6)
     title = f"{title}: learning curves" if title else "learning curves"
-    return finish(fig, axes, path, f"{title} on the validation sets (mean over seeds, band: min to max)", handles)
+    if seeds == {1}:
+        spread = "one run each, no band"
+    else:
+        counts = "-".join(str(n) for n in sorted({min(seeds), max(seeds)})) if seeds else "0"
+        spread = f"mean over {counts} seeds, band: min to max" + (" where 2+ seeds" if 1 in seeds else "")
+    return finish(fig, axes, path, f"{title} on the validation sets ({spread})", handles)
+
+
+TRAIN_LOSS = "train/loss"
 
 
 def plot_loss_by_position(
-    positions: pd.DataFrame, row_keys: list[str], path: Path, all_lengths: bool = False, log_x: bool = False,
+    positions: pd.DataFrame, row_keys: list[str], path: Path, all_lengths: bool = True, log_x: bool = False,
     title: str = "",
 ) -> Path:  # fmt: skip
-    """Loss vs token position (bucket midpoint), one line per encoding (mean over seeds). One panel per data
-    set / training length and evaluated length: the longest only, or every length with all_lengths."""
+    """Loss vs token position (bucket midpoint), one line per encoding (mean over seeds, min-to-max band where
+    2+ seeds). One panel per data set / training length and evaluated length: every length, or the longest only
+    without all_lengths. Each x label says the bucket width and how many scored tokens a bucket holds per run."""
     frame = positions.copy()
     if "stride" in frame and frame["stride"].isna().any():  # one evaluation per length: the plain windows
         frame = frame[frame["stride"].isna()].copy()
@@ -228,27 +318,52 @@ def plot_loss_by_position(
     fig, axes = panel_grid(len(panels))
     handles = {}
     ylabel, _ = metric_label("test/loss")
+    seeds: set[int] = set()
     for ax, (panel, length) in zip(axes[0], panels):
-        train_lens = set()
+        train_lens, widths, tokens, drawn = set(), set(), [], []
         for (group_title, name), group in groups.items():
             rows = group[group["seq_len"].astype(int) == length]
             if group_title != panel or rows.empty:
                 continue
-            curve = rows.groupby("midpoint")["loss"].mean()
-            (line,) = ax.plot(curve.index, curve.values, label=name, markersize=4, fillstyle="none", **styles[name])
+            by_run = [part for _, part in rows.groupby("run_dir")] if "run_dir" in rows else [rows]
+            band = seed_band(by_run, "midpoint", "loss")
+            drawn += list(band["mean"])
+            (line,) = ax.plot(band.index, band["mean"], label=name, markersize=4, fillstyle="none", **styles[name])
+            if len(by_run) >= 2:
+                ax.fill_between(band.index, band["min"], band["max"], alpha=0.15, color=styles[name]["color"],
+                                linewidth=0)  # fmt: skip
+            seeds.add(len(by_run))
             handles.setdefault(name, line)
+            widths |= set((rows["bucket_end"] - rows["bucket_start"]).astype(int))
+            if "tokens" in rows:
+                tokens += list(pd.to_numeric(rows["tokens"], errors="coerce").dropna().astype(int))
             train_lens |= set(pd.to_numeric(rows["train_seq_len"], errors="coerce").dropna().astype(int))
         for train in sorted(train_lens):
             train_length_line(ax, train)
         if log_x:
             ax.set_xscale("log")
         plain_axis(ax.xaxis, log=log_x, values=[max(length, 1), 1])
+        keep_scale_honest(ax, drawn, log=False)  # per-bucket noise is no cliff
         plain_axis(ax.yaxis)
-        ax.set_xlabel("token position (bucket midpoint)")
+        ax.set_xlabel("token position (bucket midpoint)\n" + bucket_note(widths, tokens), fontsize=9)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{panel}, evaluated at {length} tokens".lstrip(", "), fontsize=9)
     title = title or "loss by token position"
-    return finish(fig, axes, path, f"{title} (mean over seeds)", handles)
+    if seeds == {1}:
+        spread = "one run each, no band"
+    else:
+        spread = f"mean over {'-'.join(str(n) for n in sorted({min(seeds), max(seeds)}))} seeds, band: min to max"
+    return finish(fig, axes, path, f"{title} ({spread})", handles)
+
+
+def bucket_note(widths: set[int], tokens: list[int]) -> str:
+    """'16-token buckets, 1,184-1,200 scored tokens each per run': how much each point averages over."""
+    width = "-".join(str(w) for w in sorted({min(widths), max(widths)})) + "-token buckets" if widths else "buckets"
+    if not tokens:
+        return width
+    low, high = min(tokens), max(tokens)
+    count = f"{low:,}" if low == high else f"{low:,}-{high:,}"
+    return f"{width}, {count} scored tokens each per run"
 
 
 PASSKEY_METRICS = {

@@ -18,12 +18,13 @@ Which tables a sweep gets is set by the `report:` section of its sweep file, for
         - {name: test_error, metric: test/error, scale: 100, digits: 1, lower_is_better: true,
            paper: {cope: {ood_dense: 4.9}}}   # reference numbers, shown as "(paper)" rows
       extrapolation: {metrics: [ppl, error]} # eval-context tables and Figure-3 plots (first: extrapolation.*)
-      position_loss: {all_lengths: false, log_x: false}  # loss by token position: longest length, or all
+      position_loss: {all_lengths: true, log_x: false}  # loss by token position: every length, or the longest
       passkey: {digits: 2}                 # passkey accuracy table (mean over depths) and heatmaps
 
 Figures (PNG, one panel per data set or training length, one series per encoding): `extrapolation*.png`
-(metric vs evaluated length), `error_by_set.png`, `learning_curves.png` (validation error % and loss vs
-step), `loss_by_position.png` (from each run's eval_context_positions.csv), `passkey.png` and
+(metric vs evaluated length), `error_by_set.png` (`ppl_by_set.png` for language models: perplexity per test
+set), `learning_curves.png` (validation error % and loss vs step, with the training loss),
+`loss_by_position.png` (from each run's eval_context_positions.csv), `passkey.png` and
 `passkey_digits.png` (from each run's passkey.csv: exact-match and per-digit accuracy, length x depth, one
 heatmap per encoding) and any position maps found in a run's `position_maps/` folder (copied to
 `position_maps/<run>/`).
@@ -65,8 +66,13 @@ def default_tables(runs: pd.DataFrame) -> list[dict[str, Any]]:
     """test/ metrics when the runs were tested, else val/: error and perplexity, and word-level perplexity where
     the runs logged it (WikiText; code only when its data.word_count asks)."""
     stage = "test" if any(c.startswith("test/") for c in runs.columns) else "val"
-    names = ["error", "ppl"] + (["word_ppl"] if any(c.startswith(f"{stage}/word_ppl") for c in runs.columns) else [])
+    names = ["error", "ppl"] + (["word_ppl"] if counts_words(runs) else [])
     return [{"name": f"{stage}_{name}", "metric": f"{stage}/{name}", "lower_is_better": True} for name in names]
+
+
+def counts_words(runs: pd.DataFrame) -> bool:
+    """Runs of a language model on text or code (their data module counts words): led by perplexity."""
+    return any(c.startswith(("test/word_ppl", "val/word_ppl")) for c in runs.columns)
 
 
 def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list[str] | None) -> list[Path]:
@@ -79,7 +85,8 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
     title = spec.get("title") or (runs["sweep"].dropna().iloc[0] if runs["sweep"].notna().any() else "runs")
     written: list[Path] = []
     sections = [f"# {title}", "", f"{int((runs['status'] == 'ok').sum())} of {len(runs)} runs have results."]
-    first_error: tuple[Table, str] | None = None
+    headline_table: tuple[Table, str] | None = None  # the bar figure: error for tasks, perplexity for LMs
+    headline = "/ppl" if counts_words(runs) else "/error"
     for entry in spec.get("tables") or default_tables(runs):
         options = {k: entry[k] for k in ("scale", "digits", "paper") if k in entry}
         metric = entry["metric"]
@@ -89,11 +96,12 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
             continue
         written += table.write(out, entry.get("name", metric.replace("/", "_")))
         sections += ["", table.markdown()]
-        if first_error is None and metric.endswith("/error") and len(table.columns) > 0:
-            first_error = (table, metric)
-    if first_error is not None:
-        written.append(plot_bars(first_error[0], out / "error_by_set.png", first_error[1]))
-        sections += ["", "![error per test set](error_by_set.png)"]
+        if headline_table is None and metric.endswith(headline) and len(table.columns) > 0:
+            headline_table = (table, metric)
+    if headline_table is not None:
+        name = f"{headline.strip('/')}_by_set"
+        written.append(plot_bars(headline_table[0], out / f"{name}.png", headline_table[1]))
+        sections += ["", f"![{headline.strip('/')} per test set]({name}.png)"]
     ec = load_eval_context(runs)
     if not ec.empty:
         ec.to_csv(out / "eval_context_rows.csv", index=False)
@@ -120,7 +128,7 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
         options = spec.get("position_loss") or {}
         path = out / "loss_by_position.png"
         plot_loss_by_position(
-            positions, row_keys, path, bool(options.get("all_lengths")), bool(options.get("log_x")), title
+            positions, row_keys, path, bool(options.get("all_lengths", True)), bool(options.get("log_x")), title
         )
         written.append(path)
         sections += ["", "![loss by token position](loss_by_position.png)"]

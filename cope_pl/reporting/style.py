@@ -89,11 +89,6 @@ def encoding_styles(encodings: Iterable[str]) -> dict[str, dict]:
     }
 
 
-def jitter(index: int, count: int, spacing: float) -> float:
-    """A small horizontal shift for series `index` of `count`, so equal values stay visible side by side."""
-    return 0.0 if count < 2 else (index - (count - 1) / 2) * 0.12 * spacing / (count - 1)
-
-
 def train_length_line(ax, length: int) -> None:
     """A vertical line at the training length, labelled on the plot itself (kept out of the legend)."""
     from matplotlib.transforms import blended_transform_factory
