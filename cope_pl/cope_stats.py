@@ -197,9 +197,10 @@ class CopeStatistics(L.Callback):
             return
         experiment = getattr(trainer.logger, "experiment", None)
         writes = trainer.is_global_zero and hasattr(experiment, "add_scalar")
-        edges = (
-            getattr(experiment, "default_bins", None) if writes and hasattr(experiment, "add_histogram_raw") else None
-        )
+        # TensorBoard's default bins (a list); a logger without them, or a stand-in whose every attribute is a
+        # method, gets no histogram.
+        edges = getattr(experiment, "default_bins", None) if writes else None
+        edges = edges if isinstance(edges, list | tuple) and hasattr(experiment, "add_histogram_raw") else None
         layers = cope_statistics(pl_module, batch.to(pl_module.device), edges)
         if not layers:
             return
