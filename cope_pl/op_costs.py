@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -175,8 +176,12 @@ class OpCosts(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is aten._local_scalar_dense.default and _is_fake(args[0]):
+        if func.namespace == "prim":  # metadata queries (a fake tensor's device): no op at all
+            return func(*args, **kwargs)
+        if func is aten._local_scalar_dense.default:
             self.current.ops += 1
+            if not _is_fake(args[0]):
+                return func(*args, **kwargs)
             return getattr(args[0], ALL_TRUE, False) or _neutral(args[0].dtype)
         if func is aten.index.Tensor and _is_fake(args[0]) and _has_mask(args[1]):
             args = (args[0], _mask_upper_bound(args[1]))
@@ -194,7 +199,7 @@ class OpCosts(TorchDispatchMode):
 
 
 def _is_fake(t) -> bool:
-    return isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
+    return isinstance(t, FakeTensor)
 
 
 def _neutral(dtype: torch.dtype):

@@ -46,6 +46,14 @@ AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 
 
+class PlanTensorMode(FakeTensorMode):
+    """Fake tensors without constants: FakeTensorMode keeps a real copy of one-element tensors made from literals,
+    which cannot be deep-copied under it (torchmetrics deep-copies its states); the plan needs no values."""
+
+    def may_turn_const(self, t: torch.Tensor) -> bool:
+        return False
+
+
 @dataclass
 class Target:
     """What the plan needs of the trainer config, which it does not instantiate for a GPU."""
@@ -100,7 +108,7 @@ class PlanCLI(CopeCLI):
 
 def build(config_args: list[str], fake: bool, impl: str | None = None, devices: int | None = None) -> PlanCLI:
     """The configured classes: model on fake tensors (or real CPU ones), data module, a CPU trainer, callbacks."""
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    fake_mode = PlanTensorMode(allow_non_fake_inputs=True) if fake else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
         warnings.filterwarnings("ignore", message=".*instantiate_classes")
@@ -153,55 +161,61 @@ def has_cope(model: LightningModule) -> bool:
     return any(isinstance(m, ContextualPositionEncoding) for m in model.modules())
 
 
-def trace(cli: PlanCLI, gpu: Gpu, target: str) -> dict[str, Any]:
-    """One optimizer step (forward, backward, clipping, the guard's check, AdamW) and one validation step with the
-    CoPE statistics callback, traced for `target`; per phase what `OpCosts` counted."""
-    model, data, trainer, setup = cli.model, cli.datamodule, cli.trainer, cli.target
-    train_len, eval_len = planned_lengths(data, model.hparams.max_seq_len)
-    vocab, batch = model.hparams.vocab_size, data.batch_size
-    model.trainer = trainer
+def _prepare_optimizer(model: LanguageModel, trainer) -> torch.optim.Optimizer:
+    """The model's own optimizer, as AdamW runs on CUDA parameters (foreach), after one step on zero gradients:
+    that makes its state and leaves the gradients alive, as after any step."""
+    model.trainer = trainer  # configure_optimizers reads the trainer's step count
     optimizer = model.configure_optimizers()["optimizer"]
     model.trainer = None  # self.log outside a loop: nothing to log to
     for group in optimizer.param_groups:
-        group["foreach"] = True  # what AdamW picks for CUDA parameters
-    params = [p for p in model.parameters() if p.requires_grad]
-    # A first step on zero gradients makes the optimizer state, and leaves gradients alive, as after any step.
-    for p in params:
-        p.grad = torch.zeros_like(p)
+        group["foreach"] = True
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
     optimizer.step()
-    weights = _storage_bytes([*model.parameters(), *model.buffers()])
-    grads, opt_state = _storage_bytes([p.grad for p in params]), _storage_bytes(_optimizer_tensors(optimizer))
+    return optimizer
+
+
+def _batch(vocab: int, batch: int, length: int) -> dict[str, torch.Tensor]:
+    return {name: torch.randint(0, vocab, (batch, length)) for name in ("input_ids", "labels")}  # (B, T) each
+
+
+def trace(cli: PlanCLI, gpu: Gpu, target: str) -> dict[str, Any]:
+    """One optimizer step (forward, backward, clipping, the non-finite guard, AdamW) and one validation step with
+    the CoPE statistics callback, traced with every device decision taken for `target`; per phase what `OpCosts`
+    counted, and the bytes that live across steps."""
+    model, data, trainer, setup = cli.model, cli.datamodule, cli.trainer, cli.target
+    train_len, eval_len = planned_lengths(data, model.hparams.max_seq_len)
+    vocab, batch = model.hparams.vocab_size, data.batch_size
     guard, stats = _callback(trainer, NonFiniteGuard) or NonFiniteGuard(), _callback(trainer, CopeStatistics)
-    costs = OpCosts(gpu, baseline=weights + grads + opt_state)
-    with target_device(target), costs, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*self.trainer.* reference is not registered")
-        train_batch = {
-            "input_ids": torch.randint(0, vocab, (batch, train_len)),
-            "labels": torch.randint(0, vocab, (batch, train_len)),
-        }
-        costs.phase("forward_backward")
-        model.train()
-        with _autocast(setup.precision):
-            loss = model.training_step(train_batch, 0)
-        optimizer.zero_grad()  # Lightning: after the forward, before the backward
-        loss.backward()
-        del loss, train_batch
-        costs.phase("optimizer")
-        if setup.clip:
-            torch.nn.utils.clip_grad_norm_(params, setup.clip, foreach=True)
-        guard.on_before_optimizer_step(trainer, model, optimizer)
-        optimizer.step()
-        costs.phase("validate")
-        val_batch = {
-            "input_ids": torch.randint(0, vocab, (batch, eval_len)),
-            "labels": torch.randint(0, vocab, (batch, eval_len)),
-        }
-        model.eval()
-        with torch.no_grad(), _autocast(setup.precision):
-            model.validation_step(val_batch, 0)
-            if stats is not None and stats.enabled:
-                cope_statistics(model, val_batch["input_ids"][: stats.sequences])
-        model.train()
+    with cli.fake_mode or contextlib.nullcontext():
+        weights = _storage_bytes([*model.parameters(), *model.buffers()])
+        costs = OpCosts(gpu, baseline=weights)
+        with target_device(target), costs, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*self.trainer.* reference is not registered")
+            optimizer = _prepare_optimizer(model, trainer)
+            params = [p for p in model.parameters() if p.requires_grad]
+            grads, opt_state = _storage_bytes([p.grad for p in params]), _storage_bytes(_optimizer_tensors(optimizer))
+            train_batch = _batch(vocab, batch, train_len)
+            costs.phase("forward_backward")
+            with _autocast(setup.precision):
+                loss = model.training_step(train_batch, 0)
+            optimizer.zero_grad()  # Lightning: after the forward, before the backward
+            loss.backward()
+            del loss, train_batch
+            costs.phase("optimizer")
+            if setup.clip:
+                torch.nn.utils.clip_grad_norm_(params, setup.clip, foreach=True)
+            guard.on_before_optimizer_step(trainer, model, optimizer)
+            optimizer.step()
+            costs.phase("validate")
+            val_batch = _batch(vocab, batch, eval_len)
+            model.eval()
+            with torch.no_grad(), _autocast(setup.precision):
+                model.validation_step(val_batch, 0)
+                if stats is not None and stats.enabled:
+                    cope_statistics(model, val_batch["input_ids"][: stats.sequences])
+            model.train()
     fb, opt, val = (costs.phases[name] for name in ("forward_backward", "optimizer", "validate"))
     return {
         "weights": weights, "grads": grads, "optimizer_state": opt_state, "train_len": train_len,
