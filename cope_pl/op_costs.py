@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+from cope_pl.ops import cope_triton  # noqa: F401  (defines the cope_pl::triton_* ops counted below)
 
 aten = torch.ops.aten
 
@@ -98,6 +100,22 @@ def _attention_flops(func, args, kwargs, out) -> int | None:
     else:  # (q, k, v, dropout_p, is_causal, ...)
         flops, causal = sdpa_flop_count(*shape[:3]), bool(args[4] if len(args) > 4 else kwargs.get("is_causal"))
     return flops // 2 if causal else flops
+
+
+def _fused_cope_flops(q_shape, k_shape, gate_k_shape) -> int:
+    """The fused CoPE kernel's matrix products forward: q.k, q.gate_k (sep-keys) and probs.v over the causal half."""
+    bh, t, d = q_shape
+    return bh * t * k_shape[1] * d * (2 + (0 if gate_k_shape is None else 1))
+
+
+@register_flop_formula(torch.ops.cope_pl.triton_forward)
+def _triton_forward_flops(q, k, v, z, gate_k, *args, out_shape=None, **kwargs) -> int:
+    return _fused_cope_flops(q, k, gate_k)
+
+
+@register_flop_formula(torch.ops.cope_pl.triton_backward)
+def _triton_backward_flops(q, k, v, z, gate_k, *args, out_shape=None, **kwargs) -> int:
+    return 5 * _fused_cope_flops(q, k, gate_k) // 2  # recomputed logits, dq, dk, dv (and d gate_k)
 
 
 def op_flops(func, args, kwargs, out) -> int:

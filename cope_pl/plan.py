@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 import time
 import warnings
@@ -31,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from cope_pl.cli import CopeCLI
 from cope_pl.cope_stats import CopeStatistics, cope_statistics
+from cope_pl.cuda_policy import CudaPolicy
 from cope_pl.data import LMDataModule
 from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteGuard
@@ -106,10 +106,13 @@ class PlanCLI(CopeCLI):
         self.trainer = self.instantiate_trainer()
 
 
-def build(config_args: list[str], fake: bool, impl: str | None = None, devices: int | None = None) -> PlanCLI:
-    """The configured classes: model on fake tensors (or real CPU ones), data module, a CPU trainer, callbacks."""
+def build(
+    config_args: list[str], fake: bool, impl: str | None = None, devices: int | None = None, target: str = "cuda"
+) -> PlanCLI:
+    """The configured classes, built for `target`: model on fake tensors (or real CPU ones), data module, a CPU
+    trainer, callbacks."""
     fake_mode = PlanTensorMode(allow_non_fake_inputs=True) if fake else None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), target_device(target):
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
         warnings.filterwarnings("ignore", message=".*instantiate_classes")
         return PlanCLI(
@@ -191,7 +194,8 @@ def trace(cli: PlanCLI, gpu: Gpu, target: str) -> dict[str, Any]:
     with cli.fake_mode or contextlib.nullcontext():
         weights = _storage_bytes([*model.parameters(), *model.buffers()])
         costs = OpCosts(gpu, baseline=weights)
-        with target_device(target), costs, warnings.catch_warnings():
+        cuda = CudaPolicy() if torch.device(target).type == "cuda" else contextlib.nullcontext()
+        with target_device(target), cuda, costs, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*self.trainer.* reference is not registered")
             optimizer = _prepare_optimizer(model, trainer)
             params = [p for p in model.parameters() if p.requires_grad]
@@ -281,7 +285,7 @@ def fix_line(traced: dict[str, Any], setup: Target, gpu: Gpu, peak: int, static:
 
 def plan(config_args: list[str], gpu_name: str = "h100-80gb", devices: int | None = None) -> dict[str, Any]:
     """The plan of one config for `gpu_name`: `auto`'s figures at the top level and, with CoPE, the chunked op's
-    under `fallback`."""
+    under `fallback` and the fused Triton kernel's under `fused` (where it takes the config's CoPE)."""
     gpu = GPUS[gpu_name]
     cli = build(config_args, fake=True, devices=devices)
     started = time.perf_counter()
@@ -294,14 +298,24 @@ def plan(config_args: list[str], gpu_name: str = "h100-80gb", devices: int | Non
         devices=setup.devices, accumulate_grad_batches=setup.accumulate, params=cli.model.num_params,
     )  # fmt: skip
     if has_cope(cli.model):
-        if backend == "chunked":
-            result["fallback"] = {key: result[key] for key in ("peak_memory_gib", "kernels_per_step", "est_step_s")}
-            result["fallback"]["fits"] = result["fits"]
-        else:
-            chunked = build(config_args, fake=True, impl="chunked", devices=devices)
-            result["fallback"] = summarize(trace(chunked, gpu, "cuda"), chunked.target, gpu)
+        result["fallback"] = _four(result) if backend == "chunked" else _plan_impl(config_args, gpu, devices, "chunked")
+        if backend != "triton":
+            fused = build(config_args, fake=True, impl="triton", devices=devices)
+            with target_device("cuda"):
+                fusable = fused.model.model.attention_backend() == "triton"
+            if fusable:  # the fused kernel takes this CoPE (no relative table or bias)
+                result["fused"] = _four(summarize(trace(fused, gpu, "cuda"), fused.target, gpu))
     result["trace_s"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def _four(result: dict[str, Any]) -> dict[str, Any]:
+    return {key: result[key] for key in ("peak_memory_gib", "kernels_per_step", "est_step_s", "fits")}
+
+
+def _plan_impl(config_args: list[str], gpu: Gpu, devices: int | None, impl: str) -> dict[str, Any]:
+    cli = build(config_args, fake=True, impl=impl, devices=devices)
+    return _four(summarize(trace(cli, gpu, "cuda"), cli.target, gpu))
 
 
 def table_row(name: str, result: dict[str, Any]) -> str:

@@ -48,7 +48,9 @@ def _build() -> None:
 
     start = time.perf_counter()
     load(
-        name=f"cope_pl_cpu_{_cpu_tag()}",
+        # The source's hash too: a build of other source (an older checkout sharing torch's extensions folder) is
+        # never loaded in its place.
+        name=f"cope_pl_cpu_{_cpu_tag()}_{hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:8]}",
         sources=[str(SOURCE)],
         extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"],
         extra_ldflags=["-fopenmp"],

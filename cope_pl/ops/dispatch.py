@@ -43,7 +43,8 @@ def decision_device(device: torch.device) -> torch.device:
 def check_cope_impl(impl: str) -> str:
     if impl not in COPE_IMPLS:
         raise ValueError(f"model.position_options.impl must be one of {list(COPE_IMPLS)}, got {impl!r}")
-    if impl == "triton" and not triton_available():
+    planned_for_cuda = bool(_TARGETS) and _TARGETS[-1].type == "cuda"  # a plan builds it for a GPU elsewhere
+    if impl == "triton" and not (triton_available() or planned_for_cuda):
         raise ValueError(
             "model.position_options.impl='triton' needs the triton package and a CUDA GPU; use impl=auto or chunked"
         )
