@@ -319,18 +319,21 @@ def _plan_impl(config_args: list[str], gpu: Gpu, devices: int | None, impl: str)
 
 
 def table_row(name: str, result: dict[str, Any]) -> str:
-    fallback = result.get("fallback")
-    chunked = "" if fallback is None or result["attention"] == "chunked" else f" (chunked {fallback['est_step_s']} s)"
-    total = "n/a" if result["est_total_h"] is None else f"{result['est_total_h']:.1f} h"
+    """One markdown row: what `auto` runs, and for CoPE the fused kernel's kernels and step time beside it."""
+    fused = result.get("fused")
+    fused_text = "" if fused is None else f"{fused['kernels_per_step']:,} / {fused['est_step_s']:.3f}"
+    total = "n/a" if result["est_total_h"] is None else f"{result['est_total_h']:.1f}"
+    fits = "yes" if result["fits"] else result.get("fix", "no")
     return (
         f"| {name} | {result['attention']} | {result['peak_memory_gib']:.1f} | {result['kernels_per_step']:,} | "
-        f"{result['est_step_s']:.3f}{chunked} | {total} | {'yes' if result['fits'] else result.get('fix', 'no')} |"
+        f"{result['est_step_s']:.3f} | {total} | {fused_text} | {fits} |"
     )
 
 
 TABLE_HEAD = (
-    "| config | attention | peak GiB | kernels/step | est. step s | est. total | fits |\n"
-    "|---|---|---:|---:|---:|---:|---|"
+    "| config | attention (auto) | peak GiB | kernels/step | est. step s | est. total h "
+    "| fused kernels / step s | fits |\n"
+    "|---|---|---:|---:|---:|---:|---:|---|"
 )
 
 
