@@ -102,20 +102,43 @@ def _attention_flops(func, args, kwargs, out) -> int | None:
     return flops // 2 if causal else flops
 
 
-def _fused_cope_flops(q_shape, k_shape, gate_k_shape) -> int:
-    """The fused CoPE kernel's matrix products forward: q.k, q.gate_k (sep-keys) and probs.v over the causal half."""
-    bh, t, d = q_shape
-    return bh * t * k_shape[1] * d * (2 + (0 if gate_k_shape is None else 1))
+# The fused CoPE kernel per causal (query, key) pair (docs/cope-ops.md, "What to expect on a GPU"): tensor-core
+# products of 2·D FLOP each (forward 2: q.k, p.v; the two backward passes 7), a third with sep-keys gates; and about
+# 100 CUDA-core operations (gates, running sums, gathers, interpolation, softmax), taken as 35 forward, 65 backward.
+FUSED_PRODUCTS = {"forward": 2, "backward": 7}
+FUSED_ELEMENTWISE = {"forward": 35, "backward": 65}
+
+
+def _fused_cope_pairs(q_shape, k_shape) -> int:
+    bh, t, _ = q_shape
+    return bh * t * k_shape[1] // 2
+
+
+def fused_cope_flops(direction: str, q_shape, k_shape, sep_keys: bool) -> int:
+    """Tensor-core FLOPs of the fused kernel's matrix products."""
+    products = FUSED_PRODUCTS[direction] * (1.5 if sep_keys else 1)
+    return int(_fused_cope_pairs(q_shape, k_shape) * products * 2 * q_shape[-1])
+
+
+def fused_cope_seconds(direction: str, q_shape, k_shape, sep_keys: bool, gpu: Gpu) -> float:
+    """The kernel bound by the slower of its products (bf16 tensor cores) and its elementwise work (fp32 cores,
+    one operation per FMA's two FLOP)."""
+    elementwise = _fused_cope_pairs(q_shape, k_shape) * FUSED_ELEMENTWISE[direction]
+    products = fused_cope_flops(direction, q_shape, k_shape, sep_keys)
+    return max(products / gpu.bf16_flops, 2 * elementwise / gpu.fp32_flops)
 
 
 @register_flop_formula(torch.ops.cope_pl.triton_forward)
 def _triton_forward_flops(q, k, v, z, gate_k, *args, out_shape=None, **kwargs) -> int:
-    return _fused_cope_flops(q, k, gate_k)
+    return fused_cope_flops("forward", q, k, gate_k is not None)
 
 
 @register_flop_formula(torch.ops.cope_pl.triton_backward)
 def _triton_backward_flops(q, k, v, z, gate_k, *args, out_shape=None, **kwargs) -> int:
-    return 5 * _fused_cope_flops(q, k, gate_k) // 2  # recomputed logits, dq, dk, dv (and d gate_k)
+    return fused_cope_flops("backward", q, k, gate_k is not None)
+
+
+FUSED_OPS = {torch.ops.cope_pl.triton_forward.default: "forward", torch.ops.cope_pl.triton_backward.default: "backward"}
 
 
 def op_flops(func, args, kwargs, out) -> int:
@@ -183,7 +206,11 @@ class OpCosts(TorchDispatchMode):
         inputs = _tensors((args, kwargs))
         half = any(t.dtype in HALF for t in inputs) and not any(t.dtype == torch.float32 for t in inputs[:2])
         peak = self.gpu.bf16_flops if half else self.gpu.fp32_flops
-        seconds = max(flops / peak, moved / self.gpu.bandwidth) + kernels * LAUNCH_S
+        compute = flops / peak
+        if func in FUSED_OPS:
+            q, k, gate_k = args[0], args[1], args[4]
+            compute = fused_cope_seconds(FUSED_OPS[func], q.shape, k.shape, gate_k is not None, self.gpu)
+        seconds = max(compute, moved / self.gpu.bandwidth) + kernels * LAUNCH_S
         name = str(func.name() if hasattr(func, "name") else func)
         phase.kernels += kernels
         phase.flops += flops
