@@ -55,7 +55,7 @@ class PlanTensorMode(FakeTensorMode):
 
 
 @dataclass
-class Target:
+class RunSettings:
     """What the plan needs of the trainer config, which it does not instantiate for a GPU."""
 
     precision: str
@@ -67,7 +67,7 @@ class Target:
 
 class PlanCLI(CopeCLI):
     """The fit CLI's parser and classes, with the model built on fake tensors and a CPU trainer that only serves
-    the model's `configure_optimizers` and the callbacks; the GPU trainer settings are kept in `target`."""
+    the model's `configure_optimizers` and the callbacks; the GPU trainer settings are kept in `settings`."""
 
     def __init__(self, *args, fake_mode: FakeTensorMode | None, impl: str | None, devices: int | None, **kwargs):
         self.fake_mode, self.impl, self.devices = fake_mode, impl, devices
@@ -80,7 +80,7 @@ class PlanCLI(CopeCLI):
         if precision not in PRECISIONS:
             raise ValueError(f"trainer.precision={precision} is not planned; plan one of {list(PRECISIONS)}")
         devices = self.devices or (trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else 1)
-        self.target = Target(
+        self.settings = RunSettings(
             precision=precision,
             max_steps=int(trainer.max_steps or -1),
             accumulate=int(trainer.accumulate_grad_batches or 1),
@@ -92,7 +92,7 @@ class PlanCLI(CopeCLI):
         cpu_trainer = {
             "accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "logger": False,
             "precision": "bf16-mixed" if precision == "bf16-mixed" else "32-true", "enable_progress_bar": False,
-            "enable_model_summary": False, "max_steps": max(self.target.max_steps, 1),
+            "enable_model_summary": False, "max_steps": max(self.settings.max_steps, 1),
             "max_epochs": -1,
         }  # fmt: skip
         for key, value in cpu_trainer.items():
@@ -187,7 +187,7 @@ def trace(cli: PlanCLI, gpu: Gpu, target: str) -> dict[str, Any]:
     """One optimizer step (forward, backward, clipping, the non-finite guard, AdamW) and one validation step with
     the CoPE statistics callback, traced with every device decision taken for `target`; per phase what `OpCosts`
     counted, and the bytes that live across steps."""
-    model, data, trainer, setup = cli.model, cli.datamodule, cli.trainer, cli.target
+    model, data, trainer, setup = cli.model, cli.datamodule, cli.trainer, cli.settings
     train_len, eval_len = planned_lengths(data, model.hparams.max_seq_len)
     vocab, batch = model.hparams.vocab_size, data.batch_size
     guard, stats = _callback(trainer, NonFiniteGuard) or NonFiniteGuard(), _callback(trainer, CopeStatistics)
@@ -227,7 +227,7 @@ def trace(cli: PlanCLI, gpu: Gpu, target: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def summarize(traced: dict[str, Any], setup: Target, gpu: Gpu) -> dict[str, Any]:
+def summarize(traced: dict[str, Any], setup: RunSettings, gpu: Gpu) -> dict[str, Any]:
     """The plan's figures for one implementation: memory in GiB, kernels and seconds per optimizer step."""
     phases = traced["phases"]
     fb, opt, val = phases["forward_backward"], phases["optimizer"], phases["validate"]
@@ -263,7 +263,7 @@ def summarize(traced: dict[str, Any], setup: Target, gpu: Gpu) -> dict[str, Any]
     return out
 
 
-def fix_line(traced: dict[str, Any], setup: Target, gpu: Gpu, peak: int, static: int) -> str:
+def fix_line(traced: dict[str, Any], setup: RunSettings, gpu: Gpu, peak: int, static: int) -> str:
     """One line naming a batch size and accumulate_grad_batches that keep the global batch and fit; activations
     are taken to scale with the batch."""
     batch, budget = traced["batch"], FIT_FRACTION * gpu.memory_gib * GIB
@@ -291,8 +291,8 @@ def plan(config_args: list[str], gpu_name: str = "h100-80gb", devices: int | Non
     started = time.perf_counter()
     with target_device("cuda"):
         backend = cli.model.model.attention_backend()
-    result = summarize(trace(cli, gpu, "cuda"), cli.target, gpu)
-    setup = cli.target
+    result = summarize(trace(cli, gpu, "cuda"), cli.settings, gpu)
+    setup = cli.settings
     result.update(
         gpu=gpu.name, attention=backend, precision=setup.precision, max_steps=setup.max_steps,
         devices=setup.devices, accumulate_grad_batches=setup.accumulate, params=cli.model.num_params,
@@ -304,7 +304,7 @@ def plan(config_args: list[str], gpu_name: str = "h100-80gb", devices: int | Non
             with target_device("cuda"):
                 fusable = fused.model.model.attention_backend() == "triton"
             if fusable:  # the fused kernel takes this CoPE (no relative table or bias)
-                result["fused"] = _four(summarize(trace(fused, gpu, "cuda"), fused.target, gpu))
+                result["fused"] = _four(summarize(trace(fused, gpu, "cuda"), fused.settings, gpu))
     result["trace_s"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -315,7 +315,7 @@ def _four(result: dict[str, Any]) -> dict[str, Any]:
 
 def _plan_impl(config_args: list[str], gpu: Gpu, devices: int | None, impl: str) -> dict[str, Any]:
     cli = build(config_args, fake=True, impl=impl, devices=devices)
-    return _four(summarize(trace(cli, gpu, "cuda"), cli.target, gpu))
+    return _four(summarize(trace(cli, gpu, "cuda"), cli.settings, gpu))
 
 
 def table_row(name: str, result: dict[str, Any]) -> str:

@@ -75,3 +75,25 @@ def test_foreach_ops_launch_per_chunk():
 def test_plan_without_configs_is_one_line_error():
     with pytest.raises(ValueError, match="needs --config"):
         plan.main([])
+
+
+def test_cuda_policy_fuses_attention_with_dropout_and_runs_norms_in_float32():
+    """On fake CPU tensors under the plan's CUDA policy, attention dropout keeps SDPA one fused op (no (T, T)
+    products), and bf16 autocast gives layer_norm and softmax float32 results, as on CUDA."""
+    import torch
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from cope_pl.cuda_policy import CudaPolicy
+    from cope_pl.op_costs import OpCosts
+
+    with FakeTensorMode(), CudaPolicy(), torch.autocast("cpu", dtype=torch.bfloat16):
+        q = torch.randn(2, 4, 64, 16, requires_grad=True)
+        with OpCosts(GPUS["h100-80gb"]) as costs:
+            F.scaled_dot_product_attention(q, q, q, dropout_p=0.1, is_causal=True).sum().backward()
+        x = torch.randn(8, 16, dtype=torch.bfloat16)
+        assert F.layer_norm(x, (16,)).dtype == torch.float32
+        assert torch.softmax(x, -1).dtype == torch.float32
+    ops = costs.current.kernels_by_op
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::bmm" not in ops and "aten::matmul" not in ops
