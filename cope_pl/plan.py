@@ -35,7 +35,7 @@ from cope_pl.data import LMDataModule
 from cope_pl.lm import LanguageModel
 from cope_pl.numerics import NonFiniteGuard
 from cope_pl.op_costs import GPU_SOURCE, GPUS, Gpu, OpCosts
-from cope_pl.ops import target_device
+from cope_pl.ops import COPE_IMPLS, target_device
 from cope_pl.position.cope import ContextualPositionEncoding
 
 GIB = 1 << 30
@@ -87,7 +87,7 @@ class PlanCLI(CopeCLI):
             clip=trainer.gradient_clip_val,
             devices=devices * int(trainer.num_nodes or 1),
         )
-        if self.impl is not None:
+        if self.impl is not None and "cope" in str(config.model.position):
             config.model.position_options = {**(config.model.position_options or {}), "impl": self.impl}
         cpu_trainer = {
             "accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "logger": False,
@@ -283,11 +283,14 @@ def fix_line(traced: dict[str, Any], setup: RunSettings, gpu: Gpu, peak: int, st
     )
 
 
-def plan(config_args: list[str], gpu_name: str = "h100-80gb", devices: int | None = None) -> dict[str, Any]:
+def plan(
+    config_args: list[str], gpu_name: str = "h100-80gb", devices: int | None = None, impl: str | None = None
+) -> dict[str, Any]:
     """The plan of one config for `gpu_name`: `auto`'s figures at the top level and, with CoPE, the chunked op's
-    under `fallback` and the fused Triton kernel's under `fused` (where it takes the config's CoPE)."""
+    under `fallback` and the fused Triton kernel's under `fused` (where it takes the config's CoPE). impl: plan
+    only that CoPE implementation, no fallback or fused figures."""
     gpu = GPUS[gpu_name]
-    cli = build(config_args, fake=True, devices=devices)
+    cli = build(config_args, fake=True, impl=impl, devices=devices)
     started = time.perf_counter()
     with target_device("cuda"):
         backend = cli.model.model.attention_backend()
@@ -297,7 +300,7 @@ def plan(config_args: list[str], gpu_name: str = "h100-80gb", devices: int | Non
         gpu=gpu.name, attention=backend, precision=setup.precision, max_steps=setup.max_steps,
         devices=setup.devices, accumulate_grad_batches=setup.accumulate, params=cli.model.num_params,
     )  # fmt: skip
-    if has_cope(cli.model):
+    if has_cope(cli.model) and impl is None:
         result["fallback"] = _four(result) if backend == "chunked" else _plan_impl(config_args, gpu, devices, "chunked")
         if backend != "triton":
             fused = build(config_args, fake=True, impl="triton", devices=devices)
@@ -385,6 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", type=int, default=None, help="GPUs per node (default: the trainer config's)")
     parser.add_argument("--out", type=Path, default=None, help="write OUT/plan.json (sweeps: OUT/<cell>.json)")
     parser.add_argument("--sweep", default=None, help="plan every cell of a sweep file; prints a markdown table")
+    parser.add_argument(
+        "--impl", default=None, choices=[i for i in COPE_IMPLS if i != "auto"],
+        help="plan CoPE configs with this implementation only (no fallback and fused figures)",
+    )  # fmt: skip
     args, overrides = parser.parse_known_args(argv)
     if args.devices is not None and args.devices < 1:
         raise ValueError(f"--devices must be >= 1, got {args.devices}")
@@ -394,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         print(f"{GPUS[args.gpu].name}; GPU figures: {GPU_SOURCE}\n\n{TABLE_HEAD}")
     for name, config_args in cells:
-        result = plan(config_args + overrides, args.gpu, args.devices)
+        result = plan(config_args + overrides, args.gpu, args.devices, args.impl)
         if args.sweep:
             print(table_row(name, result), flush=True)
         else:
