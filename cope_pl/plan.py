@@ -307,7 +307,10 @@ def plan(
             with target_device("cuda"):
                 fusable = fused.model.model.attention_backend() == "triton"
             if fusable:  # the fused kernel takes this CoPE (no relative table or bias)
-                result["fused"] = _four(summarize(trace(fused, gpu, "cuda"), fused.settings, gpu))
+                try:
+                    result["fused"] = _four(summarize(trace(fused, gpu, "cuda"), fused.settings, gpu))
+                except ValueError as err:  # a limit of the kernel's (npos_max)
+                    result["fused"] = {"unavailable": str(err)}
     result["trace_s"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -324,7 +327,12 @@ def _plan_impl(config_args: list[str], gpu: Gpu, devices: int | None, impl: str)
 def table_row(name: str, result: dict[str, Any]) -> str:
     """One markdown row: what `auto` runs, and for CoPE the fused kernel's kernels and step time beside it."""
     fused = result.get("fused")
-    fused_text = "" if fused is None else f"{fused['kernels_per_step']:,} / {fused['est_step_s']:.3f}"
+    if fused is None:
+        fused_text = ""
+    elif "unavailable" in fused:
+        fused_text = "n/a: " + fused["unavailable"].split(";")[0]
+    else:
+        fused_text = f"{fused['kernels_per_step']:,} / {fused['est_step_s']:.3f}"
     total = "n/a" if result["est_total_h"] is None else f"{result['est_total_h']:.1f}"
     fits = "yes" if result["fits"] else result.get("fix", "no")
     return (
@@ -334,7 +342,7 @@ def table_row(name: str, result: dict[str, Any]) -> str:
 
 
 TABLE_HEAD = (
-    "| config | attention (auto) | peak GiB | kernels/step | est. step s | est. total h "
+    "| config | attention | peak GiB | kernels/step | est. step s | est. total h "
     "| fused kernels / step s | fits |\n"
     "|---|---|---:|---:|---:|---:|---:|---|"
 )
