@@ -369,6 +369,13 @@ def print_plan(result: dict[str, Any]) -> None:
             f"  chunked fallback: peak {fallback['peak_memory_gib']:.2f} GiB, {fallback['kernels_per_step']:,} kernels,"
             f" est. {fallback['est_step_s']:.3f} s per step, fits: {'yes' if fallback['fits'] else 'no'}"
         )
+    fused = result.get("fused")
+    if fused is not None:
+        text = fused.get("unavailable") or (
+            f"peak {fused['peak_memory_gib']:.2f} GiB, {fused['kernels_per_step']:,} kernels, est. "
+            f"{fused['est_step_s']:.3f} s per step, fits: {'yes' if fused['fits'] else 'no'}"
+        )
+        print(f"  fused kernel (impl: triton): {text}")
 
 
 def sweep_configs(path: str) -> list[tuple[str, list[str]]]:
