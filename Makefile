@@ -6,6 +6,7 @@
 #   make bench-gpu [GPU_ARGS="--minutes 8"]                     every GPU check of the fused kernel -> reports/gpu_check/
 #   make ablation SWEEP=configs/sweeps/table2_cpu.yaml [SLURM=1]   run a sweep (or write/submit a SLURM array)
 #   make report RUNS=runs/ OUT=reports/                           tables and figures from finished runs
+#   make plan CONFIG="a.yaml b.yaml" [PLAN_ARGS="--gpu h200"]      GPU memory, kernels and step time, no GPU needed
 #   make test | lint | install | clean
 #   make data-wikitext | data-code  prepare the LM corpora (DATA_CONFIG="configs/data/....yaml" to choose)
 #   make data-wikitext ARGS="--data-dir /data/wikitext-103"   flags of data_prep/prepare_*.py override the config
@@ -22,13 +23,14 @@ ARGS ?=
 BENCH_ARGS ?=
 KERNEL_ARGS ?=
 GPU_ARGS ?=
+PLAN_ARGS ?=
 
 SWEEP ?=
 SLURM ?=
 RUNS ?= runs
 OUT ?= reports
 
-.PHONY: install train test lint clean bench bench-kernels bench-gpu data-wikitext data-code ablation report
+.PHONY: install train test lint clean bench bench-kernels bench-gpu data-wikitext data-code ablation report plan
 
 install: $(STAMP)
 
@@ -62,6 +64,10 @@ ablation: $(STAMP)
 
 report: $(STAMP)
 	$(BIN)/cope-pl report $(RUNS) --out $(OUT)
+
+# What CONFIG would do on a GPU (peak memory, kernels per step, step time), traced on fake tensors here.
+plan: $(STAMP)
+	$(BIN)/cope-pl plan $(foreach c,$(CONFIG),--config $(c)) $(ARGS) $(PLAN_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

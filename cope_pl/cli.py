@@ -47,6 +47,7 @@ TOOLS = {
     "count-probe": "cope_pl.count_probe",
     "generate": "cope_pl.generate",
     "launch": "cope_pl.launch",
+    "plan": "cope_pl.plan",
 }
 # What `cope-pl --help` lists, one line each.
 COMMANDS = {
@@ -61,6 +62,7 @@ COMMANDS = {
     "count-probe": "what each CoPE head of a Counting run counts: cope-pl count-probe RUN_DIR [--set ood_long]",
     "generate": "continue a prompt with a trained run: cope-pl generate RUN_DIR --prompt TEXT [--max-new-tokens N]",
     "launch": "multi-node training: write a SLURM job script (--submit: sbatch it) or print a torchrun command",
+    "plan": "memory, kernels and step time of a config on a GPU, without one: cope-pl plan --config ... [--gpu NAME]",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 DEFAULT_RUN_NAME = "auto"  # replaced by "<data>-<position>" so TensorBoard runs are told apart

@@ -101,7 +101,7 @@ def test_testing_a_run_that_never_finished_fit_is_refused(finished_run, tmp_path
 def test_help_lists_every_command():
     done = cope_pl("--help")
     listed = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ")]
-    tools = ["eval-context", "passkey", "sweep", "report", "position-maps", "count-probe", "generate", "launch"]
+    tools = ["eval-context", "passkey", "sweep", "report", "position-maps", "count-probe", "generate", "launch", "plan"]
     assert listed == ["fit", "validate", "test", *tools]
 
 

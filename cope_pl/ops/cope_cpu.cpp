@@ -495,9 +495,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
 }  // namespace
 
+// Schemas, with the functions as CPU kernels: fake tensors (`cope-pl plan`, torch.compile) then take the shapes
+// registered in cope_cpu.py instead of running them.
 TORCH_LIBRARY(cope_pl_cpu, m) {
-  m.def("block_probs", &block_probs);
-  m.def("block_grads", &block_grads);
-  m.def("attention_forward", &attention_forward);
-  m.def("attention_backward", &attention_backward);
+  m.def("block_probs(Tensor logits, Tensor gate_logits, Tensor zz) -> Tensor");
+  m.def("block_grads(Tensor logits, Tensor gate_logits, Tensor zz, Tensor dprobs) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, Tensor gk, Tensor table, int block, int per_task, float scale)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_backward(Tensor q, Tensor k, Tensor v, Tensor gk, Tensor table, Tensor out, Tensor top, Tensor inv,"
+      " Tensor dout, int block, int per_task, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cope_pl_cpu, CPU, m) {
+  m.impl("block_probs", &block_probs);
+  m.impl("block_grads", &block_grads);
+  m.impl("attention_forward", &attention_forward);
+  m.impl("attention_backward", &attention_backward);
 }

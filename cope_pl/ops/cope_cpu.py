@@ -48,7 +48,9 @@ def _build() -> None:
 
     start = time.perf_counter()
     load(
-        name=f"cope_pl_cpu_{_cpu_tag()}",
+        # The source's hash too: a build of other source (an older checkout sharing torch's extensions folder) is
+        # never loaded in its place.
+        name=f"cope_pl_cpu_{_cpu_tag()}_{hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:8]}",
         sources=[str(SOURCE)],
         extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"],
         extra_ldflags=["-fopenmp"],
@@ -56,6 +58,32 @@ def _build() -> None:
         verbose=False,
     )
     _STATE["seconds"] = time.perf_counter() - start
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    """Shapes of the C++ functions' results without running them, for fake tensors (`cope-pl plan`) and
+    torch.compile."""
+    ops = "cope_pl_cpu::"
+
+    @torch.library.register_fake(ops + "block_probs")
+    def _(logits, gate_logits, zz):
+        return torch.empty_like(logits)  # (G, S, n)
+
+    @torch.library.register_fake(ops + "block_grads")
+    def _(logits, gate_logits, zz, dprobs):
+        dgate = torch.empty_like(logits) if gate_logits.numel() else logits.new_empty(0)
+        return torch.empty_like(logits), torch.empty_like(logits), dgate, torch.empty_like(zz)
+
+    @torch.library.register_fake(ops + "attention_forward")
+    def _(q, k, v, gk, table, block, per_task, scale):
+        top = q.new_empty(q.shape[:2])  # (BH, T)
+        return torch.empty_like(q), top, torch.empty_like(top)
+
+    @torch.library.register_fake(ops + "attention_backward")
+    def _(q, k, v, gk, table, out, top, inv, dout, block, per_task, scale):
+        dgk = torch.empty_like(gk) if gk.numel() else q.new_empty(0)
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgk, torch.empty_like(table)
 
 
 def available() -> bool:

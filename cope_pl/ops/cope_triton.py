@@ -15,6 +15,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from cope_pl.ops.dropout import check_dropout, draw_dropout_seed
 
@@ -106,63 +107,97 @@ def _row_tiles(rows: int, bh: int):
     return lambda meta: (math.ceil(rows / meta["BLOCK_M"]), bh)
 
 
+# The launches are torch.library custom ops with fake shapes, so fake tensors (`cope-pl plan` on a machine without
+# a GPU) and torch.compile trace the kernel as one op each way without running it.
+@torch.library.custom_op("cope_pl::triton_forward", mutates_args=())
+def triton_forward(
+    q: Tensor, k: Tensor, v: Tensor, z: Tensor, gate_k: Tensor | None, dropout_p: float, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward kernel: (out (BH, T, D), row log-sum-exp (BH, T), row gate sum (BH, T)), both fp32."""
+    bh, t, d = q.shape
+    s, npos = k.size(1), z.size(-1)
+    out = torch.empty_like(q)
+    lse = torch.empty(bh, t, device=q.device, dtype=torch.float32)
+    gsum = torch.empty(bh, t, device=q.device, dtype=torch.float32)
+    sep = gate_k is not None
+    fwd, _, _ = _kernels(_autotuning())
+    fwd[_row_tiles(t, bh)](
+        q, k, v, gate_k if sep else k, z, out, lse, gsum, t, s, npos, 1.0 / math.sqrt(d), dropout_p, seed,
+        SEP_KEYS=sep, DROPOUT=dropout_p > 0, **_constants(q, npos), **_tiles("forward"),
+    )  # fmt: skip
+    return out, lse, gsum
+
+
+@triton_forward.register_fake
+def _(q, k, v, z, gate_k, dropout_p, seed):
+    rows = q.new_empty(q.shape[:2], dtype=torch.float32)  # (BH, T)
+    return torch.empty_like(q), rows, torch.empty_like(rows)
+
+
+@torch.library.custom_op("cope_pl::triton_backward", mutates_args=())
+def triton_backward(
+    q: Tensor, k: Tensor, v: Tensor, z: Tensor, gate_k: Tensor | None, out: Tensor, lse: Tensor, gsum: Tensor,
+    dout: Tensor, backward: str, dropout_p: float, seed: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The backward kernels: dq, dk, dv in the inputs' dtype, dz fp32, d gate_k (empty without gate keys)."""
+    bh, t, d = q.shape
+    s, npos = k.size(1), z.size(-1)
+    sep = gate_k is not None
+    dout = dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1)  # (BH, T): rowsum(dO * O)
+    consts, query_tiles, key_tiles = _constants(q, npos), _tiles("query"), _tiles("key")
+    if query_tiles["BLOCK_N"] != key_tiles["BLOCK_N"]:
+        raise ValueError("the two backward passes need one key tile width (the carries are per key tile)")
+    n_key_tiles = math.ceil(s / key_tiles["BLOCK_N"])
+    atomic = choose_backward(backward, n_key_tiles, npos) == "atomic"
+    dq = torch.empty(bh, t, d, device=q.device, dtype=torch.float32)
+    dz = torch.zeros(bh, t, npos, device=q.device, dtype=torch.float32)
+    # Key gradients: fp32 accumulators for atomic adds, or written once, in the input dtype, by the key pass.
+    alloc, key_dtype = (torch.zeros, torch.float32) if atomic else (torch.empty, k.dtype)
+    dk, dv = (alloc(bh, s, d, device=q.device, dtype=key_dtype) for _ in range(2))
+    dgk = alloc(bh, s, d, device=q.device, dtype=key_dtype) if sep else dk
+    # Gate and dL/dp sums at the left edge of every key tile, for the key pass (tiny dummies when atomic).
+    carry_shape = (1,) if atomic else (bh, n_key_tiles, t)
+    gate_before, dpos_before = (torch.empty(carry_shape, device=q.device, dtype=torch.float32) for _ in range(2))
+    gk = gate_k if sep else k
+    scale = 1.0 / math.sqrt(d)
+    _, bwd_query, bwd_key = _kernels(_autotuning())
+    bwd_query[_row_tiles(t, bh)](
+        q, k, v, gk, z, dout, lse, delta, gsum, dq, dz, gate_before, dpos_before, dk, dv, dgk,
+        t, s, npos, n_key_tiles, scale, dropout_p, seed,
+        SEP_KEYS=sep, ATOMIC_KEY_GRADS=atomic, DROPOUT=dropout_p > 0, **consts, **query_tiles,
+    )  # fmt: skip
+    if not atomic:
+        bwd_key[(n_key_tiles, bh)](
+            q, k, v, gk, z, dout, lse, delta, gsum, gate_before, dpos_before, dk, dv, dgk,
+            t, s, npos, n_key_tiles, scale, dropout_p, seed,
+            SEP_KEYS=sep, DROPOUT=dropout_p > 0, **consts, **key_tiles,
+        )  # fmt: skip
+    dgk = dgk.to(q.dtype) if sep else q.new_empty(0)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dz, dgk
+
+
+@triton_backward.register_fake
+def _(q, k, v, z, gate_k, out, lse, gsum, dout, backward, dropout_p, seed):
+    dgk = q.new_empty(0) if gate_k is None else torch.empty_like(gate_k)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(z), dgk
+
+
 class _CopeAttention(torch.autograd.Function):
     """Inputs flattened to (BH, T, D) / (BH, S, D) / (BH, T, P), contiguous; z in fp32."""
 
     @staticmethod
     def forward(ctx, q, k, v, z, gate_k, backward: str, dropout_p: float, seed: int) -> Tensor:
-        bh, t, d = q.shape
-        s, npos = k.size(1), z.size(-1)
-        out = torch.empty_like(q)
-        lse = torch.empty(bh, t, device=q.device, dtype=torch.float32)
-        gsum = torch.empty(bh, t, device=q.device, dtype=torch.float32)
-        sep = gate_k is not None
-        fwd, _, _ = _kernels(_autotuning())
-        fwd[_row_tiles(t, bh)](
-            q, k, v, gate_k if sep else k, z, out, lse, gsum, t, s, npos, 1.0 / math.sqrt(d), dropout_p, seed,
-            SEP_KEYS=sep, DROPOUT=dropout_p > 0, **_constants(q, npos), **_tiles("forward"),
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, v, z, gate_k if sep else None, out, lse, gsum)
-        ctx.sep, ctx.backward, ctx.dropout = sep, backward, (dropout_p, seed)
+        out, lse, gsum = triton_forward(q, k, v, z, gate_k, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, z, gate_k, out, lse, gsum)
+        ctx.backward, ctx.dropout = backward, (dropout_p, seed)
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
         q, k, v, z, gate_k, out, lse, gsum = ctx.saved_tensors
-        bh, t, d = q.shape
-        s, npos = k.size(1), z.size(-1)
-        dout = dout.contiguous()
-        delta = (dout.float() * out.float()).sum(-1)  # (BH, T): rowsum(dO * O)
-        consts, query_tiles, key_tiles = _constants(q, npos), _tiles("query"), _tiles("key")
-        if query_tiles["BLOCK_N"] != key_tiles["BLOCK_N"]:
-            raise ValueError("the two backward passes need one key tile width (the carries are per key tile)")
-        n_key_tiles = math.ceil(s / key_tiles["BLOCK_N"])
-        atomic = choose_backward(ctx.backward, n_key_tiles, npos) == "atomic"
-        dq = torch.empty(bh, t, d, device=q.device, dtype=torch.float32)
-        dz = torch.zeros(bh, t, npos, device=q.device, dtype=torch.float32)
-        # Key gradients: fp32 accumulators for atomic adds, or written once, in the input dtype, by the key pass.
-        alloc, key_dtype = (torch.zeros, torch.float32) if atomic else (torch.empty, k.dtype)
-        dk, dv = (alloc(bh, s, d, device=q.device, dtype=key_dtype) for _ in range(2))
-        dgk = alloc(bh, s, d, device=q.device, dtype=key_dtype) if ctx.sep else dk
-        # Gate and dL/dp sums at the left edge of every key tile, for the key pass (tiny dummies when atomic).
-        carry_shape = (1,) if atomic else (bh, n_key_tiles, t)
-        gate_before, dpos_before = (torch.empty(carry_shape, device=q.device, dtype=torch.float32) for _ in range(2))
-        gk = gate_k if ctx.sep else k
-        scale, (dropout_p, seed) = 1.0 / math.sqrt(d), ctx.dropout
-        _, bwd_query, bwd_key = _kernels(_autotuning())
-        bwd_query[_row_tiles(t, bh)](
-            q, k, v, gk, z, dout, lse, delta, gsum, dq, dz, gate_before, dpos_before, dk, dv, dgk,
-            t, s, npos, n_key_tiles, scale, dropout_p, seed,
-            SEP_KEYS=ctx.sep, ATOMIC_KEY_GRADS=atomic, DROPOUT=dropout_p > 0, **consts, **query_tiles,
-        )  # fmt: skip
-        if not atomic:
-            bwd_key[(n_key_tiles, bh)](
-                q, k, v, gk, z, dout, lse, delta, gsum, gate_before, dpos_before, dk, dv, dgk,
-                t, s, npos, n_key_tiles, scale, dropout_p, seed,
-                SEP_KEYS=ctx.sep, DROPOUT=dropout_p > 0, **consts, **key_tiles,
-            )  # fmt: skip
-        dgk = dgk.to(q.dtype) if ctx.sep else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dz, dgk, None, None, None
+        dq, dk, dv, dz, dgk = triton_backward(q, k, v, z, gate_k, out, lse, gsum, dout, ctx.backward, *ctx.dropout)
+        return dq, dk, dv, dz, None if gate_k is None else dgk, None, None, None
 
 
 BACKWARDS = ("auto", "two_pass", "atomic")
@@ -209,11 +244,12 @@ def cope_attention_triton(
         dropout_seed = draw_dropout_seed()
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"cope_attention_triton takes float32, float16 or bfloat16 inputs, got {q.dtype}")
-    if not (q.is_cuda or interpreting()):
+    fake = isinstance(q, FakeTensor)  # traced for shapes only (`cope-pl plan`): nothing is launched
+    if not (q.is_cuda or interpreting() or fake):
         raise ValueError(
             "cope_attention_triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); use impl: chunked on CPU"
         )
-    if importlib.util.find_spec("triton") is None:
+    if importlib.util.find_spec("triton") is None and not fake:
         raise ImportError("cope_attention_triton needs triton: pip install 'cope_pl[triton]'")
 
     def flat(x: Tensor, n: int) -> Tensor:
