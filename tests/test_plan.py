@@ -32,13 +32,21 @@ def test_fake_trace_matches_real_tensors(position):
     for name in ("forward_backward", "optimizer", "validate"):
         assert abs(fake[name].peak_bytes / real[name].peak_bytes - 1) < 0.1, name
     assert fake["validate"].flops == real["validate"].flops
-    assert abs(fake["validate"].kernels - real["validate"].kernels) <= 0.02 * real["validate"].kernels
+    # The metrics' scalar states are copied (real) or cloned (fake): only those ops may differ.
+    real_ops, fake_ops = real["validate"].by_op, fake["validate"].by_op
+    differ = {op for op in set(real_ops) | set(fake_ops) if (op in real_ops) != (op in fake_ops)}
+    assert differ <= {"aten::copy_", "aten::clone", "aten::set_.source_Storage_storage_offset"}, differ
+    assert abs(fake["validate"].kernels - real["validate"].kernels) <= 0.05 * real["validate"].kernels
 
 
-def test_cuda_target_runs_the_chunked_op_not_the_cpu_blocks():
-    """The plan takes CoPE's device decision for CUDA: the chunked op's many small blocks, not the C++ ones."""
+def test_cuda_target_runs_the_fused_kernel_not_the_cpu_blocks():
+    """The plan takes CoPE's device decision for CUDA: the fused kernel's ops (unchecked: nothing real runs in a
+    trace), not the C++ blocks the same model runs on a CPU."""
     cpu, cuda = traced("cope", True, "cpu"), traced("cope", True, "cuda")
-    assert cuda["forward_backward"].kernels > 2 * cpu["forward_backward"].kernels
+    cope_ops = {phase: {op for op in ops["forward_backward"].by_op if "cope" in op} for phase, ops in
+                (("cpu", cpu), ("cuda", cuda))}  # fmt: skip
+    assert cope_ops["cpu"] == {"cope_pl_cpu::attention_forward", "cope_pl_cpu::attention_backward"}
+    assert cope_ops["cuda"] == {"cope_pl::triton_forward", "cope_pl::triton_backward"}
 
 
 def test_plan_writes_json_with_fallback(tmp_path, capsys):
@@ -46,10 +54,11 @@ def test_plan_writes_json_with_fallback(tmp_path, capsys):
     result = json.loads((tmp_path / "plan.json").read_text())
     for key in ("peak_memory_gib", "kernels_per_step", "est_step_s", "fits"):
         assert key in result and key in result["fallback"]
-    assert result["fits"] is True and result["attention"] == "chunked"
+    # On CUDA `auto` takes the fused kernel, traced through its fake shapes: one op each way in place of the
+    # chunked op's block loop, which the fallback keys plan.
+    assert result["fits"] is True and result["attention"] == "triton" and "fused" not in result
     assert result["kernels_per_step"] > 0 and 0 < result["est_step_s"] < 1
-    # The fused kernel, traced through its fake shapes: one op each way in place of the blocks' loop.
-    assert 0 < result["fused"]["kernels_per_step"] < result["fallback"]["kernels_per_step"] / 2
+    assert 0 < result["kernels_per_step"] < result["fallback"]["kernels_per_step"]
     assert "GPU figures: NVIDIA data sheets" in capsys.readouterr().out
 
 

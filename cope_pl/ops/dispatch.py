@@ -62,6 +62,13 @@ def _kernel_runs_on(device: torch.device) -> bool:
     return triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
 
 
+def _tracing_fake_tensors() -> bool:
+    """A fake-tensor trace (`cope-pl plan`) is under way: nothing it runs is a real launch to check."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode() is not None
+
+
 def _fused_problem(device, dtype, head_dim: int, npos: int, sep_keys: bool, seed: int = 0):
     """A small random CoPE problem on `device`: T = S = 40 crosses several kernel tiles."""
     generator = torch.Generator().manual_seed(seed)
@@ -155,10 +162,10 @@ def resolve_cope_impl(
     if target.type == "cuda" and not relative and not compiled and dtype in FUSED_DTYPES:
         if table is None or table[1] > MAX_NPOS:
             return "chunked"
+        if target.type != device.type and (_tracing_fake_tensors() or not _kernel_runs_on(device)):
+            return "triton"  # a plan on other tensors: the check can only run on the target itself
         if _kernel_runs_on(device):
             return "triton" if fused_kernel_agrees(device, dtype, *table, sep_keys) else "chunked"
-        if target.type != device.type:  # a plan on other tensors: the check can only run on the target itself
-            return "triton"
         warn_once("CoPE: the fused Triton kernel needs the triton package; running the chunked op instead")
         return "chunked"
     return "chunked"
