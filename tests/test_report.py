@@ -575,3 +575,17 @@ def test_a_report_takes_several_folders_and_filters(tmp_path):
         build_report(tmp_path / "a", tmp_path / "out", filters=["colour=red"])
     with pytest.raises(ValueError, match="no runs under .* match step=5"):
         build_report(tmp_path / "a", tmp_path / "out", filters=["step=5"])
+
+
+def test_a_legend_of_many_long_names_stays_inside_the_figure(tmp_path, monkeypatch):
+    from cope_pl.reporting import plots
+
+    names = ["alibi", "cope", "cope_sepkeys", "fire", "fox", "kerple", "none", "rope", "stick_breaking", "rope+yarn×4"]
+    fig, axes = plots.panel_grid(1)
+    handles = {name: axes[0][0].plot([0, 1], [i, i], label=name)[0] for i, name in enumerate(names)}
+    legends = []
+    monkeypatch.setattr(fig, "savefig", lambda *args, **kwargs: legends.extend(fig.legends))
+    plots.finish(fig, axes, tmp_path / "f.png", "many encodings", handles)
+    fig.draw_without_rendering()
+    box = legends[0].get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width

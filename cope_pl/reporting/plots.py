@@ -42,8 +42,10 @@ def finish(fig, axes, path: Path, title: str, handles: dict | None = None) -> Pa
     `panel_grid` leaves room for exactly those."""
     plt = pyplot()
     if handles:
-        fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 6),
-                   fontsize=8, frameon=False)  # fmt: skip
+        # As many columns as the figure's width holds at the longest name (8-pt characters plus the marker).
+        fits = int(fig.get_figwidth() / (0.075 * max(len(str(name)) for name in handles) + 0.55))
+        fig.legend(handles.values(), handles.keys(), loc="outside lower center",
+                   ncol=max(1, min(len(handles), 6, fits)), fontsize=8, frameon=False)  # fmt: skip
     heading = fig.suptitle(textwrap.fill(title, int(14 * fig.get_figwidth())), fontsize=9)  # ~14 characters/inch
     for _ in range(2):  # lay out, then centre the heading over the panels (not the page) and wrap it to their width
         fig.draw_without_rendering()
@@ -85,7 +87,7 @@ def plot_extrapolation(table: Table, path: Path, metric: str, train_len: dict[st
             style = styles[name]
             (line,) = ax.plot(x, y, label=name, fillstyle="none", markersize=6, **style)
             if max(n) >= 2:  # one run has no spread to show
-                lower = [max(a - b, 1e-12) if log else a - b for a, b in zip(y, s)]
+                lower = [max(a - b, 1e-12 if log else 0.0) for a, b in zip(y, s)]  # no metric is negative
                 upper = [a + b for a, b in zip(y, s)]
                 ax.fill_between(x, lower, upper, alpha=0.12, color=style["color"], linewidth=0)
                 bands += [lower, upper]
