@@ -146,14 +146,14 @@ def test_cope_pl_fit_test_and_eval_context_run_to_their_end_with_two_processes(t
     run = tmp_path / "copy-cope" / "version_0"
     results = json.loads((run / "results.json").read_text())
     assert results["fit_finished"] is True and results["global_step"] == 4 and results["run_dir"] == str(run)
-    assert {"val/loss", "val/error", "cope/max_clamped_frac"} <= set(results["metrics"])
+    assert {"val/loss", "val/error", "val_cope/max_clamped_frac"} <= set(results["metrics"])
     assert read_checkpoint(run / "checkpoints" / "hpc_ckpt_1.ckpt")["global_step"] == 2
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4
 
     test = cope_pl("test", str(run))
     assert "GLOBAL_RANK: 1" in test.stdout + test.stderr  # the run's own config: 2 processes again
     results = json.loads((run / "results.json").read_text())
-    assert results["steps"] == {"test": 4} and results["fit_finished"] is True
+    assert results["steps"] == {"fit": 4, "test": 4} and results["fit_finished"] is True
     assert results["metrics"]["test/loss"] == pytest.approx(results["metrics"]["val/loss"], abs=1e-6)  # same set
 
     cope_pl("eval-context", str(run), "--lengths", "1x", "2x")
