@@ -280,8 +280,6 @@ def run_cell(sweep: Sweep, cell: Cell, log=print) -> str:
     logs = sweep.save_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_file = logs / f"{cell.name}.log"
-    if not step_done(sweep, cell, "fit") and sweep.run_dir(cell).exists():
-        shutil.rmtree(sweep.run_dir(cell))  # an interrupted fit: start the cell again from scratch
     for step in sweep.steps():
         if step_done(sweep, cell, step):
             continue

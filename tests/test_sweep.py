@@ -100,6 +100,17 @@ def test_resume_runs_only_the_missing_steps(tmp_path):
     assert "--lengths 1x 2x" in calls(tmp_path)[-1]
 
 
+def test_a_cell_killed_mid_fit_keeps_its_checkpoints_for_the_resumed_fit(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, {"position": POSITIONS[:1]}))
+    cell = sweep.cells[0]
+    checkpoint = sweep.run_dir(cell) / "checkpoints" / "last.ckpt"  # what the killed fit left
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"steps so far")
+    assert run_sweep(sweep, log=lambda *_: None) == {cell.name: "done"}
+    fit = calls(tmp_path)[0]
+    assert fit.startswith("fit ") and "--ckpt_path=last" in fit and checkpoint.read_bytes() == b"steps so far"
+
+
 def test_a_failed_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
     grid = {"position": [{"label": "bad", "configs": POSITIONS[:1]}, POSITIONS[1]]}
     sweep = load_sweep(write_sweep(tmp_path, grid))
