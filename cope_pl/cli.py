@@ -309,6 +309,18 @@ def entry() -> None:
         if os.environ.get("COPE_PL_TRACEBACK"):
             raise
         sys.exit(f"cope-pl: error: {one_line(err)}")
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """A multi-process run ends its process group itself: left to the interpreter's teardown, gloo's worker
+    threads can be destroyed while still joinable, and a rank aborts at exit ('terminate called without an
+    active exception') after a run that finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
