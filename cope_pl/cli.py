@@ -232,6 +232,8 @@ FOREIGN_NOTICES = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     # Lightning's hint on any machine with an `srun` binary; cope-pl's SLURM route is `cope-pl launch`.
     r"The `srun` command is available on your system but is not used",
+    # cope-pl passes sys.argv's arguments, possibly rewritten (test RUN_DIR): Lightning's warning about both.
+    r".*LightningCLI's args parameter",
 )
 
 
@@ -250,9 +252,6 @@ def main(args: list[str] | None = None) -> CopeCLI | None:
     """`cope-pl fit|validate|test ...` (LightningCLI), `cope-pl test RUN_DIR` or one of TOOLS."""
     quiet_foreign_noise()
     argv = sys.argv[1:] if args is None else list(args)
-    # Where SLURM is installed, Lightning warns at every run outside a job that srun is not used; a run outside a job
-    # is meant to be one process here, and `cope-pl launch slurm` writes the srun job.
-    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return None
@@ -267,8 +266,6 @@ def main(args: list[str] | None = None) -> CopeCLI | None:
         # The metrics are printed once, by ResultsWriter; --verbose=true adds Lightning's table of them.
         argv.append("--verbose=false")
     no_exit = {"exit_on_error": False}  # parse errors reach entry() and become one line
-    # The arguments are sys.argv's, possibly rewritten (test RUN_DIR): Lightning's warning about both is noise.
-    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
     return CopeCLI(
         LanguageModel,
         LMDataModule,

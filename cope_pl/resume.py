@@ -20,6 +20,7 @@ import pickle
 import pickletools
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,17 +106,23 @@ def untrusted(path: Any, err: Exception) -> UntrustedCheckpointError | None:
     return UntrustedCheckpointError(path, found.group(1) if found else "an object torch's weights-only loader refuses")
 
 
-def read_checkpoint(path: Any, map_location: Any = "cpu") -> dict[str, Any]:
-    """A checkpoint's contents: refused if its pickle names anything outside TRUSTED_GLOBALS, then unpickled
-    with torch's weights-only unpickler, so nothing in the file can run code."""
+def load_trusted(path: Any, load: Callable[[], Any]) -> Any:
+    """`load()` of a checkpoint file, refused first if its pickle names anything outside TRUSTED_GLOBALS; an
+    object the weights-only unpickler refuses is the same one-line refusal, other load errors pass through."""
     refuse_untrusted(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return load()
     except CORRUPT as err:
         refusal = untrusted(path, err)
         if refusal is not None:
             raise refusal from None
         raise
+
+
+def read_checkpoint(path: Any, map_location: Any = "cpu") -> dict[str, Any]:
+    """A checkpoint's contents, read with torch's weights-only unpickler behind the allowlist (`load_trusted`),
+    so nothing in the file can run code."""
+    return load_trusted(path, lambda: torch.load(path, map_location=map_location, weights_only=True))
 
 
 def is_intact(path: Path) -> bool:
@@ -165,13 +172,11 @@ def load_trained(ckpt: str | Path, map_location: Any = "cpu"):
     """The trained LanguageModel in a checkpoint file, for evaluation. A corrupt or truncated file is one clear
     error that names the newest intact checkpoint beside it; the file stays where it is (evaluating changes
     nothing, unlike resuming, which sets it aside)."""
-    refuse_untrusted(ckpt)
     try:
-        return LanguageModel.load_from_checkpoint(ckpt, map_location=map_location, weights_only=True)
+        return load_trusted(
+            ckpt, lambda: LanguageModel.load_from_checkpoint(ckpt, map_location=map_location, weights_only=True)
+        )
     except CORRUPT as err:
-        refusal = untrusted(ckpt, err)
-        if refusal is not None:
-            raise refusal from None
         if archive_intact(Path(ckpt)):
             raise  # a readable file: the error is not about the file
         intact = newest_intact(Path(ckpt))
