@@ -11,6 +11,7 @@ A sweep file names configs shared by every cell, fixed overrides, and a grid of 
       data.init_args.seq_len: [32]                        # a dotted key: an axis of --key=value overrides
       seed: [0, 1]                                        # --seed_everything and data.init_args.seed
     test: true                                            # `cope-pl test` on the last checkpoint
+    checkpoint: best                                      # or: test and score the lowest-val/loss checkpoint
     eval_context: {lengths: [1x, 2x, 4x]}                 # `cope-pl eval-context` afterwards
     passkey: {lengths: [1x, 2x, 4x, 8x]}                  # `cope-pl passkey` (passkey runs) afterwards
     slurm: {nodes: 1, gpus_per_node: 8, time: "24:00:00", max_parallel: 8}
@@ -39,11 +40,20 @@ import yaml
 
 from cope_pl.launch import OMP_LINE, Resources, resolve_resources, run_settings, sbatch_header
 from cope_pl.results import read_results
-from cope_pl.runs import EVAL_CONTEXT_FILE, PASSKEY_FILE, RESULTS_FILE, sweep_cell_dir, sweep_status_file
+from cope_pl.runs import CHECKPOINTS_DIR, EVAL_CONTEXT_FILE, PASSKEY_FILE, RESULTS_FILE, sweep_cell_dir, sweep_status_file
 
 MANIFEST = "sweep.json"
 SWEEP_KEYS = {"name", "save_dir", "configs", "overrides", "grid", "test", "eval_context", "passkey", "slurm"}
-SWEEP_KEYS |= {"report", "python"}
+SWEEP_KEYS |= {"report", "python", "checkpoint"}
+# `checkpoint:` which checkpoint test and scoring read: the fit's last one, or the one with the lowest val/loss
+# (kept as checkpoints/best.ckpt beside last.ckpt; for data small enough to overfit within the step budget).
+CHECKPOINT_CHOICES = ("last", "best")
+BEST_CHECKPOINT = {
+    "checkpoint.monitor": "val/loss",
+    "checkpoint.mode": "min",
+    "checkpoint.save_top_k": 1,
+    "checkpoint.filename": "best",
+}
 # Steps that score a finished run in one process (no srun across the job's tasks).
 SCORING_STEPS = ("eval-context", "passkey")
 
@@ -71,9 +81,15 @@ class Sweep:
     slurm: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     python: str = sys.executable
+    checkpoint: str = "last"
 
     def run_dir(self, cell: Cell) -> Path:
         return sweep_cell_dir(self.save_dir, cell.name)
+
+    def scored(self, cell: Cell) -> Path:
+        """What test, eval-context and passkey read: the run (its last checkpoint) or its best checkpoint."""
+        run = self.run_dir(cell)
+        return run / CHECKPOINTS_DIR / "best.ckpt" if self.checkpoint == "best" else run
 
     def steps(self) -> list[str]:
         scoring = (["eval-context"] if self.eval_context else []) + (["passkey"] if self.passkey is not None else [])
@@ -137,6 +153,9 @@ def load_sweep(path: str | Path, save_dir: str | Path | None = None) -> Sweep:
     for axis, choices in zip(axes, per_axis):
         for _, configs, _, _ in choices:
             check_files(path, f"grid.{axis}", configs)
+    checkpoint = str(spec.get("checkpoint", "last"))
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ValueError(f"sweep {path}: checkpoint must be one of {list(CHECKPOINT_CHOICES)}, got {checkpoint!r}")
     cells = []
     for index, combo in enumerate(itertools.product(*per_axis)):
         seed = next((c[3] for c in combo if c[3] is not None), None)
@@ -168,6 +187,7 @@ def load_sweep(path: str | Path, save_dir: str | Path | None = None) -> Sweep:
         slurm=dict(spec.get("slurm") or {}),
         report=dict(spec.get("report") or {}),
         python=spec.get("python") or sys.executable,
+        checkpoint=checkpoint,
     )
 
 
@@ -195,10 +215,11 @@ def lightning_command(sweep: Sweep, cell: Cell, stage: str, extra: dict[str, Any
 
 
 def step_command(sweep: Sweep, cell: Cell, step: str, extra: dict[str, Any] | None = None) -> list[str]:
-    run = sweep.run_dir(cell)
+    run = sweep.scored(cell)
     if step == "fit":  # a cell killed mid-fit continues from its last checkpoint when the sweep is re-run
-        return lightning_command(sweep, cell, "fit", {"ckpt_path": "last", **(extra or {})})
-    if step == "test":  # in place: the run's own config, checkpoint and directory (`cope-pl test RUN_DIR`)
+        best = BEST_CHECKPOINT if sweep.checkpoint == "best" else {}
+        return lightning_command(sweep, cell, "fit", {**best, "ckpt_path": "last", **(extra or {})})
+    if step == "test":  # in place: the run's own config and directory (`cope-pl test RUN_DIR`)
         return [sweep.python, "-m", "cope_pl.cli", "test", str(run)] + override_args(extra or {})
     if step == "passkey":
         options = sweep.passkey or {}

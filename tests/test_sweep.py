@@ -203,3 +203,38 @@ def test_eval_context_token_limit_reaches_the_command(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, {"position": POSITIONS[:1]}, eval_context={"limit_tokens": 500}))
     cmd = step_command(sweep, sweep.cells[0], "eval-context")
     assert cmd[cmd.index("--limit-tokens") + 1] == "500"
+
+
+def test_checkpoint_best_tests_and_scores_the_lowest_validation_loss(tmp_path):
+    """A real sweep cell (no fake python): the fit keeps checkpoints/best.ckpt by val/loss beside last.ckpt, and
+    test and eval-context read that checkpoint."""
+    spec = {
+        "name": "best",
+        "save_dir": str(tmp_path / "runs"),
+        "configs": [str(CONFIGS / "trainer/smoke.yaml"), str(CONFIGS / "model/tiny.yaml")],
+        "overrides": {"trainer.max_steps": 6, "trainer.val_check_interval": 2, "model.lr": 0.05},
+        "grid": {"position": [str(CONFIGS / "position/rope.yaml")]},
+        "checkpoint": "best",
+        "eval_context": {"lengths": ["1x"]},
+    }
+    path = tmp_path / "best.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(path)
+    cell = sweep.cells[0]
+    assert run_sweep(sweep, log=lambda *_: None) == {cell.name: "done"}
+    run = sweep.run_dir(cell)
+    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    state = next(v for k, v in best["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert state["monitor"] == "val/loss" and Path(state["best_model_path"]).name == "best.ckpt"
+    assert (run / "checkpoints" / "last.ckpt").is_file()  # kept for resuming
+    results = json.loads((run / "results.json").read_text())
+    assert "test/loss" in results["metrics"]
+    rows = json.loads((run / "eval_context.json").read_text())
+    assert {r["checkpoint_step"] for r in rows} == {best["global_step"]}
+    for step in ("test", "eval-context"):
+        assert str(run / "checkpoints" / "best.ckpt") in step_command(sweep, cell, step)
+
+
+def test_an_unknown_checkpoint_choice_fails_clearly(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint must be one of"):
+        load_sweep(write_sweep(tmp_path, {"position": POSITIONS[:1]}, checkpoint="newest"))
