@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -182,7 +182,6 @@ def trainer_defaults() -> dict:
         },
         # Always present; more callbacks can be added from a config under trainer.callbacks.
         "callbacks": [
-            LearningRateMonitor(logging_interval="step"),
             TokenThroughputMonitor(),
             ResultsWriter(),
             RngState(),

@@ -90,6 +90,8 @@ class LanguageModel(L.LightningModule):
             logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=self.hparams.ignore_index
         )
         self.log("train/loss", loss, prog_bar=True)
+        if self._trainer is not None and self.trainer.optimizers:  # the rate this batch's update uses
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         # Logged at the step this batch's update completes (1 for the first batch), as checkpoints count steps:
         # Lightning's own default is one less, so validation after 600 steps would show at 599.
         self.log("step", float(self.trainer.global_step + 1) if self._trainer is not None else 0.0)

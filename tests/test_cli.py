@@ -49,6 +49,15 @@ def scalar_steps(run: Path, tag: str) -> list[int]:
     return steps
 
 
+def scalar_tags(run: Path) -> set[str]:
+    tags = set()
+    for events in run.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
 def test_test_of_a_run_dir_adds_test_metrics_to_that_run_at_its_step(finished_run, tmp_path):
     config = (finished_run / "config.yaml").read_bytes()
     done = cope_pl("test", str(finished_run), cwd=tmp_path)
@@ -70,6 +79,9 @@ def test_training_and_validation_are_logged_at_the_step_their_update_completes(f
     assert scalar_steps(finished_run, "train/loss") == [1, 2, 3, 4]  # log_every_n_steps 1, max_steps 4
     assert scalar_steps(finished_run, "val/loss") == [4]  # after 4 updates, as results.json and checkpoints say
     assert json.loads((finished_run / "results.json").read_text())["global_step"] == 4
+    assert scalar_steps(finished_run, "train/lr") == [1, 2, 3, 4]  # the rate of each of those updates
+    assert scalar_steps(finished_run, "train/batches") == [1, 2, 3, 4]  # the throughput monitor's counters
+    assert not [t for t in scalar_tags(finished_run) if t.startswith(("validate/", "lr-"))]  # nothing at batch idx
 
 
 def test_a_retest_is_not_counted_as_another_seed(finished_run):
