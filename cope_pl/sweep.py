@@ -40,7 +40,14 @@ import yaml
 
 from cope_pl.launch import OMP_LINE, Resources, resolve_resources, run_settings, sbatch_header
 from cope_pl.results import read_results
-from cope_pl.runs import CHECKPOINTS_DIR, EVAL_CONTEXT_FILE, PASSKEY_FILE, RESULTS_FILE, sweep_cell_dir, sweep_status_file
+from cope_pl.runs import (
+    CHECKPOINTS_DIR,
+    EVAL_CONTEXT_FILE,
+    PASSKEY_FILE,
+    RESULTS_FILE,
+    sweep_cell_dir,
+    sweep_status_file,
+)
 
 MANIFEST = "sweep.json"
 SWEEP_KEYS = {"name", "save_dir", "configs", "overrides", "grid", "test", "eval_context", "passkey", "slurm"}
