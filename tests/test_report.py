@@ -383,13 +383,15 @@ def test_bars_of_one_run_have_no_error_bars_and_say_so(tmp_path, drawn):
     assert ax.get_ylabel() == "test perplexity (per token)"
 
 
-def write_lm_run(run_dir, position, seed, ppl):
-    """A WikiText-like run: perplexities and token error (a fraction), with word-level perplexity."""
+def write_lm_run(run_dir, position, seed, ppl, data_class="WikiTextDataModule"):
+    """A WikiText-like run: perplexities and token error (a fraction), with word-level perplexity (not for code)."""
     run_dir.mkdir(parents=True)
     config = {"seed_everything": seed, "model": {"position": position}, "data": {"init_args": {"seq_len": 128}}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    metrics = {"test/ppl": ppl, "test/word_ppl": 40 * ppl, "test/error": 0.813, "test/loss": math.log(ppl)}
-    data = {"class": "WikiTextDataModule", "seq_len": 128}
+    metrics = {"test/ppl": ppl, "test/error": 0.813, "test/loss": math.log(ppl)}
+    if data_class == "WikiTextDataModule":
+        metrics["test/word_ppl"] = 40 * ppl
+    data = {"class": data_class, "seq_len": 128}
     result = {"model": {"position": position}, "data": data, "global_step": 600, "fit_finished": True}
     (run_dir / "results.json").write_text(json.dumps({**result, "metrics": metrics}))
 
@@ -399,6 +401,10 @@ def test_a_language_model_report_leads_with_perplexity_and_bars_speak_the_tables
         write_lm_run(tmp_path / "runs" / f"wikitext-{position}" / "version_0", position, 0, ppl)
     files = build_report(tmp_path / "runs", tmp_path / "out")
     names = {p.name for p in files}
+    assert "ppl_by_set.png" in names and "error_by_set.png" not in names
+    for position, ppl in (("rope", 5.0), ("cope", 4.9)):  # code: no word count, still a language model
+        write_lm_run(tmp_path / "code" / f"code-{position}" / "version_0", position, 0, ppl, "CodeDataModule")
+    names = {p.name for p in build_report(tmp_path / "code", tmp_path / "code_out")}
     assert "ppl_by_set.png" in names and "error_by_set.png" not in names
     error = table_of(["rope"], ["test"], {"rope": [0.813]}, row_name="position")  # a table in fractions
     fig = drawn(plot_bars, error, tmp_path / "b.png", "test/error")

@@ -23,7 +23,8 @@ Which tables a sweep gets is set by the `report:` section of its sweep file, for
 
 Figures (PNG, one panel per data set or training length, one series per encoding): `extrapolation*.png`
 (metric vs evaluated length), `error_by_set.png` (`ppl_by_set.png` for language models: perplexity per test
-set), `learning_curves.png` (validation error % and loss vs step, with the training loss),
+set), `learning_curves.png` (validation error % and loss vs step, perplexity and loss for language models,
+with the training loss),
 `loss_by_position.png` (from each run's eval_context_positions.csv), `passkey.png` and
 `passkey_digits.png` (from each run's passkey.csv: exact-match and per-digit accuracy, length x depth, one
 heatmap per encoding) and any position maps found in a run's `position_maps/` folder (copied to
@@ -71,8 +72,20 @@ def default_tables(runs: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def counts_words(runs: pd.DataFrame) -> bool:
-    """Runs of a language model on text or code (their data module counts words): led by perplexity."""
+    """Runs whose data module counts words (WikiText; code when its data.word_count asks)."""
     return any(c.startswith(("test/word_ppl", "val/word_ppl")) for c in runs.columns)
+
+
+def models_a_corpus(runs: pd.DataFrame) -> bool:
+    """Language models of text or code (a token-array corpus, not a synthetic task): led by perplexity, since
+    top-1 token error says little about them."""
+    from cope_pl.data import TokenArrayDataModule
+
+    def subclasses(cls: type) -> set[str]:
+        return {n for sub in cls.__subclasses__() for n in {sub.__name__} | subclasses(sub)}
+
+    corpora = subclasses(TokenArrayDataModule)
+    return counts_words(runs) or ("data" in runs and runs["data"].isin(corpora).any())
 
 
 def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list[str] | None) -> list[Path]:
@@ -86,7 +99,7 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
     written: list[Path] = []
     sections = [f"# {title}", "", f"{int((runs['status'] == 'ok').sum())} of {len(runs)} runs have results."]
     headline_table: tuple[Table, str] | None = None  # the bar figure: error for tasks, perplexity for LMs
-    headline = "/ppl" if counts_words(runs) else "/error"
+    headline = "/ppl" if models_a_corpus(runs) else "/error"
     for entry in spec.get("tables") or default_tables(runs):
         options = {k: entry[k] for k in ("scale", "digits", "paper") if k in entry}
         metric = entry["metric"]
@@ -137,7 +150,8 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
         written += passkey_section(passkey, runs, row_keys, out, spec.get("passkey") or {}, title, sections)
     ok = runs[runs["status"] == "ok"]
     if len(ok):
-        written.append(plot_learning_curves(runs, row_keys, out / "learning_curves.png", title=title))
+        tags = ("val/ppl", "val/loss") if models_a_corpus(runs) else ("val/error", "val/loss")
+        written.append(plot_learning_curves(runs, row_keys, out / "learning_curves.png", tags, title=title))
         sections += ["", "![learning curves](learning_curves.png)"]
     maps = copy_position_maps(ok, out / "position_maps")
     if maps:
