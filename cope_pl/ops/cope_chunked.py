@@ -185,7 +185,7 @@ def block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale
         drel = q_flat @ dzr.reshape(-1, dzr.size(-1))
     dbias = None if bias_b is None else dscores.view(-1, *bias_b.shape).sum(0)
     if gkb is None:
-        dlogits = torch.sub(dscores, neg_dgate_logits, out=neg_dgate_logits)
+        dlogits = dscores.sub_(neg_dgate_logits)  # dscores is not read again
         dqb = torch.baddbmm(dqb, dlogits, kb, alpha=scale)
         return dqb, torch.bmm(dlogits.transpose(1, 2), qb), dvb, None, dtable, drel, dbias
     dqb = torch.baddbmm(torch.baddbmm(dqb, dscores, kb, alpha=scale), neg_dgate_logits, gkb, alpha=-scale)
