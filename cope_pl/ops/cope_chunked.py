@@ -23,6 +23,7 @@ same mask instead of saving it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -140,25 +141,43 @@ def block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: floa
     return scores, (gates, w, pos_floor, z_step)
 
 
-def block_forward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop):
+def block_forward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop, low=None):
     """One query block's output (G, n, D), before dropout's 1 / (1 - p). drop: None, or the (G, n, S) bool mask of
-    kept keys in reversed order. Backward recomputes the same softmax, so no log-sum-exp is kept."""
+    kept keys in reversed order; low: None, or the half precision of the dropped probabilities' product with the
+    values (`half_products`). Backward recomputes the same softmax, so no log-sum-exp is kept."""
     scores, _ = block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale)
     probs = torch.softmax(scores, -1)
-    return torch.bmm(probs if drop is None else probs.mul_(drop), vb)
+    if drop is None:
+        return torch.bmm(probs, vb)
+    if low is None:
+        return torch.bmm(probs.mul_(drop), vb)
+    return torch.bmm(_narrow_product(probs, drop, low), vb.to(low))
 
 
-def block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop, dout):
+def _narrow_product(a: Tensor, b: Tensor, low: torch.dtype, subtract: bool = False) -> Tensor:
+    """a * b (or a - b) computed in a's precision and stored in `low`: on CUDA the narrowing is part of the same
+    elementwise pass, so a half-precision matrix product reads half the bytes for no extra pass."""
+    out = torch.empty_like(a, dtype=low)
+    return torch.sub(a, b, out=out) if subtract else torch.mul(a, b, out=out)
+
+
+def block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop, dout, low=None):
     """Gradients of one query block, recomputed from its inputs: dq; dk, dv, d gate_k (keys in reversed order,
     without the logits' 1/sqrt(D): the caller applies it once); the tables' gradients (D, 2P) and (D, R); the
     bias's gradient by (row, key) summed over the batch, (h, n, S). drop: as `block_forward`'s, with dropout's
-    1 / (1 - p) already in dout."""
+    1 / (1 - p) already in dout; low: None, or the half precision of the products of the dropped probabilities
+    (with dout) and of the logits' gradient (with q and k)."""
     scores, (gates, w, pos_floor, z_step) = block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale)
     probs = torch.softmax(scores, -1)  # (G, n, S)
     dprobs = torch.bmm(dout, vb.transpose(1, 2))  # gradient of the (dropped) probabilities
     if drop is not None:
         dprobs.mul_(drop)
-    dvb = torch.bmm((probs if drop is None else probs * drop).transpose(1, 2), dout)  # (G, S, D)
+    if drop is None:
+        dvb = torch.bmm(probs.transpose(1, 2), dout)  # (G, S, D)
+    elif low is None:
+        dvb = torch.bmm((probs * drop).transpose(1, 2), dout)
+    else:
+        dvb = torch.bmm(_narrow_product(probs, drop, low).transpose(1, 2), dout.to(low))
     # P (dP - sum_j P_ij dP_ij) in one pass; with dropout too, as dP is taken before it.
     dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
     # The CoPE term z[f] + w z_step (docs/cope-ops.md): to z and to its step at f, two scatters of real values into
@@ -184,6 +203,10 @@ def block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale
         dqb += dzr @ rel_emb.transpose(0, 1)
         drel = q_flat @ dzr.reshape(-1, dzr.size(-1))
     dbias = None if bias_b is None else dscores.view(-1, *bias_b.shape).sum(0)
+    if gkb is None and low is not None:
+        dlogits = _narrow_product(dscores, neg_dgate_logits, low, subtract=True)
+        dqb.add_(torch.bmm(dlogits, kb.to(low)), alpha=scale)
+        return dqb, torch.bmm(dlogits.transpose(1, 2), qb.to(low)), dvb, None, dtable, drel, dbias
     if gkb is None:
         dlogits = dscores.sub_(neg_dgate_logits)  # dscores is not read again
         dqb = torch.baddbmm(dqb, dlogits, kb, alpha=scale)
@@ -307,19 +330,29 @@ class ChunkedCoPEAttention(torch.autograd.Function):
 _COMPILED: dict[str, tuple] = {}
 
 
-def block_functions(compiled: bool, fused: bool = False) -> tuple:
+def block_functions(compiled: bool, fused: bool = False, low: torch.dtype | None = None) -> tuple:
     """(forward, backward) block functions; with compiled=True, torch.compile'd once and reused; with fused=True,
-    the C++ ones of cope_cpu.py (CPU; no relative table or bias)."""
+    the C++ ones of cope_cpu.py (CPU; no relative table or bias); low: the torch blocks' half-precision products
+    (`half_products`)."""
     if fused:
         return cope_cpu.fused_block_forward, cope_cpu.fused_block_backward
     if not compiled:
-        return block_forward, block_backward
-    if "fns" not in _COMPILED:
-        _COMPILED["fns"] = (
-            torch.compile(block_forward, dynamic=True),
-            torch.compile(block_backward, dynamic=True),
-        )
-    return _COMPILED["fns"]
+        fns = block_forward, block_backward
+    else:
+        if "fns" not in _COMPILED:
+            _COMPILED["fns"] = (
+                torch.compile(block_forward, dynamic=True),
+                torch.compile(block_backward, dynamic=True),
+            )
+        fns = _COMPILED["fns"]
+    return fns if low is None else tuple(functools.partial(f, low=low) for f in fns)
+
+
+def half_products(dtype: torch.dtype, policy: BlockPolicy) -> torch.dtype | None:
+    """The precision of the products that read a block's dropped probabilities or logits' gradient: the inputs'
+    float16 or bfloat16 under the CUDA policy (as a flash kernel keeps them; tensor cores, half the bytes), else None
+    (the compute dtype). Logits, gates, positions and softmax stay in float32 either way."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) and policy.max_rows is None else None
 
 
 def cope_attention_chunked(
@@ -366,6 +399,6 @@ def cope_attention_chunked(
     with torch.autocast(q.device.type, enabled=False):
         if fused and dropout_p == 0:  # the block loop in C++ too
             return cope_cpu.CPUCoPEAttention.apply(*args[:5], block).to(q.dtype)
-        fns = block_functions(compiled, fused)
+        fns = block_functions(compiled, fused, None if fused else half_products(q.dtype, policy))
         out = ChunkedCoPEAttention.apply(*args, block, policy.group_elements, fns, dropout_p, dropout_seed or 0)
     return out.to(q.dtype)
