@@ -307,11 +307,11 @@ class ChunkedCoPEAttention(torch.autograd.Function):
                     dout[g, rows],
                 )  # fmt: skip
                 dq[g, rows] = dqb
-                dk[g, keys] += dkb
-                dv[g, keys] += dvb
+                dk[g, keys].add_(dkb)  # in place (`+=` on an index would copy the view onto itself too)
+                dv[g, keys].add_(dvb)
                 dtable += dtb
                 if dgk is not None:
-                    dgk[g, keys] += dgkb
+                    dgk[g, keys].add_(dgkb)
                 if drel is not None:
                     drel += drb
                 if dbias is not None:
