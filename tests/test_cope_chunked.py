@@ -351,3 +351,15 @@ def test_the_cuda_policy_takes_bfloat16_products_within_bfloat16_error(dropout_p
     for name, a, b in zip(["out", "dq", "dk", "dv", "de"], mixed, exact):
         err, scale = (a.float() - b).abs().max().item(), b.abs().max().item()
         assert err <= 1e-2 * scale, f"{name}: error {err:.2e} for values up to {scale:.2e}"
+
+
+def test_the_cuda_policy_moves_few_bytes_per_query_key_value():
+    # One layer at a smaller batch and length, bf16-mixed inputs and attention dropout 0.1 (the LM configs), costed
+    # as `cope-pl plan` costs a step: bytes moved per (query, key) value the blocks form, forward and backward
+    # (docs/benchmarks.md quotes the full shape). The passes before they were cut moved 166 and 345.
+    from cope_pl.bench.chunked_costs import block_values, layer_costs
+
+    phases = layer_costs((2, 12, 256, 64), 64, torch.bfloat16, 0.1)
+    values = block_values(2, 12, 256, "cuda")
+    assert values == 2 * 12 * 256 * 256  # one block of all 256 rows at this size
+    assert phases["forward"].bytes <= 140 * values and phases["backward"].bytes <= 290 * values

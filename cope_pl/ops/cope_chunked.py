@@ -376,7 +376,8 @@ def cope_attention_chunked(
     queries per block (default: `block_rows` for the device `decision_device` names); dropout_p: attention
     dropout, with masks drawn from dropout_seed (default: a seed from torch's global RNG); fused: each block's
     elementwise work in the C++ extension of cope_cpu.py (CPU tensors, no rel_emb or bias, not compiled).
-    Half-precision inputs are computed in float32 and the output is cast back.
+    Half-precision inputs are computed in float32 (under the CUDA policy the products that read the dropped
+    probabilities or the logits' gradient take the inputs' precision: `half_products`) and the output is cast back.
     """
     b, h, t, d = q.shape
     s = k.size(-2)
