@@ -90,9 +90,6 @@ def head_groups(b: int, h: int, n: int, end: int, group_elements: int | None = N
         yield slice(g0, min(g0 + size, b * h)), g0 % h
 
 
-COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
-
-
 def as_pairs(x: Tensor) -> Tensor:
     """(..., 2P) real -> (..., P) complex view: each (z, slope) pair one element, for one gather or scatter."""
     return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
