@@ -202,7 +202,8 @@ class OpCosts(TorchDispatchMode):
         if not kernels:
             return
         flops = op_flops(func, args, kwargs, out)
-        moved = sum(_nbytes(t) for t in _tensors((args, kwargs, out)))
+        written = kwargs.get("out")  # an out= tensor is written, not read: counted once, as the result
+        moved = sum(_nbytes(t) for t in _tensors((args, {k: v for k, v in kwargs.items() if v is not written}, out)))
         inputs = _tensors((args, kwargs))
         half = any(t.dtype in HALF for t in inputs) and not any(t.dtype == torch.float32 for t in inputs[:2])
         peak = self.gpu.bf16_flops if half else self.gpu.fp32_flops

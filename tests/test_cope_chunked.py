@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cope_pl.attention import EXPLICIT_ROWS
 from cope_pl.bench.launches import OpCounter, count_layer
@@ -315,3 +316,50 @@ def test_the_cuda_policy_is_as_exact(sep_keys):
         fast = output_and_grads(lambda q, k, v, e, gk, r: cope_attention_chunked(q, k, v, e, gk, r), inputs, weights)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+class ProductDtypes(TorchDispatchMode):
+    """The input dtypes of every batched matrix product dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm):
+            self.seen.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_the_cuda_policy_takes_bfloat16_products_within_bfloat16_error(dropout_p):
+    # Under the CUDA policy, bfloat16 inputs keep the products that read a block's dropped probabilities or
+    # logits' gradient in bfloat16, as a flash kernel does; logits, gates, positions and softmax stay in float32.
+    q, k, v, e = make_inputs(2, 3, 70, 70, 16, 12, torch.float32)[:4]
+    half = [x.detach().bfloat16().requires_grad_() for x in (q, k, v, e)]
+    exact_inputs = [x.detach().float().requires_grad_() for x in half]  # the same values in float32
+    weights = torch.randn(2, 3, 70, 16)
+
+    def op(*a):
+        return cope_attention_chunked(*a, dropout_p=dropout_p, dropout_seed=7)
+
+    with target_device("cuda"), ProductDtypes() as products:
+        mixed = output_and_grads(op, half, weights)
+    with target_device("cuda"):  # the same blocks, so the same dropout masks
+        exact = output_and_grads(op, exact_inputs, weights)
+    assert {torch.bfloat16} in products.seen and {torch.float32} in products.seen  # logits stay in float32
+    for name, a, b in zip(["out", "dq", "dk", "dv", "de"], mixed, exact):
+        err, scale = (a.float() - b).abs().max().item(), b.abs().max().item()
+        assert err <= 1e-2 * scale, f"{name}: error {err:.2e} for values up to {scale:.2e}"
+
+
+def test_the_cuda_policy_moves_few_bytes_per_query_key_value():
+    # One layer at a smaller batch and length, bf16-mixed inputs and attention dropout 0.1 (the LM configs), costed
+    # as `cope-pl plan` costs a step: bytes moved per (query, key) value the blocks form, forward and backward
+    # (docs/benchmarks.md quotes the full shape). The passes before they were cut moved 166 and 345.
+    from cope_pl.bench.chunked_costs import block_values, layer_costs
+
+    phases = layer_costs((2, 12, 256, 64), 64, torch.bfloat16, 0.1)
+    values = block_values(2, 12, 256, "cuda")
+    assert values == 2 * 12 * 256 * 256  # one block of all 256 rows at this size
+    assert phases["forward"].bytes <= 140 * values and phases["backward"].bytes <= 290 * values

@@ -23,6 +23,7 @@ same mask instead of saving it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -89,9 +90,6 @@ def head_groups(b: int, h: int, n: int, end: int, group_elements: int | None = N
         yield slice(g0, min(g0 + size, b * h)), g0 % h
 
 
-COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
-
-
 def as_pairs(x: Tensor) -> Tensor:
     """(..., 2P) real -> (..., P) complex view: each (z, slope) pair one element, for one gather or scatter."""
     return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
@@ -119,13 +117,16 @@ def block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: floa
     they would be (B*H, T, 2P), as large as the logits of short sequences and freshly paged in every call.
     """
     zz = as_pairs(qb @ table)  # (G, n, P) complex pairs (q . e[p], q . (e[p + 1] - e[p]))
-    npos = zz.size(-1)
     logits = torch.baddbmm(mask, qb, kb.transpose(1, 2), alpha=scale)  # (G, n, S), -inf on masked keys
     gate_logits = logits if gkb is None else torch.baddbmm(mask, qb, gkb.transpose(1, 2), alpha=scale)
     gates = torch.sigmoid(gate_logits)  # 0 on masked keys
-    # Keys reversed: p_ij = sum_{t=j..i} g_it is a plain cumulative sum; p >= 0, so long() is floor().
-    positions = gates.cumsum(-1).clamp_(max=npos - 1)
-    pos_floor = positions.long()  # int64: gather and scatter convert narrower indices first
+    # Keys reversed: p_ij = sum_{t=j..i} g_it is a plain cumulative sum.
+    positions = gates.cumsum(-1)
+    # f = min(floor(p), P - 1) in one pass (p >= 0). Past the clamp the pair's slope is 0, so the unclamped p's
+    # fraction adds nothing and gets no gradient: the clamp itself is never formed. int64: gather and scatter
+    # convert narrower indices first.
+    edges = torch.arange(1, zz.size(-1), dtype=positions.dtype, device=positions.device)  # (P - 1,)
+    pos_floor = torch.bucketize(positions, edges, right=True)
     w = positions.frac_()  # p - floor(p), differentiable through the gates
     pair = torch.view_as_real(zz.gather(-1, pos_floor))  # (G, n, S, 2): q_i . e[f], q_i . (e[f + 1] - e[f])
     z_step = pair[..., 1]  # 0 where clamped
@@ -137,34 +138,58 @@ def block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: floa
     return scores, (gates, w, pos_floor, z_step)
 
 
-def block_forward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop):
-    """One query block's output (G, n, D). drop: None, or (G, n, S) factors 0 or 1 / (1 - p) for the keys in
-    reversed order. Backward recomputes the same softmax, so no log-sum-exp is kept."""
+def block_forward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop, low=None):
+    """One query block's output (G, n, D), before dropout's 1 / (1 - p). drop: None, or the (G, n, S) bool mask of
+    kept keys in reversed order; low: None, or the half precision of the dropped probabilities' product with the
+    values (`half_products`). Backward recomputes the same softmax, so no log-sum-exp is kept."""
     scores, _ = block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale)
     probs = torch.softmax(scores, -1)
-    return torch.bmm(probs if drop is None else probs.mul_(drop), vb)
+    if drop is None:
+        return torch.bmm(probs, vb)
+    if low is None:
+        return torch.bmm(probs.mul_(drop), vb)
+    return torch.bmm(_narrow_product(probs, drop, low), vb.to(low))
 
 
-def block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop, dout):
+def _narrow_product(a: Tensor, b: Tensor, low: torch.dtype, subtract: bool = False) -> Tensor:
+    """a * b (or a - b) computed in a's precision and stored in `low`: on CUDA the narrowing is part of the same
+    elementwise pass, so a half-precision matrix product reads half the bytes for no extra pass."""
+    out = torch.empty_like(a, dtype=low)
+    return torch.sub(a, b, out=out) if subtract else torch.mul(a, b, out=out)
+
+
+def block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale: float, drop, dout, low=None):
     """Gradients of one query block, recomputed from its inputs: dq; dk, dv, d gate_k (keys in reversed order,
     without the logits' 1/sqrt(D): the caller applies it once); the tables' gradients (D, 2P) and (D, R); the
-    bias's gradient by (row, key) summed over the batch, (h, n, S)."""
+    bias's gradient by (row, key) summed over the batch, (h, n, S). drop: as `block_forward`'s, with dropout's
+    1 / (1 - p) already in dout; low: None, or the half precision of the products of the dropped probabilities
+    (with dout) and of the logits' gradient (with q and k)."""
     scores, (gates, w, pos_floor, z_step) = block_scores(qb, kb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale)
     probs = torch.softmax(scores, -1)  # (G, n, S)
     dprobs = torch.bmm(dout, vb.transpose(1, 2))  # gradient of the (dropped) probabilities
     if drop is not None:
         dprobs.mul_(drop)
-    dvb = torch.bmm((probs if drop is None else probs * drop).transpose(1, 2), dout)  # (G, S, D)
+    if drop is None:
+        dvb = torch.bmm(probs.transpose(1, 2), dout)  # (G, S, D)
+    elif low is None:
+        dvb = torch.bmm((probs * drop).transpose(1, 2), dout)
+    else:
+        dvb = torch.bmm(_narrow_product(probs, drop, low).transpose(1, 2), dout.to(low))
     # P (dP - sum_j P_ij dP_ij) in one pass; with dropout too, as dP is taken before it.
     dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
-    # The CoPE term z[f] + w z_step (docs/cope-ops.md): to z and its step at f in one scatter of pairs, through w
-    # to the gates.
-    dzz = torch.zeros(*qb.shape[:-1], table.size(-1) // 2, dtype=COMPLEX[dscores.dtype], device=qb.device)
-    dzz.scatter_add_(-1, pos_floor, torch.complex(dscores, w.mul_(dscores)))
-    dzz = torch.view_as_real(dzz).flatten(-2)  # (G, n, 2P), as the table's columns
-    dpositions = z_step * dscores  # z_step is 0 where the clamp holds
-    # positions = cumsum(gates) over reversed keys, so a gate's gradient sums the dpositions from it onwards.
-    dgate_logits = torch.ops.aten.sigmoid_backward(dpositions.flip(-1).cumsum_(-1).flip(-1), gates)
+    # The CoPE term z[f] + w z_step (docs/cope-ops.md): to z and to its step at f, two scatters of real values into
+    # the table's (value, slope) columns; through w to the gates.
+    g, n, s = dscores.shape
+    dzz = torch.zeros(g, n, table.size(-1) // 2, 2, dtype=dscores.dtype, device=qb.device)  # (G, n, P, 2)
+    dzz[..., 0].scatter_add_(-1, pos_floor, dscores)
+    dzz[..., 1].scatter_add_(-1, pos_floor, w.mul_(dscores))
+    dzz = dzz.flatten(-2)  # (G, n, 2P), as the table's columns
+    # positions = cumsum(gates) over reversed keys, so a gate's gradient sums the dpositions from it onwards:
+    # minus a running sum that starts at minus the row's total (no flips). z_step is 0 where the clamp holds.
+    run = torch.empty(g, n, s + 1, dtype=dscores.dtype, device=qb.device)  # (G, n, 1 + S)
+    dpositions = torch.mul(z_step, dscores, out=run[..., 1:])
+    torch.neg(dpositions.sum(-1), out=run[..., 0])
+    neg_dgate_logits = torch.ops.aten.sigmoid_backward(run.cumsum_(-1)[..., :s], gates)  # minus d gate logits
     dqb = dzz @ table.transpose(0, 1)  # (G, n, D)
     q_flat = qb.reshape(-1, qb.size(-1)).transpose(0, 1)  # (D, G*n)
     dtable = q_flat @ dzz.reshape(-1, dzz.size(-1))
@@ -175,22 +200,27 @@ def block_backward(qb, kb, vb, gkb, table, rel_emb, bias_b, mask, idx_rel, scale
         dqb += dzr @ rel_emb.transpose(0, 1)
         drel = q_flat @ dzr.reshape(-1, dzr.size(-1))
     dbias = None if bias_b is None else dscores.view(-1, *bias_b.shape).sum(0)
+    if gkb is None and low is not None:
+        dlogits = _narrow_product(dscores, neg_dgate_logits, low, subtract=True)
+        dqb.add_(torch.bmm(dlogits, kb.to(low)), alpha=scale)
+        return dqb, torch.bmm(dlogits.transpose(1, 2), qb.to(low)), dvb, None, dtable, drel, dbias
     if gkb is None:
-        dlogits = dgate_logits.add_(dscores)
+        dlogits = dscores.sub_(neg_dgate_logits)  # dscores is not read again
         dqb = torch.baddbmm(dqb, dlogits, kb, alpha=scale)
         return dqb, torch.bmm(dlogits.transpose(1, 2), qb), dvb, None, dtable, drel, dbias
-    dqb = torch.baddbmm(torch.baddbmm(dqb, dscores, kb, alpha=scale), dgate_logits, gkb, alpha=scale)
-    dkb, dgkb = torch.bmm(dscores.transpose(1, 2), qb), torch.bmm(dgate_logits.transpose(1, 2), qb)
+    dqb = torch.baddbmm(torch.baddbmm(dqb, dscores, kb, alpha=scale), neg_dgate_logits, gkb, alpha=-scale)
+    dkb, dgkb = torch.bmm(dscores.transpose(1, 2), qb), torch.bmm(neg_dgate_logits.transpose(1, 2), qb).neg_()
     return dqb, dkb, dvb, dgkb, dtable, drel, dbias
 
 
-def _dropout_factors(q: Tensor, n: int, end: int, block_start: int, p: float, seed: int) -> Tensor | None:
-    """(B*H, n, end) factors 0 or 1 / (1 - p) for one block, the same every time for (seed, block_start)."""
+def _dropout_keep(q: Tensor, n: int, end: int, block_start: int, p: float, seed: int) -> Tensor | None:
+    """(B*H, n, end) bool mask of kept keys for one block (one byte each; the 1 / (1 - p) is applied to the (T, D)
+    output and its gradient), the same every time for (seed, block_start)."""
     if p == 0:
         return None
     generator = seeded_generator(seed, block_start, q.device)
-    keep = torch.rand(*q.shape[:2], n, end, generator=generator, device=q.device, dtype=q.dtype) >= p
-    return (keep.to(q.dtype) / (1.0 - p)).flatten(0, 1)
+    keep = torch.empty(*q.shape[:2], n, end, dtype=torch.bool, device=q.device)
+    return keep.bernoulli_(1.0 - p, generator=generator).flatten(0, 1)
 
 
 def _group_bias(bias_b: Tensor | None, g: slice, h0: int) -> Tensor | None:
@@ -233,13 +263,15 @@ class ChunkedCoPEAttention(torch.autograd.Function):
         out = torch.empty_like(q3)
         for i0, n, end, mask, idx_rel, idx_bias in _Blocks(t, s, block, rel_emb, bias, q.dtype, q.device):
             rows, keys = slice(i0, i0 + n), slice(s - end, s)
-            drop = _dropout_factors(q, n, end, i0, dropout_p, seed)
+            drop = _dropout_keep(q, n, end, i0, dropout_p, seed)
             bias_b = None if bias is None else bias[:, idx_bias]  # (H, n, end)
             for g, h0 in head_groups(b, h, n, end, group_elements):
                 out[g, rows] = fwd(
                     q3[g, rows], k3[g, keys], v3[g, keys], None if gk3 is None else gk3[g, keys], table, rel_emb,
                     _group_bias(bias_b, g, h0), mask, idx_rel, scale, None if drop is None else drop[g],
                 )  # fmt: skip
+        if dropout_p > 0:
+            out.mul_(1.0 / (1.0 - dropout_p))
         ctx.save_for_backward(q3, k3, v3, pos_emb, gk3, rel_emb, bias)
         ctx.block, ctx.group_elements, ctx.fns = block, group_elements, fns
         ctx.dropout, ctx.shape = (dropout_p, seed), (b, h, t, s, d)
@@ -251,7 +283,10 @@ class ChunkedCoPEAttention(torch.autograd.Function):
         b, h, t, s, d = ctx.shape
         scale = 1.0 / math.sqrt(d)
         _, bwd = ctx.fns
-        dout = grad_out.reshape(b * h, t, d).contiguous()
+        dropout_p = ctx.dropout[0]
+        dout = grad_out.reshape(b * h, t, d)
+        # Dropout's 1 / (1 - p) once for every block (the product is contiguous too).
+        dout = dout * (1.0 / (1.0 - dropout_p)) if dropout_p > 0 else dout.contiguous()
         table = interpolation_table(pos_emb)
         dq, dtable = torch.empty_like(q3), torch.zeros_like(table)
         dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)  # keys in reverse order
@@ -260,7 +295,7 @@ class ChunkedCoPEAttention(torch.autograd.Function):
         dbias = None if bias is None else torch.zeros_like(bias)
         for i0, n, end, mask, idx_rel, idx_bias in _Blocks(t, s, ctx.block, rel_emb, bias, q3.dtype, q3.device):
             rows, keys = slice(i0, i0 + n), slice(s - end, s)
-            drop = _dropout_factors(q3.view(b, h, t, d), n, end, i0, *ctx.dropout)
+            drop = _dropout_keep(q3.view(b, h, t, d), n, end, i0, *ctx.dropout)
             bias_b = None if bias is None else bias[:, idx_bias]
             for g, h0 in head_groups(b, h, n, end, ctx.group_elements):
                 dqb, dkb, dvb, dgkb, dtb, drb, dbb = bwd(
@@ -269,11 +304,11 @@ class ChunkedCoPEAttention(torch.autograd.Function):
                     dout[g, rows],
                 )  # fmt: skip
                 dq[g, rows] = dqb
-                dk[g, keys] += dkb
-                dv[g, keys] += dvb
+                dk[g, keys].add_(dkb)  # in place (`+=` on an index would copy the view onto itself too)
+                dv[g, keys].add_(dvb)
                 dtable += dtb
                 if dgk is not None:
-                    dgk[g, keys] += dgkb
+                    dgk[g, keys].add_(dgkb)
                 if drel is not None:
                     drel += drb
                 if dbias is not None:
@@ -292,19 +327,29 @@ class ChunkedCoPEAttention(torch.autograd.Function):
 _COMPILED: dict[str, tuple] = {}
 
 
-def block_functions(compiled: bool, fused: bool = False) -> tuple:
+def block_functions(compiled: bool, fused: bool = False, low: torch.dtype | None = None) -> tuple:
     """(forward, backward) block functions; with compiled=True, torch.compile'd once and reused; with fused=True,
-    the C++ ones of cope_cpu.py (CPU; no relative table or bias)."""
+    the C++ ones of cope_cpu.py (CPU; no relative table or bias); low: the torch blocks' half-precision products
+    (`half_products`)."""
     if fused:
         return cope_cpu.fused_block_forward, cope_cpu.fused_block_backward
     if not compiled:
-        return block_forward, block_backward
-    if "fns" not in _COMPILED:
-        _COMPILED["fns"] = (
-            torch.compile(block_forward, dynamic=True),
-            torch.compile(block_backward, dynamic=True),
-        )
-    return _COMPILED["fns"]
+        fns = block_forward, block_backward
+    else:
+        if "fns" not in _COMPILED:
+            _COMPILED["fns"] = (
+                torch.compile(block_forward, dynamic=True),
+                torch.compile(block_backward, dynamic=True),
+            )
+        fns = _COMPILED["fns"]
+    return fns if low is None else tuple(functools.partial(f, low=low) for f in fns)
+
+
+def half_products(dtype: torch.dtype, policy: BlockPolicy) -> torch.dtype | None:
+    """The precision of the products that read a block's dropped probabilities or logits' gradient: the inputs'
+    float16 or bfloat16 under the CUDA policy (as a flash kernel keeps them; tensor cores, half the bytes), else None
+    (the compute dtype). Logits, gates, positions and softmax stay in float32 either way."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) and policy.max_rows is None else None
 
 
 def cope_attention_chunked(
@@ -328,7 +373,8 @@ def cope_attention_chunked(
     queries per block (default: `block_rows` for the device `decision_device` names); dropout_p: attention
     dropout, with masks drawn from dropout_seed (default: a seed from torch's global RNG); fused: each block's
     elementwise work in the C++ extension of cope_cpu.py (CPU tensors, no rel_emb or bias, not compiled).
-    Half-precision inputs are computed in float32 and the output is cast back.
+    Half-precision inputs are computed in float32 (under the CUDA policy the products that read the dropped
+    probabilities or the logits' gradient take the inputs' precision: `half_products`) and the output is cast back.
     """
     b, h, t, d = q.shape
     s = k.size(-2)
@@ -351,6 +397,6 @@ def cope_attention_chunked(
     with torch.autocast(q.device.type, enabled=False):
         if fused and dropout_p == 0:  # the block loop in C++ too
             return cope_cpu.CPUCoPEAttention.apply(*args[:5], block).to(q.dtype)
-        fns = block_functions(compiled, fused)
+        fns = block_functions(compiled, fused, None if fused else half_products(q.dtype, policy))
         out = ChunkedCoPEAttention.apply(*args, block, policy.group_elements, fns, dropout_p, dropout_seed or 0)
     return out.to(q.dtype)
