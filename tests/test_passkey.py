@@ -254,7 +254,7 @@ def test_a_sweep_with_a_passkey_section_scores_each_cell_after_fit_and_test(tmp_
 
     monkeypatch.chdir(ROOT)
     sweep = load_sweep(CONFIGS / "sweeps/passkey_cpu.yaml", save_dir=tmp_path)
-    assert len(sweep.cells) == 12 and sweep.steps() == ["fit", "test", "passkey"]
+    assert len(sweep.cells) == 12 and sweep.steps(sweep.cells[0]) == ["fit", "test", "passkey"]
     cell = sweep.cells[0]
     assert step_command(sweep, cell, "passkey")[3:] == [
         "passkey",
