@@ -1,6 +1,6 @@
 """Stick-breaking attention (Tan et al. 2025, "Scaling Stick-Breaking Attention: An Efficient Implementation and
-In-depth Study", ICLR 2025, arXiv 2410.17980; the paper's sections on stick-breaking attention and on its
-numerically stable implementation).
+In-depth Study", ICLR 2025, arXiv 2410.17980; the paper's method section: the stick-breaking process and its
+numerically stable log-space form).
 
 No softmax and no position encoding: query i walks back from its nearest key, and each key j breaks off the
 share beta_ij = sigmoid(z_ij) of what the nearer keys left, A_ij = beta_ij prod_{j<t<i} (1 - beta_it)
