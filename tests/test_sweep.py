@@ -307,3 +307,15 @@ def test_the_encodings_copy_sweep_scores_its_rope_cells_with_yarn(monkeypatch, t
     sweep = load_sweep(CONFIGS / "sweeps" / "encodings_copy_cpu.yaml", save_dir=tmp_path)
     scaled = {cell.name for cell in sweep.cells if "eval-context:yarn4" in sweep.steps(cell)}
     assert scaled == {"rope-seed0", "rope-seed1", "rope-seed2"}
+
+
+@pytest.mark.parametrize("task, length", [("copy", 32), ("counting", 171), ("flipflop", 256), ("passkey", 64)])
+def test_the_encodings_sweeps_start_fires_threshold_at_their_training_length(task, length, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    sweep = load_sweep(CONFIGS / "sweeps" / f"encodings_{task}_cpu.yaml")
+    (cell,) = [c for c in sweep.cells if c.keys["position"] == "fire" and c.seed == 0]
+    with pytest.raises(SystemExit) as info:
+        main(["fit", *step_command(sweep, cell, "fit")[4:], "--print_config"])
+    assert info.value.code == 0
+    options = yaml.safe_load(capsys.readouterr().out)["model"]["position_options"]
+    assert options == {"mlp_width": 32, "init_c": 0.1, "init_L": length}
