@@ -84,7 +84,7 @@ class Cell:
     configs: list[str]
     overrides: dict[str, Any]
     seed: int | None = None
-    rope: bool = False  # the model has RoPE (eval_context.rope_scaling applies)
+    rope: bool = False  # the model has RoPE: the rope_scaling steps of eval_context and passkey apply
 
 
 @dataclass
