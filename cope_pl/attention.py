@@ -10,7 +10,7 @@ A position encoding never implements attention. Besides an input embedding and a
 
 and one that replaces the softmax instead of adding a term:
 
-  StickBreaking()              A_ij = sigmoid(z_ij) prod_{j<t<i} (1 - sigmoid(z_it)) over the logits z
+  StickBreaking(offset)        A_ij = sigmoid(z_ij) prod_{j<t<i} (1 - sigmoid(z_it)) over the logits z
 
 `choose_backend` picks how to compute softmax(q.k / sqrt(D) + terms) v from the forms present and the device:
   sdpa      no terms: torch's fused scaled_dot_product_attention;
@@ -109,12 +109,14 @@ class PairBias:
 class StickBreaking:
     """Not a logit term: attention weights by stick-breaking over the keys, nearest first, instead of a softmax.
 
-    With z the logits (q.k / sqrt(D) plus any other terms), key j gets A_ij = sigmoid(z_ij) prod_{j<t<i}
-    (1 - sigmoid(z_it)) of query i; with attend_current the query's own key breaks the stick first (t <= i, and
-    j = i allowed). The weights need not sum to 1; what is left is not attended (Tan et al. 2025).
+    With z the logits (q.k / sqrt(D) plus any other terms, plus `offset`), key j gets A_ij = sigmoid(z_ij)
+    prod_{j<t<i} (1 - sigmoid(z_it)) of query i; with attend_current the query's own key breaks the stick first
+    (t <= i, and j = i allowed). The weights need not sum to 1; what is left is not attended (Tan et al. 2025).
+    offset (H,), if given, is added to every logit of its head before the stick is broken.
     """
 
     attend_current: bool = False
+    offset: Tensor | None = None
 
     def weights(self, scores: Tensor) -> Tensor:
         """(B, H, T, S) logits of the last T of S positions -> (B, H, T, S) weights, in log space (float32 at least)."""
@@ -123,6 +125,8 @@ class StickBreaking:
         cols = torch.arange(s, device=scores.device).unsqueeze(0)
         breaks = cols <= rows if self.attend_current else cols < rows  # (T, S): keys that take a share
         z = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        if self.offset is not None:
+            z = z + self.offset.to(z.dtype)[:, None, None]  # (B, H, T, S) + (H, 1, 1)
         log_take = F.logsigmoid(z).masked_fill(~breaks, float("-inf"))  # log sigmoid(z_ij)
         log_leave = F.logsigmoid(-z).masked_fill(~breaks, 0.0)  # log(1 - sigmoid(z_it))
         # Sum over the keys t > j that break the stick before j does: a reverse cumulative sum, shifted by one.

@@ -18,13 +18,21 @@ A sweep file names configs shared by every cell, fixed overrides, and a grid of 
 
 Every cell is one run in `<save_dir>/<cell name>/version_0` (the name joins the cell's labels, e.g.
 `copy-cope-seq_len32-seed0`), so a re-run finds what is done: a step is complete when its output exists
-(fit: results.json, test: test/ metrics in it, eval-context: eval_context.json, passkey: passkey.csv) and is
-skipped. A failed step is recorded in `<save_dir>/status/<cell>.json` with its log file, and the sweep goes on.
+(fit: results.json, test: test/ metrics in it, eval-context: unscaled rows in eval_context.json, passkey:
+unscaled rows in passkey.csv) and is skipped. A failed step is recorded in `<save_dir>/status/<cell>.json` with
+its log file, and the sweep goes on.
+
+A `rope_scaling` list in eval_context or passkey, e.g. `eval_context: {lengths: [1x, 4x], rope_scaling: [{type:
+yarn, factor: 4}]}`, adds one step per scaling (`eval-context:yarn4`: the same command with `--rope-scaling yarn
+--rope-factor 4`) to the cells whose model has RoPE (`rope`, `rope_cope`, `rope+...`); other cells have no such
+step. It is complete when the file has that scaling's rows (`yarn×4`).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import inspect
 import itertools
 import json
 import shlex
@@ -38,7 +46,9 @@ from typing import Any
 
 import yaml
 
-from cope_pl.launch import OMP_LINE, Resources, resolve_resources, run_settings, sbatch_header
+from cope_pl.launch import OMP_LINE, Resources, config_value, resolve_resources, run_settings, sbatch_header
+from cope_pl.position import ModelDims
+from cope_pl.position.rope_scaling import ROPE_TYPES, RopeScaling, has_rope
 from cope_pl.results import read_results
 from cope_pl.runs import (
     CHECKPOINTS_DIR,
@@ -61,7 +71,8 @@ BEST_CHECKPOINT = {
     "checkpoint.save_top_k": 1,
     "checkpoint.filename": "best",
 }
-# Steps that score a finished run in one process (no srun across the job's tasks).
+# Steps that score a finished run in one process (no srun across the job's tasks), with or without a RoPE
+# scaling (`eval-context:yarn4`).
 SCORING_STEPS = ("eval-context", "passkey")
 
 
@@ -73,6 +84,7 @@ class Cell:
     configs: list[str]
     overrides: dict[str, Any]
     seed: int | None = None
+    rope: bool = False  # the model has RoPE: the rope_scaling steps of eval_context and passkey apply
 
 
 @dataclass
@@ -98,9 +110,34 @@ class Sweep:
         run = self.run_dir(cell)
         return run / CHECKPOINTS_DIR / "best.ckpt" if self.checkpoint == "best" else run
 
-    def steps(self) -> list[str]:
-        scoring = (["eval-context"] if self.eval_context else []) + (["passkey"] if self.passkey is not None else [])
-        return ["fit"] + (["test"] if self.test else []) + scoring
+    def rope_scalings(self, kind: str) -> list[tuple[str, float]]:
+        """(rope_type, factor) of every rope_scaling entry of eval_context or passkey (`kind`)."""
+        options = self.eval_context if kind == "eval-context" else self.passkey
+        return [(entry["type"], float(entry["factor"])) for entry in (options or {}).get("rope_scaling") or []]
+
+    def steps(self, cell: Cell) -> list[str]:
+        steps = ["fit"] + (["test"] if self.test else [])
+        for kind, wanted in (("eval-context", bool(self.eval_context)), ("passkey", self.passkey is not None)):
+            if wanted:
+                scaled = [scaled_step(kind, *scaling) for scaling in self.rope_scalings(kind)] if cell.rope else []
+                steps += [kind, *scaled]
+        return steps
+
+
+def scaled_step(kind: str, rope_type: str, factor: float) -> str:
+    """The name of an eval-context or passkey step with this RoPE scaling: `eval-context:yarn4`."""
+    return f"{kind}:{rope_type}{factor:g}"
+
+
+def step_scaling(sweep: Sweep, step: str) -> tuple[str, float] | None:
+    """The (rope_type, factor) a scoring step runs with; None for the unscaled step."""
+    kind = step.split(":")[0]
+    for scaling in sweep.rope_scalings(kind):
+        if scaled_step(kind, *scaling) == step:
+            return scaling
+    if ":" in step:
+        raise ValueError(f"sweep {sweep.file} has no step {step!r}")
+    return None
 
 
 # Loading ------------------------------------------------------------------------------------------------
@@ -132,6 +169,37 @@ def axis_choices(axis: str, values: list[Any]) -> list[tuple[str, list[str], dic
     return choices
 
 
+def check_rope_scaling(path: Path, key: str, options: Any) -> bool:
+    """`key`.rope_scaling, if given, is a list of {type: linear|dynamic|yarn, factor: >= 1}; whether it is given."""
+    entries = options.get("rope_scaling") if isinstance(options, dict) else None
+    if entries is None:
+        return False
+    fix = "give a list such as [{type: yarn, factor: 4}]"
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"sweep {path}: {key}.rope_scaling must be a non-empty list; {fix}")
+    for entry in entries:
+        ok = isinstance(entry, dict) and set(entry) == {"type", "factor"} and entry["type"] in ROPE_TYPES
+        if not ok or isinstance(entry["factor"], bool) or not isinstance(entry["factor"], (int, float)):
+            raise ValueError(f"sweep {path}: {key}.rope_scaling entry {entry!r} is not {{type: one of "
+                             f"{list(ROPE_TYPES)}, factor: a number}}; {fix}")  # fmt: skip
+        if not entry["factor"] >= 1:
+            raise ValueError(f"sweep {path}: {key}.rope_scaling factor {entry['factor']} must be >= 1")
+    return True
+
+
+def model_has_rope(configs: list[str], overrides: dict[str, Any]) -> bool:
+    """Whether the model these configs and overrides build has RoPE (model.position; the model's default: rope)."""
+    from cope_pl.lm import LanguageModel
+
+    defaults = inspect.signature(LanguageModel.__init__).parameters
+    model = {}
+    for key in ("position", "position_options", "n_layers", "n_heads", "d_model", "max_seq_len"):
+        value = config_value(configs, overrides, f"model.{key}")
+        model[key] = defaults[key].default if value is None else value
+    dims = ModelDims(int(model["n_layers"]), int(model["n_heads"]), int(model["d_model"]), int(model["max_seq_len"]))
+    return has_rope(str(model["position"]), model["position_options"], dims)
+
+
 def check_files(sweep_file: Path, where: str, configs: list[str]) -> None:
     for config in configs:
         if not Path(config).is_file():
@@ -160,6 +228,7 @@ def load_sweep(path: str | Path, save_dir: str | Path | None = None) -> Sweep:
     for axis, choices in zip(axes, per_axis):
         for _, configs, _, _ in choices:
             check_files(path, f"grid.{axis}", configs)
+    scaled = [check_rope_scaling(path, key, spec.get(key)) for key in ("eval_context", "passkey")]
     checkpoint = str(spec.get("checkpoint", "last"))
     if checkpoint not in CHECKPOINT_CHOICES:
         raise ValueError(f"sweep {path}: checkpoint must be one of {list(CHECKPOINT_CHOICES)}, got {checkpoint!r}")
@@ -169,14 +238,16 @@ def load_sweep(path: str | Path, save_dir: str | Path | None = None) -> Sweep:
         overrides = dict(spec.get("overrides") or {})
         for choice in combo:
             overrides.update(choice[2])
+        configs = base_configs + [f for c in combo for f in c[1]]
         cells.append(
             Cell(
                 index=index,
                 name="-".join(c[0] for c in combo),
                 keys={axis: c[0] for axis, c in zip(axes, combo)},
-                configs=base_configs + [f for c in combo for f in c[1]],
+                configs=configs,
                 overrides=overrides,
                 seed=seed,
+                rope=any(scaled) and model_has_rope(configs, overrides),
             )
         )
     names = [c.name for c in cells]
@@ -228,7 +299,7 @@ def step_command(sweep: Sweep, cell: Cell, step: str, extra: dict[str, Any] | No
         return lightning_command(sweep, cell, "fit", {**best, "ckpt_path": "last", **(extra or {})})
     if step == "test":  # in place: the run's own config and directory (`cope-pl test RUN_DIR`)
         return [sweep.python, "-m", "cope_pl.cli", "test", str(run)] + override_args(extra or {})
-    if step == "passkey":
+    if step.startswith("passkey"):  # passkey, or passkey:<scaling>
         options = sweep.passkey or {}
         cmd = [sweep.python, "-m", "cope_pl.cli", "passkey", str(run)]
         cmd += ["--lengths", *[str(x) for x in options.get("lengths", ["1x", "2x", "4x", "8x"])]]
@@ -240,6 +311,9 @@ def step_command(sweep: Sweep, cell: Cell, step: str, extra: dict[str, Any] | No
         cmd = [sweep.python, "-m", "cope_pl.cli", "eval-context", str(run)]
         cmd += ["--lengths", *[str(x) for x in options.get("lengths", ["1x", "2x"])]]
         keys = ("stride", "batch_size", "limit_tokens", "limit_batches", "memory_gb")  # limit_batches: refused
+    scaling = step_scaling(sweep, step)
+    if scaling is not None:
+        cmd += ["--rope-scaling", scaling[0], "--rope-factor", f"{scaling[1]:g}"]
     for key in keys:
         if options.get(key) is not None:
             cmd += [f"--{key.replace('_', '-')}", str(options[key])]
@@ -254,11 +328,25 @@ def step_done(sweep: Sweep, cell: Cell, step: str) -> bool:
         return results.is_file()
     if step == "test":
         return results.is_file() and any(k.startswith("test/") for k in read_results(results).get("metrics", {}))
-    if step == "eval-context":
-        return (run / EVAL_CONTEXT_FILE).is_file()
-    if step == "passkey":
-        return (run / PASSKEY_FILE).is_file()
-    return all(step_done(sweep, cell, s) for s in sweep.steps())  # "all"
+    if step.split(":")[0] in SCORING_STEPS:
+        scaling = step_scaling(sweep, step)
+        label = "" if scaling is None else RopeScaling(*scaling, original_max_position_embeddings=1).label
+        return label in scored_scalings(run / (EVAL_CONTEXT_FILE if step.startswith("eval-context") else PASSKEY_FILE))
+    return all(step_done(sweep, cell, s) for s in sweep.steps(cell))  # "all"
+
+
+def scored_scalings(path: Path) -> set[str]:
+    """The RoPE scalings ("" for none) that a run's eval_context.json or passkey.csv has rows of."""
+    if not path.is_file():
+        return set()
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            return {row.get("rope_scaling") or "" for row in csv.DictReader(f)}
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return set()  # a file cut short: the step runs again and rewrites it
+    return {row.get("rope_scaling") or "" for row in rows if isinstance(row, dict)} if isinstance(rows, list) else set()
 
 
 def status_path(sweep: Sweep, cell: Cell) -> Path:
@@ -308,7 +396,7 @@ def run_cell(sweep: Sweep, cell: Cell, log=print) -> str:
     logs = sweep.save_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_file = logs / f"{cell.name}.log"
-    for step in sweep.steps():
+    for step in sweep.steps(cell):
         if step_done(sweep, cell, step):
             continue
         cmd = step_command(sweep, cell, step, {})
@@ -427,8 +515,8 @@ def slurm_script(sweep: Sweep, sweep_file: Path, cells: list[Cell] | None = None
         body.append(f"  {cell.index})  # {cell.name}")
         body.append(f"    CELL={shlex.quote(cell.name)} STATUS={shlex.quote(str(status_path(sweep, cell)))} LOG={log}")
         body.append("    record running start")
-        for step in sweep.steps():
-            scoring = step in SCORING_STEPS
+        for step in sweep.steps(cell):
+            scoring = step.split(":")[0] in SCORING_STEPS
             launcher = ["srun", "--ntasks=1", "--nodes=1"] if scoring else ["srun"]
             cmd = launcher + step_command(sweep, cell, step, None if scoring else extra)
             body.append(f"    step {step} {shlex.join(cmd)}")
@@ -490,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         for cell in cells:
             print(f"[{cell.index}] {cell.name}: {cell_status(sweep, cell)}")
-            for step in sweep.steps():
+            for step in sweep.steps(cell):
                 print("   ", shlex.join(step_command(sweep, cell, step, {})))
         return
     outcome = run_sweep(sweep, cells)

@@ -6,9 +6,19 @@ import torch
 from tests.test_generate import random_model
 
 
-@pytest.mark.parametrize("position", ["fire+cope", "fox+cope", "kerple+cope", "xpos+cope", "stick_breaking+fire"])
-def test_a_prefill_in_uneven_chunks_gives_the_full_forward_logits(position):
-    model = random_model(position)
+@pytest.mark.parametrize(
+    "position, options",
+    [
+        ("fire+cope", None),
+        ("fox+cope", None),
+        ("kerple+cope", None),
+        ("xpos+cope", None),
+        ("stick_breaking+fire", None),
+        ("stick_breaking+fire", {"logit_bias_init": -2.0}),  # a learned offset per layer and head
+    ],
+)
+def test_a_prefill_in_uneven_chunks_gives_the_full_forward_logits(position, options):
+    model = random_model(position, position_options=options)
     ids = torch.randint(0, 23, (2, 19))
     with torch.no_grad():
         full = model(ids)

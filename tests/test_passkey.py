@@ -254,7 +254,7 @@ def test_a_sweep_with_a_passkey_section_scores_each_cell_after_fit_and_test(tmp_
 
     monkeypatch.chdir(ROOT)
     sweep = load_sweep(CONFIGS / "sweeps/passkey_cpu.yaml", save_dir=tmp_path)
-    assert len(sweep.cells) == 12 and sweep.steps() == ["fit", "test", "passkey"]
+    assert len(sweep.cells) == 12 and sweep.steps(sweep.cells[0]) == ["fit", "test", "passkey"]
     cell = sweep.cells[0]
     assert step_command(sweep, cell, "passkey")[3:] == [
         "passkey",
@@ -268,6 +268,10 @@ def test_a_sweep_with_a_passkey_section_scores_each_cell_after_fit_and_test(tmp_
     assert not step_done(sweep, cell, "passkey")
     sweep.run_dir(cell).mkdir(parents=True)
     (sweep.run_dir(cell) / PASSKEY_FILE).write_text(",".join(COLUMNS) + "\n")
+    assert not step_done(sweep, cell, "passkey")  # no rows yet
+    row = {"seq_len": "64", "depth": "0.0", "rope_scaling": ""}  # an unscaled row
+    header = ",".join(COLUMNS) + "\n"
+    (sweep.run_dir(cell) / PASSKEY_FILE).write_text(header + ",".join(row.get(c, "") for c in COLUMNS) + "\n")
     assert step_done(sweep, cell, "passkey")
     assert [c.keys["seed"] for c in sweep.cells[::2]] == ["seed0"] * 6  # the header's even cells: seed 0
     script = slurm_script(sweep, CONFIGS / "sweeps/passkey_cpu.yaml")

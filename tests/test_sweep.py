@@ -5,6 +5,7 @@ sweep logic is tested without training anything.
 """
 
 import json
+import re
 import stat
 import sys
 from pathlib import Path
@@ -28,8 +29,15 @@ step = args[0]
 with open({calls!r}, "a") as f:
     f.write(" ".join(args) + "\\n")
 opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--trainer.logger") and "=" in a)
-if step == "eval-context":
-    Path(args[1], "eval_context.json").write_text("[]")
+if step in ("eval-context", "passkey"):  # rows merged into the run's file, labelled with their RoPE scaling
+    value = lambda flag: args[args.index(flag) + 1]
+    scaling = f"{{value('--rope-scaling')}}\u00d7{{value('--rope-factor')}}" if "--rope-scaling" in args else ""
+    path = Path(args[1], "eval_context.json" if step == "eval-context" else "passkey.csv")
+    if step == "eval-context":
+        rows = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps(rows + [{{"seq_len": 8, "rope_scaling": scaling}}]))
+    else:
+        path.write_text((path.read_text() if path.exists() else "seq_len,rope_scaling\\n") + f"8,{{scaling}}\\n")
     sys.exit(0)
 if step == "test":  # `test RUN_DIR`: in place
     run = Path(args[1])
@@ -207,7 +215,7 @@ def test_eval_context_token_limit_reaches_the_command(tmp_path):
 
 def test_checkpoint_best_tests_and_scores_the_lowest_validation_loss(tmp_path):
     """A real sweep cell (no fake python): the fit keeps checkpoints/best.ckpt by val/loss beside last.ckpt, and
-    test and eval-context read that checkpoint."""
+    test and eval-context (unscaled and with YaRN) read that checkpoint."""
     spec = {
         "name": "best",
         "save_dir": str(tmp_path / "runs"),
@@ -215,7 +223,7 @@ def test_checkpoint_best_tests_and_scores_the_lowest_validation_loss(tmp_path):
         "overrides": {"trainer.max_steps": 6, "trainer.val_check_interval": 2, "model.lr": 0.05},
         "grid": {"position": [str(CONFIGS / "position/rope.yaml")]},
         "checkpoint": "best",
-        "eval_context": {"lengths": ["1x"]},
+        "eval_context": {"lengths": ["1x"], "rope_scaling": [{"type": "yarn", "factor": 2}]},
     }
     path = tmp_path / "best.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -231,10 +239,83 @@ def test_checkpoint_best_tests_and_scores_the_lowest_validation_loss(tmp_path):
     assert "test/loss" in results["metrics"]
     rows = json.loads((run / "eval_context.json").read_text())
     assert {r["checkpoint_step"] for r in rows} == {best["global_step"]}
-    for step in ("test", "eval-context"):
+    assert sorted(r["rope_scaling"] for r in rows) == ["", "yarn×2"]
+    for step in ("test", "eval-context", "eval-context:yarn2"):
         assert str(run / "checkpoints" / "best.ckpt") in step_command(sweep, cell, step)
 
 
 def test_an_unknown_checkpoint_choice_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="checkpoint must be one of"):
         load_sweep(write_sweep(tmp_path, {"position": POSITIONS[:1]}, checkpoint="newest"))
+
+
+def test_rope_scaling_adds_an_eval_context_step_to_the_cells_with_rope_only(tmp_path):
+    scaling = {
+        "lengths": ["1x", "4x"],
+        "rope_scaling": [{"type": "yarn", "factor": 4}, {"type": "linear", "factor": 2}],
+    }
+    sweep = load_sweep(write_sweep(tmp_path, {"position": POSITIONS}, eval_context=scaling))
+    rope, cope = sweep.cells
+    assert sweep.steps(rope) == ["fit", "test", "eval-context", "eval-context:yarn4", "eval-context:linear2"]
+    assert sweep.steps(cope) == ["fit", "test", "eval-context"]
+    cmd = step_command(sweep, rope, "eval-context:yarn4")
+    assert cmd[3:] == ["eval-context", str(sweep.run_dir(rope)), "--lengths", "1x", "4x", "--rope-scaling", "yarn",
+                       "--rope-factor", "4"]  # fmt: skip
+    assert run_sweep(sweep, log=lambda *_: None) == {"rope": "done", "cope": "done"}
+    scored = [c.split() for c in calls(tmp_path) if c.startswith("eval-context")]
+    assert [c[-1] if "--rope-scaling" in c else c[1].split("/")[-2] for c in scored] == ["rope", "4", "2", "cope"]
+    run = sweep.run_dir(rope)  # the linear rows lost, as if that step had been interrupted: only it runs again
+    rows = json.loads((run / "eval_context.json").read_text())
+    (run / "eval_context.json").write_text(json.dumps([r for r in rows if r["rope_scaling"] != "linear×2"]))
+    assert step_done(sweep, rope, "eval-context:yarn4") and not step_done(sweep, rope, "eval-context:linear2")
+    before = len(calls(tmp_path))
+    assert run_sweep(sweep, log=lambda *_: None) == {"rope": "done", "cope": "skipped"}
+    assert [c.split()[-1] for c in calls(tmp_path)[before:]] == ["2"]
+
+
+def test_rope_scaling_of_passkey_steps_and_in_the_slurm_script(tmp_path):
+    path = write_sweep(
+        tmp_path, {"position": POSITIONS}, passkey={"lengths": ["1x"], "rope_scaling": [{"type": "yarn", "factor": 8}]}
+    )
+    sweep = load_sweep(path)
+    assert sweep.steps(sweep.cells[0]) == ["fit", "test", "passkey", "passkey:yarn8"]
+    assert sweep.steps(sweep.cells[1]) == ["fit", "test", "passkey"]
+    script = slurm_script(sweep, path)
+    scaled = [line for line in script.splitlines() if line.strip().startswith("step passkey:yarn8")]
+    assert len(scaled) == 1 and "srun --ntasks=1 --nodes=1" in scaled[0] and "--rope-factor 8" in scaled[0]
+    assert run_sweep(sweep, log=lambda *_: None) == {"rope": "done", "cope": "done"}
+    assert step_done(sweep, sweep.cells[0], "passkey:yarn8") and step_done(sweep, sweep.cells[0], "passkey")
+
+
+@pytest.mark.parametrize(
+    "entries, problem",
+    [
+        ({"type": "yarn", "factor": 4}, "must be a non-empty list"),
+        ([{"type": "ntk", "factor": 4}], "is not {type: one of"),
+        ([{"type": "yarn"}], "is not {type: one of"),
+        ([{"type": "yarn", "factor": 0.5}], "must be >= 1"),
+    ],
+)
+def test_a_bad_rope_scaling_entry_fails_clearly(tmp_path, entries, problem):
+    path = write_sweep(tmp_path, {"position": POSITIONS}, eval_context={"lengths": ["1x"], "rope_scaling": entries})
+    with pytest.raises(ValueError, match=f"eval_context.rope_scaling.*{re.escape(problem)}"):
+        load_sweep(path)
+
+
+def test_the_encodings_copy_sweep_scores_its_rope_cells_with_yarn(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    sweep = load_sweep(CONFIGS / "sweeps" / "encodings_copy_cpu.yaml", save_dir=tmp_path)
+    scaled = {cell.name for cell in sweep.cells if "eval-context:yarn4" in sweep.steps(cell)}
+    assert scaled == {"rope-seed0", "rope-seed1", "rope-seed2"}
+
+
+@pytest.mark.parametrize("task, length", [("copy", 32), ("counting", 171), ("flipflop", 256), ("passkey", 64)])
+def test_the_encodings_sweeps_start_fires_threshold_at_their_training_length(task, length, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    sweep = load_sweep(CONFIGS / "sweeps" / f"encodings_{task}_cpu.yaml")
+    (cell,) = [c for c in sweep.cells if c.keys["position"] == "fire" and c.seed == 0]
+    with pytest.raises(SystemExit) as info:
+        main(["fit", *step_command(sweep, cell, "fit")[4:], "--print_config"])
+    assert info.value.code == 0
+    options = yaml.safe_load(capsys.readouterr().out)["model"]["position_options"]
+    assert options == {"mlp_width": 32, "init_c": 0.1, "init_L": length}

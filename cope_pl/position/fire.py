@@ -1,12 +1,15 @@
-"""FIRE, Functional Interpolation for Relative Positions (Li et al. 2023, ICLR 2024, arXiv 2310.04418).
+"""FIRE, Functional Interpolation for Relative Positions (Li et al. 2023, ICLR 2024, arXiv 2310.04418; the paper's
+method section: the FIRE bias, its log transform and the thresholded normaliser).
 
 Each layer adds a learned per-head bias b(i, j) = f_theta(psi(i - j) / psi(max(L, i))) to the logit of query i
 and key j (the paper's FIRE bias, with both of its transformations): psi(x) = log(c x + 1)
 compresses distances, and dividing by psi of the query position maps every distance into [0, 1] at any length
 ("progressive interpolation"); the threshold L keeps short contexts from being over-normalised. f_theta is an
 MLP 1 -> mlp_width -> n_heads with a ReLU; c and the threshold multiplier are learned, initialised to init_c
-and 1 (L = |multiplier * init_L|, as in the paper's appendix listing). The bias depends on i, not only on
-i - j, so it is a `PairBias` and attention runs explicitly.
+and 1 (L = |multiplier * init_L|, as in the paper's appendix listing). The default init_L of 512 suits
+training contexts longer than 512; on shorter ones no query ever passes L and the bias is a function of i - j
+alone, so the CPU comparison sweeps start L at their training length (docs/position-encodings.md). The bias
+depends on i, not only on i - j, so it is a `PairBias` and attention runs explicitly.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """KERPLE, logarithmic variant (Chi et al. 2022, "KERPLE: Kernelized Relative Positional Embedding for Length
-Extrapolation", NeurIPS 2022, arXiv 2205.09921).
+Extrapolation", NeurIPS 2022, arXiv 2205.09921; the paper's method section: its logarithmic kernel).
 
 Each layer adds -r1 * log(1 + r2 * |i - j|) to the logits, with r1, r2 > 0 learned per head: the logarithmic
 conditionally positive definite kernel of the paper (its "log" variant, beside the power variant). Both are

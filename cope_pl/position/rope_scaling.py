@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cope_pl.position.base import ModelDims
+
 ROPE_TYPES = ("linear", "dynamic", "yarn")
 
 
@@ -88,3 +90,12 @@ def apply_rope_scaling(model: nn.Module, rope_type: str, factor: float, train_le
     for rope in ropes:
         rope.scaling = scaling
     return scaling
+
+
+def has_rope(position: str, options: dict | None, dims: ModelDims) -> bool:
+    """Whether a model with this `model.position` has a RoPE part that RoPE scaling applies to."""
+    from cope_pl.position.registry import build_position_encoding
+    from cope_pl.position.rope import RotaryPositionEncoding
+
+    encoding = build_position_encoding(position, dims, options)
+    return any(type(m) is RotaryPositionEncoding for m in encoding.modules())

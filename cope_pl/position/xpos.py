@@ -1,5 +1,5 @@
 """xPos, the extrapolatable rotary embedding (Sun et al. 2023, "A Length-Extrapolatable Transformer", ACL 2023,
-arXiv 2212.10554).
+arXiv 2212.10554; the paper's method section: the extrapolatable position embedding).
 
 RoPE with a per-dimension exponential scale (the paper's extrapolatable position embedding): the channel pair c
 of a query at position n is multiplied by zeta_c^(n / scale_base) and that of a key at position m by
