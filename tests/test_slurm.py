@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.slurm_cluster import missing_requirement, start_cluster
 
@@ -164,10 +165,17 @@ def test_a_preempted_job_requeues_and_resumes_from_its_preemption_checkpoint(clu
     restored = re.findall(r"Restoring states from the checkpoint path at (\S+)", log)
     assert len(restored) == 1, failure_details(cluster, job, runs)
     checkpoint = Path(restored[0])
-    assert checkpoint.parent == run / "checkpoints" and checkpoint.name.startswith("hpc_ckpt")
     stray = [p for p in tmp_path.rglob("hpc_ckpt*") if p.parent != run / "checkpoints"]
     assert not stray, f"preemption checkpoints outside the run: {stray}"
-    resumed_at = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
-    assert 10 < resumed_at < 200  # later than the periodic checkpoint it was sent after
+    warned = run / "checkpoints" / "hpc_ckpt_1.ckpt"  # written at the warning, before the requeue
+    assert checkpoint.parent == run / "checkpoints" and warned.is_file(), failure_details(cluster, job, runs)
+    warned_at = torch.load(warned, map_location="cpu", weights_only=True)["global_step"]
+    # The newest state: the warning's checkpoint, or one the first attempt wrote after it before SLURM stopped it
+    # (SIGTERM's, or a periodic one on a slow machine): the second attempt logs its first loss one step after it.
+    second_attempt = max(run.glob("events.out.tfevents.*"), key=lambda p: int(p.name.split(".")[3]))
+    events = EventAccumulator(str(second_attempt))
+    events.Reload()
+    resumed_at = min(e.step for e in events.Scalars("train/loss")) - 1  # the smoke trainer logs every step
+    assert 10 < warned_at <= resumed_at < 200, failure_details(cluster, job, runs)
     results = json.loads((run / "results.json").read_text())
     assert results["metrics"]["val/loss"] > 0
