@@ -402,6 +402,7 @@ def test_a_language_model_report_leads_with_perplexity_and_bars_speak_the_tables
     files = build_report(tmp_path / "runs", tmp_path / "out")
     names = {p.name for p in files}
     assert "ppl_by_set.png" in names and "error_by_set.png" not in names
+    assert any("![ppl per test set](ppl_by_set.png)" in p.read_text() for p in files if p.name == "README.md")
     for position, ppl in (("rope", 5.0), ("cope", 4.9)):  # code: no word count, still a language model
         write_lm_run(tmp_path / "code" / f"code-{position}" / "version_0", position, 0, ppl, "CodeDataModule")
     names = {p.name for p in build_report(tmp_path / "code", tmp_path / "code_out")}

@@ -22,9 +22,9 @@ Which tables a sweep gets is set by the `report:` section of its sweep file, for
       passkey: {digits: 2}                 # passkey accuracy table (mean over depths) and heatmaps
 
 Figures (PNG, one panel per data set or training length, one series per encoding): `extrapolation*.png`
-(metric vs evaluated length), `error_by_set.png` (`ppl_by_set.png` for language models: perplexity per test
-set), `learning_curves.png` (validation error % and loss vs step, perplexity and loss for language models,
-with the training loss),
+(metric vs evaluated length), `error_by_set.png` (`ppl_by_set.png` for language models: perplexity, per word
+where counted, per test set), `learning_curves.png` (validation error % and loss vs step, perplexity and loss
+for language models, with the training loss),
 `loss_by_position.png` (from each run's eval_context_positions.csv), `passkey.png` and
 `passkey_digits.png` (from each run's passkey.csv: exact-match and per-digit accuracy, length x depth, one
 heatmap per encoding) and any position maps found in a run's `position_maps/` folder (copied to
@@ -98,8 +98,9 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
     title = spec.get("title") or (runs["sweep"].dropna().iloc[0] if runs["sweep"].notna().any() else "runs")
     written: list[Path] = []
     sections = [f"# {title}", "", f"{int((runs['status'] == 'ok').sum())} of {len(runs)} runs have results."]
-    headline_table: tuple[Table, str] | None = None  # the bar figure: error for tasks, perplexity for LMs
-    headline = "/ppl" if models_a_corpus(runs) else "/error"
+    # The bar figure: error for tasks, perplexity for LMs (per word where the data counts words, as papers report).
+    headlines = ("/word_ppl", "/ppl") if counts_words(runs) else ("/ppl",) if models_a_corpus(runs) else ("/error",)
+    candidates: dict[str, tuple[Table, str]] = {}
     for entry in spec.get("tables") or default_tables(runs):
         options = {k: entry[k] for k in ("scale", "digits", "paper") if k in entry}
         metric = entry["metric"]
@@ -109,12 +110,14 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
             continue
         written += table.write(out, entry.get("name", metric.replace("/", "_")))
         sections += ["", table.markdown()]
-        if headline_table is None and metric.endswith(headline) and len(table.columns) > 0:
-            headline_table = (table, metric)
+        ending = "/" + metric.rpartition("/")[2]
+        if ending in headlines and ending not in candidates and len(table.columns) > 0:
+            candidates[ending] = (table, metric)
+    headline_table = next((candidates[h] for h in headlines if h in candidates), None)
     if headline_table is not None:
-        name = f"{headline.strip('/')}_by_set"
+        name = "error_by_set" if headlines == ("/error",) else "ppl_by_set"
         written.append(plot_bars(headline_table[0], out / f"{name}.png", headline_table[1]))
-        sections += ["", f"![{headline.strip('/')} per test set]({name}.png)"]
+        sections += ["", f"![{name.split('_')[0]} per test set]({name}.png)"]
     ec = load_eval_context(runs)
     if not ec.empty:
         ec.to_csv(out / "eval_context_rows.csv", index=False)
