@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
@@ -255,6 +256,7 @@ def main(args: list[str] | None = None) -> CopeCLI | None:
         print(usage())
         return None
     if argv[0] in TOOLS:
+        ignore_time_limit_warning()
         importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
         return None
     if argv[0] not in LIGHTNING_COMMANDS:
@@ -307,6 +309,15 @@ def entry() -> None:
         sys.exit(f"cope-pl: error: {one_line(err)}")
     finally:
         end_process_group()
+
+
+def ignore_time_limit_warning() -> None:
+    """SIGUSR1 is SLURM's warning before a job's time limit (`--signal=SIGUSR1@90` in cope-pl's job scripts);
+    its default action ends the process. Training answers it with a checkpoint (cope_pl/preemption.py); the other
+    commands have nothing to save, so they go on: finished in time, or stopped at the limit by SIGTERM and run
+    again with the job's unfinished steps."""
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def end_process_group() -> None:

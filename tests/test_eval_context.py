@@ -1,9 +1,13 @@
 """eval-context: a tiny checkpoint scored at 1x and 2x its training context; what cannot be scored says why."""
 
+import os
+import signal
+
 import pandas as pd
 import pytest
 import torch
 
+from cope_pl.cli import main
 from cope_pl.data import CopyDataModule
 from cope_pl.data.windows import SlidingWindows
 from cope_pl.eval_context import evaluate_context, parse_lengths
@@ -234,3 +238,18 @@ def test_the_removed_batch_limit_names_the_token_limit(tmp_path):
     with pytest.raises(ValueError, match=r"--limit-batches was removed.*use --limit-tokens N") as err:
         main(["eval-context", str(run), "--limit-batches", "2"])
     assert "\n" not in str(err.value)
+
+
+def test_scoring_goes_on_after_slurms_time_limit_warning(tmp_path):
+    """SIGUSR1 (SLURM's warning 90 s before a sweep array task's limit) used to end eval-context and passkey, and
+    the step was recorded as failed; the command now finishes its work."""
+    run, *_ = tiny_run(tmp_path, "cope")
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        main(["eval-context", str(run), "--lengths", "1x"])
+        os.kill(os.getpid(), signal.SIGUSR1)  # with the default action this would end the test process
+        main(["eval-context", str(run), "--lengths", "2x"])
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    rows = pd.read_json(run / "eval_context.json")
+    assert sorted(rows["seq_len"]) == [8, 16]
