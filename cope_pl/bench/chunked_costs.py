@@ -15,6 +15,7 @@ import argparse
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from cope_pl.bench.launches import add_layer_shape_arguments
 from cope_pl.cuda_policy import CudaPolicy
 from cope_pl.op_costs import GPUS, OpCosts
 from cope_pl.ops import cope_attention_chunked, target_device
@@ -46,11 +47,7 @@ def layer_costs(shape, npos: int, dtype: torch.dtype, dropout: float, gpu: str =
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--npos-max", type=int, default=64)
+    add_layer_shape_arguments(parser)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--dropout", type=float, default=0.1, help="attention dropout (the paper's LM configs: 0.1)")
     parser.add_argument("--gpu", default="h100-80gb", choices=sorted(GPUS))

@@ -42,13 +42,18 @@ def count_layer(inputs: list, target: str) -> tuple[OpCounter, OpCounter]:
     return forward, backward
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_layer_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """One CoPE layer's shape, defaulting to GPT-2 small on WikiText-103 (B=16, H=12, T=1024, D=64)."""
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--npos-max", type=int, default=64)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_layer_shape_arguments(parser)
     parser.add_argument("--target", default="cuda", help="the device whose block sizes are used (cuda, cpu)")
     args = parser.parse_args(argv)
     shape = (args.batch, args.heads, args.length, args.head_dim)
