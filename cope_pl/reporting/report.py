@@ -99,7 +99,8 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
     written: list[Path] = []
     sections = [f"# {title}", "", f"{int((runs['status'] == 'ok').sum())} of {len(runs)} runs have results."]
     # The bar figure: error for tasks, perplexity for LMs (per word where the data counts words, as papers report).
-    headlines = ("/word_ppl", "/ppl") if counts_words(runs) else ("/ppl",) if models_a_corpus(runs) else ("/error",)
+    language_model = models_a_corpus(runs)
+    headlines = ("/word_ppl", "/ppl") if counts_words(runs) else ("/ppl",) if language_model else ("/error",)
     candidates: dict[str, tuple[Table, str]] = {}
     for entry in spec.get("tables") or default_tables(runs):
         options = {k: entry[k] for k in ("scale", "digits", "paper") if k in entry}
@@ -153,7 +154,7 @@ def report_group(runs: pd.DataFrame, out: Path, spec: dict[str, Any], axes: list
         written += passkey_section(passkey, runs, row_keys, out, spec.get("passkey") or {}, title, sections)
     ok = runs[runs["status"] == "ok"]
     if len(ok):
-        tags = ("val/ppl", "val/loss") if models_a_corpus(runs) else ("val/error", "val/loss")
+        tags = ("val/ppl", "val/loss") if language_model else ("val/error", "val/loss")
         written.append(plot_learning_curves(runs, row_keys, out / "learning_curves.png", tags, title=title))
         sections += ["", "![learning curves](learning_curves.png)"]
     maps = copy_position_maps(ok, out / "position_maps")
