@@ -263,6 +263,10 @@ def main(args: list[str] | None = None) -> CopeCLI | None:
         raise ValueError(f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (cope-pl --help)")
     if argv[0] == "test" and len(argv) > 1 and not argv[1].startswith("-"):
         argv = test_in_place_args(argv[1], argv[2:])
+    if argv[0] != "fit":
+        # Before the trainer exists: Lightning installs its SLURM handler (a checkpoint into the working directory
+        # and a requeue) only where SIGUSR1 has no handler yet.
+        ignore_time_limit_warning()
     if argv[0] in ("validate", "test") and not any(a.startswith("--verbose") for a in argv):
         # The metrics are printed once, by ResultsWriter; --verbose=true adds Lightning's table of them.
         argv.append("--verbose=false")
@@ -312,10 +316,11 @@ def entry() -> None:
 
 
 def ignore_time_limit_warning() -> None:
-    """SIGUSR1 is SLURM's warning before a job's time limit (`--signal=SIGUSR1@90` in cope-pl's job scripts);
-    its default action ends the process. Training answers it with a checkpoint (cope_pl/preemption.py); the other
-    commands have nothing to save, so they go on: finished in time, or stopped at the limit by SIGTERM and run
-    again with the job's unfinished steps."""
+    """SIGUSR1 is SLURM's warning before a job's time limit (`--signal=SIGUSR1@90` in cope-pl's job scripts). Its
+    default action ends the process, and inside a SLURM job Lightning's own handler answers it with a checkpoint in
+    the working directory and a requeue of the job. Training answers it with a checkpoint of its own
+    (cope_pl/preemption.py); the other commands have nothing to save, so they go on: finished in time, or stopped
+    at the limit by SIGTERM and run again with the job's unfinished steps."""
     if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 

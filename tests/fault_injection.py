@@ -71,3 +71,16 @@ class SignalAtStep(L.Callback):
 
 class SignalAfterCallbacks(Checkpoint, SignalAtStep):
     """SignalAtStep from the step's last callback: the trainer runs checkpoint callbacks after all others."""
+
+
+class SignalAtTestBatch(L.Callback):
+    """Send this process a signal (by name) once, after the first test batch, as a scheduler would mid-command."""
+
+    def __init__(self, name: str):
+        self.signum = getattr(signal, name)
+        self.sent = False
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

@@ -134,6 +134,24 @@ def test_preemption_warning_checkpoints_into_the_run_and_the_requeued_job_resume
         assert run_losses[step] == pytest.approx(loss, abs=1e-5), f"step {step}"
 
 
+def test_test_command_in_a_slurm_job_goes_on_after_the_time_limit_warning(tmp_path):
+    """`cope-pl test RUN_DIR` as a step of a SLURM job: the warning before the time limit neither ends it nor lets
+    Lightning's own handler write a checkpoint into the working directory and requeue the job."""
+    fit(tmp_path, "--trainer.max_steps=4")
+    run = tmp_path / "copy-rope" / "version_0"
+    env = slurm_job(tmp_path)
+    hpc_in_root = set(ROOT.glob("hpc_ckpt_*.ckpt"))
+    callback = json.dumps({"class_path": "tests.fault_injection.SignalAtTestBatch", "init_args": {"name": "SIGUSR1"}})
+    done = subprocess.run(
+        [sys.executable, "-m", "cope_pl.cli", "test", str(run), "--trainer.callbacks+=" + callback],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "test/loss" in json.loads((run / "results.json").read_text())["metrics"]
+    assert not (tmp_path / "scontrol.log").exists()  # not requeued
+    assert set(ROOT.glob("hpc_ckpt_*.ckpt")) == hpc_in_root and not list(tmp_path.rglob("hpc_ckpt_*"))
+
+
 # SIGTERM before the preemption callback looks at the step, or after it (then the trainer's stop saves).
 @pytest.mark.parametrize("sender", ["SignalAtStep", "SignalAfterCallbacks"])
 def test_fit_stopped_by_sigterm_checkpoints_its_step_and_exits_non_zero(tmp_path, sender):
