@@ -4,9 +4,10 @@ into the run's own checkpoints folder, and a SLURM requeue after the warning.
 SLURM sends SIGUSR1 before a job's time limit when the job asks for it (`#SBATCH --signal=SIGUSR1@SECONDS`, as
 the scripts of `cope-pl launch slurm` do). `PreemptionCheckpoint` notes the signal; at the end of the training
 step under way (every rank at the same step) it writes `checkpoints/hpc_ckpt_N.ckpt` beside the run's other
-checkpoints and, inside a SLURM job, requeues the job (`scontrol requeue`). The requeued job's `--ckpt_path last`
-resumes from the newest intact checkpoint of the run, which is this one (cope_pl/resume.py::resolve_resume).
-Outside SLURM the signal only saves and training goes on, so `kill -USR1 PID` checkpoints a run on demand.
+checkpoints, deletes the run's earlier hpc_ckpt files once it is written and, inside a SLURM job, requeues the
+job (`scontrol requeue`). The requeued job's `--ckpt_path last` resumes from the newest intact checkpoint of the
+run, which is this one (cope_pl/resume.py::resolve_resume). Outside SLURM the signal only saves and training goes
+on, so `kill -USR1 PID` checkpoints a run on demand.
 
 SIGTERM (a preemption, `scancel`, the end of the time limit) is saved the same way, without a requeue; the trainer
 then stops after that step and `cope-pl` exits non-zero (cope_pl/cli.py).
@@ -31,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cope_pl.results import run_dir
-from cope_pl.runs import CHECKPOINTS_DIR, preemption_checkpoint
+from cope_pl.runs import CHECKPOINTS_DIR, PREEMPTION_PREFIX, preemption_checkpoint
 
 
 def requeue_signal(trainer: L.Trainer) -> signal.Signals | None:
@@ -75,6 +76,17 @@ def requeue(job: str) -> None:
         rank_zero_info(f"Requeued SLURM job {job}; it resumes from the newest checkpoint with --ckpt_path last")
     else:
         rank_zero_warn(f"could not requeue SLURM job {job} (scontrol requeue: {code or 'not found'}); resubmit it")
+
+
+def drop_older_preemption_checkpoints(newest: Path) -> None:
+    """Delete the run's earlier preemption checkpoints once `newest` is written: a job preempted twenty times
+    would otherwise keep twenty full checkpoints (weights and optimizer state each), and resuming only ever
+    reads the newest intact one (last.ckpt and the periodic ones stay as they are)."""
+    number = int(newest.stem[len(PREEMPTION_PREFIX) :])
+    for path in newest.parent.glob(f"{PREEMPTION_PREFIX}*.ckpt"):
+        suffix = path.stem[len(PREEMPTION_PREFIX) :]
+        if suffix.isdigit() and int(suffix) < number:
+            path.unlink(missing_ok=True)
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -121,6 +133,8 @@ class PreemptionCheckpoint(L.Callback):
         self._saved_at_sigterm = trainer.received_sigterm
         path = preemption_checkpoint(checkpoints_dir(trainer))
         trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            drop_older_preemption_checkpoints(path)
         reason = "SIGTERM" if trainer.received_sigterm else "preemption warning"
         rank_zero_info(f"{reason}: saved {path} at step {trainer.global_step}")
         job = slurm_job_to_requeue(trainer)

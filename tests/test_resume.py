@@ -152,6 +152,15 @@ def test_test_command_in_a_slurm_job_goes_on_after_the_time_limit_warning(tmp_pa
     assert set(ROOT.glob("hpc_ckpt_*.ckpt")) == hpc_in_root and not list(tmp_path.rglob("hpc_ckpt_*"))
 
 
+def test_a_second_preemption_checkpoint_replaces_the_first(tmp_path):
+    """Each warning writes hpc_ckpt_N.ckpt; the earlier ones are deleted once it is written, so a job preempted
+    many times keeps one full checkpoint of them, not one per preemption."""
+    fit(tmp_path, "--trainer.max_steps=8", callback=f"[{signal_at(3, 'SIGUSR1')}, {signal_at(6, 'SIGUSR1')}]")
+    checkpoints = tmp_path / "copy-rope" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_2.ckpt"]
+    assert read_checkpoint(checkpoints / "hpc_ckpt_2.ckpt")["global_step"] == 6
+
+
 # SIGTERM before the preemption callback looks at the step, or after it (then the trainer's stop saves).
 @pytest.mark.parametrize("sender", ["SignalAtStep", "SignalAfterCallbacks"])
 def test_fit_stopped_by_sigterm_checkpoints_its_step_and_exits_non_zero(tmp_path, sender):

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -167,9 +166,12 @@ def test_a_preempted_job_requeues_and_resumes_from_its_preemption_checkpoint(clu
     checkpoint = Path(restored[0])
     stray = [p for p in tmp_path.rglob("hpc_ckpt*") if p.parent != run / "checkpoints"]
     assert not stray, f"preemption checkpoints outside the run: {stray}"
-    warned = run / "checkpoints" / "hpc_ckpt_1.ckpt"  # written at the warning, before the requeue
-    assert checkpoint.parent == run / "checkpoints" and warned.is_file(), failure_details(cluster, job, runs)
-    warned_at = torch.load(warned, map_location="cpu", weights_only=True)["global_step"]
+    # Written at the warning, before the requeue (and deleted once a later one, SIGTERM's, is written).
+    warned = re.search(r"preemption warning: saved (\S+) at step (\d+)", log)
+    assert warned and Path(warned[1]) == run / "checkpoints" / "hpc_ckpt_1.ckpt", failure_details(cluster, job, runs)
+    assert checkpoint.parent == run / "checkpoints", failure_details(cluster, job, runs)
+    assert len(list(run.glob("checkpoints/hpc_ckpt_*.ckpt"))) == 1  # only the newest preemption checkpoint is kept
+    warned_at = int(warned[2])
     # The newest state: the warning's checkpoint, or one the first attempt wrote after it before SLURM stopped it
     # (SIGTERM's, or a periodic one on a slow machine): the second attempt logs its first loss one step after it.
     second_attempt = max(run.glob("events.out.tfevents.*"), key=lambda p: int(p.name.split(".")[3]))
