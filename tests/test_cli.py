@@ -75,6 +75,16 @@ def test_test_of_a_run_dir_adds_test_metrics_to_that_run_at_its_step(finished_ru
     assert sorted(p.name for p in finished_run.parent.iterdir()) == ["version_0"]  # no new version
 
 
+def test_fit_output_says_nothing_about_weights_only(tmp_path):
+    """Lightning logs "`weights_only` was not set, defaulting to `False`" when a checkpoint is saved without saying
+    which: read as being about loading, it suggests checkpoints are unpickled unsafely (they never are)."""
+    # No validation at the end: last.ckpt is written by the end-of-fit save (cope_pl/last_step.py).
+    done = cope_pl(*FIT, f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_val_batches=0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "copy-rope" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert "weights_only" not in done.stdout + done.stderr
+
+
 def test_training_and_validation_are_logged_at_the_step_their_update_completes(finished_run):
     assert scalar_steps(finished_run, "train/loss") == [1, 2, 3, 4]  # log_every_n_steps 1, max_steps 4
     assert scalar_steps(finished_run, "val/loss") == [4]  # after 4 updates, as results.json and checkpoints say
