@@ -220,13 +220,19 @@ def test_in_place_args(target: str, rest: list[str]) -> list[str]:
 
 
 class WithoutAdverts(logging.Filter):
-    """Drops Lightning's product tips (e.g. its cloud-logging service) from the log; everything else passes."""
+    """Drops Lightning's product tips (e.g. its cloud-logging service) and FOREIGN_LOG_NOTES from the log;
+    everything else passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(LIGHTNING_TIP)
+        return not str(record.msg).startswith((LIGHTNING_TIP, *FOREIGN_LOG_NOTES))
 
 
 LIGHTNING_TIP = "\U0001f4a1 Tip:"  # how Lightning's adverts begin
+FOREIGN_LOG_NOTES = (
+    # Logged at every save that does not name `weights_only` (it means: the optimizer state is saved too). It reads
+    # as if checkpoints were loaded unsafely; cope-pl loads every checkpoint weights-only (cope_pl/resume.py).
+    "`weights_only` was not set, defaulting to `False`",
+)
 FOREIGN_NOTICES = (
     # A torch deprecation that Lightning's own code triggers: nothing a cope-pl user can change.
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
@@ -240,7 +246,11 @@ FOREIGN_NOTICES = (
 def quiet_foreign_noise() -> None:
     """The output is cope-pl's own: no adverts, no notices about Lightning's internals or its SLURM hint. Other
     warnings, Lightning's included, still show."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+    ):
         log = logging.getLogger(name)
         if not any(isinstance(f, WithoutAdverts) for f in log.filters):
             log.addFilter(WithoutAdverts())

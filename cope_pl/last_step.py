@@ -36,6 +36,5 @@ class LastStepEvaluation(L.Callback):
         last = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
         if checkpoint.last_model_path == str(last) and checkpoint._last_global_step_saved == trainer.global_step:
             return
-        # Every rank calls it; the strategy writes once. weights_only said: Lightning logs a note when it is unset.
-        trainer.save_checkpoint(last, weights_only=False)
+        trainer.save_checkpoint(last)  # every rank calls it; the strategy writes once
         checkpoint.last_model_path = str(last)

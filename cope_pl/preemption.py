@@ -132,7 +132,7 @@ class PreemptionCheckpoint(L.Callback):
         warned, self._warned = self._warned, None
         self._saved_at_sigterm = trainer.received_sigterm
         path = preemption_checkpoint(checkpoints_dir(trainer))
-        trainer.save_checkpoint(path, weights_only=False)  # optimizer state too; said, so Lightning adds no note
+        trainer.save_checkpoint(path)
         if trainer.is_global_zero:
             drop_older_preemption_checkpoints(path)
         reason = "SIGTERM" if trainer.received_sigterm else "preemption warning"
