@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cope_pl.results import run_dir
-from cope_pl.runs import CHECKPOINTS_DIR, PREEMPTION_PREFIX, preemption_checkpoint
+from cope_pl.runs import CHECKPOINTS_DIR, preemption_checkpoint, preemption_checkpoints
 
 
 def requeue_signal(trainer: L.Trainer) -> signal.Signals | None:
@@ -82,10 +82,8 @@ def drop_older_preemption_checkpoints(newest: Path) -> None:
     """Delete the run's earlier preemption checkpoints once `newest` is written: a job preempted twenty times
     would otherwise keep twenty full checkpoints (weights and optimizer state each), and resuming only ever
     reads the newest intact one (last.ckpt and the periodic ones stay as they are)."""
-    number = int(newest.stem[len(PREEMPTION_PREFIX) :])
-    for path in newest.parent.glob(f"{PREEMPTION_PREFIX}*.ckpt"):
-        suffix = path.stem[len(PREEMPTION_PREFIX) :]
-        if suffix.isdigit() and int(suffix) < number:
+    for path in preemption_checkpoints(newest.parent).values():
+        if path != newest:
             path.unlink(missing_ok=True)
 
 

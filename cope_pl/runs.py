@@ -48,14 +48,15 @@ def run_of_checkpoint(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
+def preemption_checkpoints(checkpoints: Path) -> dict[int, Path]:
+    """The `hpc_ckpt_N.ckpt` files of a checkpoints folder, by N."""
+    files = {p.stem[len(PREEMPTION_PREFIX) :]: p for p in Path(checkpoints).glob(f"{PREEMPTION_PREFIX}*.ckpt")}
+    return {int(n): p for n, p in files.items() if n.isdigit()}
+
+
 def preemption_checkpoint(checkpoints: Path) -> Path:
     """The next free `hpc_ckpt_N.ckpt` in a checkpoints folder (N counts the run's preemptions from 1)."""
-    taken = [
-        int(p.stem[len(PREEMPTION_PREFIX) :])
-        for p in Path(checkpoints).glob(f"{PREEMPTION_PREFIX}*.ckpt")
-        if p.stem[len(PREEMPTION_PREFIX) :].isdigit()
-    ]
-    return Path(checkpoints) / f"{PREEMPTION_PREFIX}{max(taken, default=0) + 1}.ckpt"
+    return Path(checkpoints) / f"{PREEMPTION_PREFIX}{max(preemption_checkpoints(checkpoints), default=0) + 1}.ckpt"
 
 
 def run_checkpoints(run_root: Path) -> list[Path]:
