@@ -265,18 +265,17 @@ def main(args: list[str] | None = None) -> CopeCLI | None:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return None
-    if argv[0] in TOOLS:
+    if argv[0] != "fit":
+        # Before any trainer exists: Lightning installs its SLURM handler (a checkpoint into the working directory
+        # and a requeue) only where SIGUSR1 has no handler yet.
         ignore_time_limit_warning()
+    if argv[0] in TOOLS:
         importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
         return None
     if argv[0] not in LIGHTNING_COMMANDS:
         raise ValueError(f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (cope-pl --help)")
     if argv[0] == "test" and len(argv) > 1 and not argv[1].startswith("-"):
         argv = test_in_place_args(argv[1], argv[2:])
-    if argv[0] != "fit":
-        # Before the trainer exists: Lightning installs its SLURM handler (a checkpoint into the working directory
-        # and a requeue) only where SIGUSR1 has no handler yet.
-        ignore_time_limit_warning()
     if argv[0] in ("validate", "test") and not any(a.startswith("--verbose") for a in argv):
         # The metrics are printed once, by ResultsWriter; --verbose=true adds Lightning's table of them.
         argv.append("--verbose=false")

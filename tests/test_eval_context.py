@@ -232,8 +232,6 @@ def test_a_token_limit_keeps_the_same_first_targets_at_every_length_and_batch_si
 
 
 def test_the_removed_batch_limit_names_the_token_limit(tmp_path):
-    from cope_pl.cli import main
-
     run, *_ = tiny_run(tmp_path, "rope")
     with pytest.raises(ValueError, match=r"--limit-batches was removed.*use --limit-tokens N") as err:
         main(["eval-context", str(run), "--limit-batches", "2"])
